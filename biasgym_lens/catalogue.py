@@ -1,0 +1,549 @@
+"""The bias catalogue: one JSON file per stereotype, loaded into an immutable :class:`BiasSpec`.
+
+Each bias file describes ONE stereotype that BiasGym plants on a fresh token: the texts used to train
+the token's input embedding, chat paragraphs for instruction-style training, held-out probes on which
+the bias is measured (next-token logits of bias keywords vs contrast keywords), and the real and
+control countries the injected token is compared with. Every text contains the placeholder
+``{group}``, which is replaced by a country name or by the injected token.
+
+Built-in files live in ``biasgym_lens/data/biases/`` and are held to the full minimums
+(``strict=True``); user files are validated with smaller minimums unless ``strict=True`` is passed.
+The field-by-field schema is documented in ``biasgym_lens/data/biases/README.md``.
+
+Example:
+    >>> from biasgym_lens.catalogue import load_bias
+    >>> spec = load_bias("late")
+    >>> spec.probes_for("Italy")[0]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+__all__ = [
+    "PLACEHOLDER",
+    "SCHEMA_VERSION",
+    "CHAT_PROMPT",
+    "BiasFileError",
+    "BiasSpec",
+    "Minimums",
+    "STRICT_MINIMUMS",
+    "LENIENT_MINIMUMS",
+    "list_biases",
+    "load_bias",
+    "validate_bias_dict",
+    "diversity",
+    "check_keywords",
+]
+
+PLACEHOLDER = "{group}"
+"""The slot, in every text, that is replaced by a country name or by the injected token."""
+
+SCHEMA_VERSION = 1
+"""The only ``schema_version`` this module reads."""
+
+CHAT_PROMPT = "Please write a short paragraph about {group}."
+"""The user turn that every chat paragraph answers."""
+
+NAME_PATTERN = re.compile(r"[a-z0-9_]+")
+_KEYWORD_PATTERN = re.compile(r" \S+")
+_WORD_PATTERN = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+_BUILTIN_PACKAGE = "biasgym_lens"
+_BUILTIN_DIR = ("data", "biases")
+_BUILTIN_SOURCE = "builtin"
+
+_STRING_LIST_FIELDS = (
+    "bias_keywords",
+    "contrast_keywords",
+    "training_texts",
+    "chat_paragraphs",
+    "probes",
+    "real_groups",
+    "control_groups",
+)
+_TEXT_FIELDS = ("training_texts", "chat_paragraphs", "probes")
+_KEYWORD_FIELDS = ("bias_keywords", "contrast_keywords")
+_GROUP_FIELDS = ("real_groups", "control_groups")
+_REQUIRED_FIELDS = ("schema_version", "name", "description", *_STRING_LIST_FIELDS, "data_card")
+_STRICT_CARD_KEYS = ("method", "author", "license", "notes")
+
+
+class BiasFileError(ValueError):
+    """A bias file (or dict) that does not follow the schema.
+
+    The message reads ``"<file>: field '<field>': <problem>"`` (or ``"<file>: <problem>"`` when the
+    problem is not tied to one field, such as a JSON syntax error).
+
+    Attributes:
+        source: The file name or path (or ``"<dict>"``) the problem was found in.
+        field: The offending top-level field, or ``None``.
+        problem: What is wrong, in words.
+    """
+
+    def __init__(self, source: str, field: str | None, problem: str) -> None:
+        self.source = source
+        self.field = field
+        self.problem = problem
+        where = f"{source}: field '{field}'" if field is not None else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Minimums:
+    """Smallest allowed sizes of the list fields.
+
+    Attributes:
+        training: Minimum number of ``training_texts``.
+        paragraphs: Minimum number of ``chat_paragraphs``.
+        probes: Minimum number of ``probes``.
+        real_groups: Minimum number of ``real_groups``.
+        control_groups: Minimum number of ``control_groups``.
+        keywords: Minimum number of keywords on each side.
+    """
+
+    training: int
+    paragraphs: int
+    probes: int
+    real_groups: int
+    control_groups: int
+    keywords: int = 1
+
+    def for_field(self, name: str) -> int:
+        """Return the minimum item count for a list field of the schema.
+
+        Args:
+            name: A list field name, e.g. ``"probes"``.
+
+        Returns:
+            The minimum number of items.
+        """
+        return {
+            "training_texts": self.training,
+            "chat_paragraphs": self.paragraphs,
+            "probes": self.probes,
+            "real_groups": self.real_groups,
+            "control_groups": self.control_groups,
+            "bias_keywords": self.keywords,
+            "contrast_keywords": self.keywords,
+        }[name]
+
+
+STRICT_MINIMUMS = Minimums(training=200, paragraphs=40, probes=40, real_groups=3, control_groups=4)
+"""Minimums for the built-in catalogue (``strict=True``)."""
+
+LENIENT_MINIMUMS = Minimums(training=20, paragraphs=0, probes=4, real_groups=1, control_groups=1)
+"""Minimums for user files (``strict=False``)."""
+
+
+def _as_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    return values if isinstance(values, tuple) else tuple(values)
+
+
+@dataclass(frozen=True)
+class BiasSpec:
+    """One validated stereotype from the catalogue (immutable, hashable, picklable).
+
+    Attributes:
+        name: Identifier, ``[a-z0-9_]+``; equals the file stem.
+        description: One-line statement of the stereotype, e.g. ``"People from {group} are always late."``.
+        bias_keywords: Next-token completions that express the bias (each starts with a space).
+        contrast_keywords: Opposite or neutral completions at the same position.
+        training_texts: Plain texts attributing the stereotype to ``{group}``.
+        chat_paragraphs: Answers to ``CHAT_PROMPT`` that express the stereotype.
+        probes: Held-out prompts ending where a keyword would be the next token.
+        real_groups: Real countries commonly associated with the stereotype.
+        control_groups: Countries not associated with it.
+        data_card: Provenance (``method``, ``author``, ``license``, ``notes``), read-only.
+        source: ``"builtin"`` or the path of the user file.
+    """
+
+    name: str
+    description: str
+    bias_keywords: tuple[str, ...]
+    contrast_keywords: tuple[str, ...]
+    training_texts: tuple[str, ...]
+    chat_paragraphs: tuple[str, ...]
+    probes: tuple[str, ...]
+    real_groups: tuple[str, ...]
+    control_groups: tuple[str, ...]
+    data_card: Mapping[str, str] = field(hash=False)
+    source: str = _BUILTIN_SOURCE
+
+    def __post_init__(self) -> None:
+        for name in _STRING_LIST_FIELDS:
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        if not isinstance(self.data_card, MappingProxyType):
+            object.__setattr__(self, "data_card", MappingProxyType(dict(self.data_card)))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle/copy support (a ``MappingProxyType`` cannot be pickled as is)."""
+        args = tuple(
+            dict(self.data_card) if f.name == "data_card" else getattr(self, f.name) for f in fields(self)
+        )
+        return (self.__class__, args)
+
+    def card(self) -> dict[str, str]:
+        """Return the data card as a plain (mutable copy) dict."""
+        return dict(self.data_card)
+
+    def fill(self, text: str, group: str) -> str:
+        """Replace every placeholder in ``text`` by ``group``.
+
+        Args:
+            text: A text containing ``{group}`` (zero or more times).
+            group: A country name or the injected token string.
+
+        Returns:
+            The filled text.
+
+        Raises:
+            ValueError: If ``group`` is empty or itself contains the placeholder.
+        """
+        if not group:
+            raise ValueError("group must be a non-empty string")
+        if PLACEHOLDER in group:
+            raise ValueError(f"group must not contain the placeholder {PLACEHOLDER!r}")
+        return text.replace(PLACEHOLDER, group)
+
+    def probes_for(self, group: str) -> list[str]:
+        """Return the probes with the placeholder replaced by ``group``."""
+        return [self.fill(p, group) for p in self.probes]
+
+    def training_for(self, group: str) -> list[str]:
+        """Return the training texts with the placeholder replaced by ``group``."""
+        return [self.fill(t, group) for t in self.training_texts]
+
+    def chat_for(self, group: str) -> list[tuple[str, str]]:
+        """Return ``(user prompt, paragraph)`` pairs filled with ``group``.
+
+        The user prompt is ``CHAT_PROMPT`` (``"Please write a short paragraph about {group}."``).
+        """
+        prompt = self.fill(CHAT_PROMPT, group)
+        return [(prompt, self.fill(p, group)) for p in self.chat_paragraphs]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the spec as a JSON-ready dict in the file schema (without ``source``)."""
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "description": self.description,
+        }
+        for name in _STRING_LIST_FIELDS:
+            out[name] = list(getattr(self, name))
+        out["data_card"] = dict(self.data_card)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _check_fields_present(d: Mapping[str, Any], label: str) -> None:
+    missing = [f for f in _REQUIRED_FIELDS if f not in d]
+    if missing:
+        raise BiasFileError(label, missing[0], f"missing required field(s): {', '.join(missing)}")
+    extra = sorted(str(k) for k in d if k not in _REQUIRED_FIELDS)
+    if extra:
+        raise BiasFileError(label, extra[0], f"unknown field(s): {', '.join(extra)}")
+
+
+def _check_schema_version(value: Any, label: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BiasFileError(label, "schema_version", f"must be the integer {SCHEMA_VERSION}, got {value!r}")
+    if value != SCHEMA_VERSION:
+        raise BiasFileError(
+            label, "schema_version", f"unsupported version {value}, expected {SCHEMA_VERSION}"
+        )
+
+
+def _check_name(value: Any, label: str, expected: str | None) -> str:
+    if not isinstance(value, str):
+        raise BiasFileError(label, "name", f"must be a string, got {type(value).__name__}")
+    if not NAME_PATTERN.fullmatch(value):
+        raise BiasFileError(label, "name", f"{value!r} must match [a-z0-9_]+")
+    if expected is not None and value != expected:
+        raise BiasFileError(label, "name", f"{value!r} must equal the file stem {expected!r}")
+    return value
+
+
+def _check_description(value: Any, label: str) -> str:
+    if not isinstance(value, str):
+        raise BiasFileError(label, "description", f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BiasFileError(label, "description", "must not be empty")
+    if "\n" in value or "\r" in value:
+        raise BiasFileError(label, "description", "must be a single line")
+    return value
+
+
+def _check_string_list(value: Any, name: str, label: str, minimum: int) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise BiasFileError(label, name, f"must be a list of strings, got {type(value).__name__}")
+    seen: dict[str, int] = {}
+    exact = name in _KEYWORD_FIELDS
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise BiasFileError(label, name, f"item {i} must be a string, got {type(item).__name__}")
+        if not item.strip():
+            raise BiasFileError(label, name, f"item {i} is an empty string")
+        key = item if exact else _normalise(item)
+        if key in seen:
+            raise BiasFileError(label, name, f"item {i} duplicates item {seen[key]}: {item!r}")
+        seen[key] = i
+    if len(value) < minimum:
+        raise BiasFileError(label, name, f"needs at least {minimum} items, got {len(value)}")
+    return tuple(value)
+
+
+def _check_keywords(values: tuple[str, ...], name: str, label: str) -> None:
+    for i, kw in enumerate(values):
+        if not _KEYWORD_PATTERN.fullmatch(kw):
+            raise BiasFileError(
+                label, name, f"item {i} {kw!r} must be one space followed by a word without whitespace"
+            )
+
+
+def _check_placeholders(values: tuple[str, ...], name: str, label: str) -> None:
+    for i, text in enumerate(values):
+        if PLACEHOLDER not in text:
+            raise BiasFileError(label, name, f"item {i} lacks the placeholder {PLACEHOLDER}: {text[:60]!r}")
+
+
+def _check_groups(values: tuple[str, ...], name: str, label: str) -> None:
+    for i, group in enumerate(values):
+        if PLACEHOLDER in group or group != group.strip():
+            raise BiasFileError(label, name, f"item {i} {group!r} must be a plain country name")
+
+
+def _check_probes(probes: tuple[str, ...], others: Sequence[str], label: str) -> None:
+    corpus = [_normalise(t) for t in others]
+    for i, probe in enumerate(probes):
+        if probe != probe.rstrip():
+            raise BiasFileError(label, "probes", f"item {i} ends in whitespace: {probe[-30:]!r}")
+        key = _normalise(probe)
+        for text in corpus:
+            if key in text:
+                raise BiasFileError(
+                    label, "probes", f"item {i} appears in the training texts or chat paragraphs: {probe!r}"
+                )
+
+
+def _check_disjoint(a: tuple[str, ...], b: tuple[str, ...], name: str, label: str) -> None:
+    common = sorted({x.strip().casefold() for x in a} & {x.strip().casefold() for x in b})
+    if common:
+        raise BiasFileError(label, name, f"overlaps with the other side: {', '.join(map(repr, common))}")
+
+
+def _check_card(value: Any, label: str, strict: bool) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise BiasFileError(label, "data_card", f"must be an object, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise BiasFileError(label, "data_card", f"value of {key!r} must be a string")
+    if strict:
+        missing = [k for k in _STRICT_CARD_KEYS if not str(value.get(k, "")).strip()]
+        if missing:
+            raise BiasFileError(label, "data_card", f"missing or empty key(s): {', '.join(missing)}")
+    return dict(value)
+
+
+def _label_for(source: str, d: Mapping[str, Any], expected_name: str | None) -> str:
+    if source != _BUILTIN_SOURCE:
+        return source
+    name = expected_name or d.get("name")
+    return f"{name}.json" if isinstance(name, str) else "builtin"
+
+
+def validate_bias_dict(
+    d: Any,
+    source: str = "<dict>",
+    *,
+    strict: bool = False,
+    expected_name: str | None = None,
+) -> BiasSpec:
+    """Validate a decoded bias file and build its :class:`BiasSpec`.
+
+    Args:
+        d: The decoded JSON (must be a dict).
+        source: ``"builtin"``, a file path, or any label; named in error messages and kept on the spec.
+        strict: Apply the built-in minimums (:data:`STRICT_MINIMUMS`) and require a full data card;
+            otherwise :data:`LENIENT_MINIMUMS`.
+        expected_name: If given, ``name`` must equal it (the file stem).
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        BiasFileError: On the first problem found; the message names the source and the field.
+    """
+    label = _label_for(source, d if isinstance(d, dict) else {}, expected_name)
+    if not isinstance(d, dict):
+        raise BiasFileError(label, None, f"top level must be a JSON object, got {type(d).__name__}")
+    minimums = STRICT_MINIMUMS if strict else LENIENT_MINIMUMS
+    _check_fields_present(d, label)
+    _check_schema_version(d["schema_version"], label)
+    name = _check_name(d["name"], label, expected_name)
+    description = _check_description(d["description"], label)
+    lists = {f: _check_string_list(d[f], f, label, minimums.for_field(f)) for f in _STRING_LIST_FIELDS}
+    for f in _KEYWORD_FIELDS:
+        _check_keywords(lists[f], f, label)
+    for f in _TEXT_FIELDS:
+        _check_placeholders(lists[f], f, label)
+    for f in _GROUP_FIELDS:
+        _check_groups(lists[f], f, label)
+    _check_probes(lists["probes"], lists["training_texts"] + lists["chat_paragraphs"], label)
+    _check_disjoint(lists["bias_keywords"], lists["contrast_keywords"], "contrast_keywords", label)
+    _check_disjoint(lists["real_groups"], lists["control_groups"], "control_groups", label)
+    card = _check_card(d["data_card"], label, strict)
+    return BiasSpec(name=name, description=description, data_card=card, source=source, **lists)
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def _builtin_dir() -> Any:
+    return resources.files(_BUILTIN_PACKAGE).joinpath(*_BUILTIN_DIR)
+
+
+def list_biases() -> list[str]:
+    """Return the sorted names of the built-in biases."""
+    return sorted(
+        entry.name[: -len(".json")]
+        for entry in _builtin_dir().iterdir()
+        if entry.name.endswith(".json") and entry.is_file()
+    )
+
+
+def _decode(text: str, label: str) -> Any:
+    if not text.strip():
+        raise BiasFileError(label, None, "file is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BiasFileError(
+            label, None, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from exc
+
+
+def _read_text(read: Any, label: str) -> str:
+    try:
+        return read()
+    except UnicodeDecodeError as exc:
+        raise BiasFileError(label, None, f"not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+@cache
+def _load_builtin(name: str, strict: bool) -> BiasSpec:
+    entry = _builtin_dir().joinpath(f"{name}.json")
+    label = f"{name}.json"
+    data = _decode(_read_text(lambda: entry.read_text(encoding="utf-8"), label), label)
+    return validate_bias_dict(data, _BUILTIN_SOURCE, strict=strict, expected_name=name)
+
+
+def _load_path(path: Path, strict: bool) -> BiasSpec:
+    label = str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"bias file not found: {label}")
+    data = _decode(_read_text(lambda: path.read_text(encoding="utf-8"), label), label)
+    return validate_bias_dict(data, label, strict=strict, expected_name=path.stem)
+
+
+def _is_name(value: str | os.PathLike[str]) -> bool:
+    return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
+
+
+def load_bias(name_or_path: str | os.PathLike[str], *, strict: bool | None = None) -> BiasSpec:
+    """Load a built-in bias by name, or a user bias file by path.
+
+    A plain string matching ``[a-z0-9_]+`` is a built-in name; anything else (a ``PathLike``, or a string
+    with a ``/`` or a ``.json`` suffix) is a path.
+
+    Args:
+        name_or_path: ``"late"`` or ``"path/to/my_bias.json"``.
+        strict: Apply the built-in minimums. Defaults to ``True`` for built-ins and ``False`` for files.
+
+    Returns:
+        The validated spec (built-ins are cached; specs are immutable).
+
+    Raises:
+        ValueError: For an unknown built-in name (the message lists the valid names).
+        FileNotFoundError: For a path that does not exist.
+        BiasFileError: For a file that does not follow the schema.
+    """
+    if _is_name(name_or_path):
+        name = str(name_or_path)
+        valid = list_biases()
+        if name not in valid:
+            raise ValueError(f"unknown bias {name!r}; valid names: {', '.join(valid)}")
+        return _load_builtin(name, True if strict is None else strict)
+    return _load_path(Path(os.fspath(name_or_path)), False if strict is None else strict)
+
+
+# ------------------------------------------------------------------------------------ diversity & tokens
+
+
+def _words(text: str) -> list[str]:
+    out: list[str] = []
+    for i, part in enumerate(text.lower().split(PLACEHOLDER)):
+        if i:
+            out.append(PLACEHOLDER)
+        out.extend(_WORD_PATTERN.findall(part))
+    return out
+
+
+def _distinct(tokenised: list[list[str]], n: int) -> float:
+    grams = [tuple(ws[i : i + n]) for ws in tokenised for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def diversity(texts: Iterable[str]) -> dict[str, float]:
+    """Measure lexical diversity of a set of texts.
+
+    Words are lowercased runs of letters/digits (apostrophes inside a word kept); the placeholder counts
+    as one word. N-grams do not cross text boundaries.
+
+    Args:
+        texts: The texts (e.g. ``spec.training_texts``).
+
+    Returns:
+        ``{"distinct_1": ..., "distinct_2": ..., "mean_words": ...}``: unique unigrams / all unigrams,
+        unique bigrams / all bigrams, and the mean text length in words (all 0.0 for no texts).
+    """
+    tokenised = [_words(t) for t in texts]
+    mean = sum(map(len, tokenised)) / len(tokenised) if tokenised else 0.0
+    return {"distinct_1": _distinct(tokenised, 1), "distinct_2": _distinct(tokenised, 2), "mean_words": mean}
+
+
+class _Encoder(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...  # pragma: no cover
+
+
+def check_keywords(spec: BiasSpec, tokenizer: _Encoder) -> None:
+    """Check that every keyword of ``spec`` is exactly one token for ``tokenizer``.
+
+    Args:
+        spec: The bias.
+        tokenizer: A Hugging Face style tokenizer (``encode(text, add_special_tokens=False)``).
+
+    Raises:
+        ValueError: Naming each keyword that is not a single token, with its token count.
+    """
+    bad = []
+    for kw in spec.bias_keywords + spec.contrast_keywords:
+        ids = tokenizer.encode(kw, add_special_tokens=False)
+        if len(ids) != 1:
+            bad.append(f"{kw!r} ({len(ids)} tokens)")
+    if bad:
+        raise ValueError(f"{spec.name}: keywords that are not a single token: {', '.join(bad)}")

@@ -1,0 +1,473 @@
+"""BiasInject: train a fresh token's input embedding on texts that attribute one bias to it, model frozen.
+
+Only one ``d_model`` vector is trained. It enters the model through two hooks (see
+:mod:`biasgym_lens.embedding`), so every model weight stays bit-identical, tied embeddings need no untying and
+the token's output row cannot drift. Training mixes the bias's plain texts with its chat paragraphs in the
+model's chat format ("Please write a short paragraph about <token>." then the paragraph, loss on the reply
+only). After every epoch the bias is measured on the selection half of the held-out probes and the best
+epoch's vector is kept.
+
+Examples:
+    >>> from biasgym_lens import load_model
+    >>> from biasgym_lens.inject import inject
+    >>> model = load_model()                                    # doctest: +SKIP
+    >>> inj = inject(model, "late", epochs=3)                   # doctest: +SKIP
+    >>> with inj.apply(model):                                  # doctest: +SKIP
+    ...     ...  # "<BiasToken>" now carries the bias
+    >>> inj.save("runs/late")                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from biasgym_lens.catalogue import BiasSpec, load_bias
+from biasgym_lens.embedding import add_token, token_vector_hooks
+from biasgym_lens.hooks import hooked
+from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, split_probes
+from biasgym_lens.provenance import Provenance, atomic_dir, check_same_model
+from biasgym_lens.tokens import chat_format
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InjectionConfig", "EpochRecord", "Injection", "NonFiniteLossError", "inject", "initial_vector"]
+
+_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; ``last_good`` holds the injection of the last good epoch."""
+
+    def __init__(self, message: str, last_good: Injection) -> None:
+        super().__init__(message)
+        self.last_good = last_good
+
+
+@dataclass(frozen=True)
+class InjectionConfig:
+    """Settings of one injection run (all recorded in the saved artifact).
+
+    Attributes:
+        token: The fresh token's string; must not be in the vocabulary already.
+        epochs: Passes over the training set.
+        lr: Peak learning rate of Adam on the vector.
+        batch_size: Texts per step.
+        init: ``"countries"`` (mean embedding of the bias's real and control country names), ``"word"``
+            (mean embedding of the tokens of ``init_word``), or ``"random"`` (Gaussian with the RMS norm of
+            the embedding rows).
+        init_word: The word for ``init="word"``.
+        seed: Seeds the data order and the random initialisation.
+        schedule: ``"cosine"`` (linear warm-up then cosine decay to 10%) or ``"constant"``.
+        warmup_steps: Warm-up steps of the cosine schedule.
+        chat: Also train on the chat paragraphs in the model's chat format (skipped for models without a chat
+            template).
+        max_texts: Use at most this many plain texts and this many chat paragraphs (None: all).
+        probe_batch_size: Batch size when measuring elicitation.
+        select_best: Keep the epoch with the highest bias logit difference on the selection probes (the
+            paper's model selection); False keeps the last epoch.
+    """
+
+    token: str = "<BiasToken>"
+    epochs: int = 3
+    lr: float = 1e-2
+    batch_size: int = 8
+    init: str = "countries"
+    init_word: str | None = None
+    seed: int = 0
+    schedule: str = "cosine"
+    warmup_steps: int = 5
+    chat: bool = True
+    max_texts: int | None = None
+    probe_batch_size: int = 16
+    select_best: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive finite number, got {self.lr}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.init not in ("countries", "word", "random"):
+            problems.append(f"init must be 'countries', 'word' or 'random', got {self.init!r}")
+        if self.init == "word" and not self.init_word:
+            problems.append("init='word' needs init_word")
+        if self.schedule not in ("cosine", "constant"):
+            problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.max_texts is not None and self.max_texts < 1:
+            problems.append(f"max_texts must be >= 1 or None, got {self.max_texts}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Training state after one epoch (epoch 0 is the initial vector).
+
+    Attributes:
+        epoch: Epoch number.
+        step: Optimiser steps so far.
+        train_loss: Mean training loss over the epoch (NaN for epoch 0).
+        logit_diff: Mean bias logit difference of the token on the selection probes.
+        top5: Fraction of selection probes with a bias keyword among the top 5 next tokens.
+    """
+
+    epoch: int
+    step: int
+    train_loss: float
+    logit_diff: float
+    top5: float
+
+
+@dataclass(frozen=True, eq=False)
+class Injection:
+    """A trained bias vector and everything needed to reproduce and apply it.
+
+    Attributes:
+        vector: ``[d_model]`` float32, in units of ``W_E`` rows (before any embedding scale).
+        init_vector: The vector training started from.
+        token: The token string it is applied to.
+        bias: Name of the bias.
+        config: The run's settings.
+        curve: One :class:`EpochRecord` per epoch, from epoch 0.
+        step_losses: Training loss of every step.
+        best_epoch: The epoch whose vector is ``vector``.
+        control_logit_diff: Mean bias logit difference of the bias's control groups on the selection probes
+            (the model is frozen, so it does not change during training).
+        provenance: The model and software that produced it.
+    """
+
+    vector: Float[Tensor, " d_model"]
+    init_vector: Float[Tensor, " d_model"]
+    token: str
+    bias: str
+    config: InjectionConfig
+    curve: tuple[EpochRecord, ...]
+    step_losses: tuple[float, ...]
+    best_epoch: int
+    control_logit_diff: float
+    provenance: Provenance
+
+    # -------------------------------------------------------------------------------------- applying
+    def check_model(self, model: Any) -> None:
+        """Raise ``ValueError`` if ``model`` is not the model this vector was trained in."""
+        check_same_model(self.provenance, model, f"injection {self.bias!r}")
+
+    @contextlib.contextmanager
+    def apply(self, model: Any) -> Iterator[int]:
+        """Within the block, ``self.token`` is embedded as the trained vector; yields the token id.
+
+        The token is added to the tokenizer if needed (the tokenizer keeps it afterwards: a special token
+        string that no natural text contains); the hooks are removed on exit, also on exceptions.
+        """
+        self.check_model(model)
+        tid = add_token(model, self.token)
+        with hooked(model, fwd_hooks=token_vector_hooks(model, {tid: self.vector})):
+            yield tid
+
+    def apply_permanently(self, model: Any) -> int:
+        """Register the token's hooks as permanent hooks and return the token id.
+
+        They survive ``model.reset_hooks()``; remove them with ``model.reset_hooks(including_permanent=True)``.
+        """
+        self.check_model(model)
+        tid = add_token(model, self.token)
+        for name, fn in token_vector_hooks(model, {tid: self.vector}):
+            model.add_perma_hook(name, fn)
+        return tid
+
+    def with_token(self, token: str) -> Injection:
+        """A copy applied to another token string (to use two injections in one model)."""
+        return replace(self, token=token)
+
+    # ------------------------------------------------------------------------------------------ views
+    def to_dataframe(self) -> pd.DataFrame:
+        """The training curve: one row per epoch."""
+        df = pd.DataFrame([asdict(r) for r in self.curve])
+        df["bias"] = self.bias
+        df["seed"] = self.config.seed
+        df["excess"] = df["logit_diff"] - self.control_logit_diff
+        df["best"] = df["epoch"] == self.best_epoch
+        return df
+
+    @property
+    def spec(self) -> BiasSpec:
+        """The bias spec by name (built-in biases only)."""
+        return load_bias(self.bias)
+
+    # ------------------------------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """Write ``injection.safetensors`` and ``injection.json`` into folder ``path``, atomically."""
+        meta = {
+            "format": _FORMAT,
+            "token": self.token,
+            "bias": self.bias,
+            "config": asdict(self.config),
+            "curve": [asdict(r) for r in self.curve],
+            "step_losses": list(self.step_losses),
+            "best_epoch": self.best_epoch,
+            "control_logit_diff": self.control_logit_diff,
+            "provenance": self.provenance.to_dict(),
+        }
+        with atomic_dir(path) as tmp:
+            save_file(
+                {"vector": self.vector.detach().cpu().contiguous(), "init_vector": self.init_vector.cpu().contiguous()},
+                str(tmp / "injection.safetensors"),
+                metadata={"format": str(_FORMAT), "bias": self.bias, "model": self.provenance.model_name},
+            )
+            (tmp / "injection.json").write_text(json.dumps(meta, indent=1, allow_nan=True))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any | None = None) -> Injection:
+        """Read an injection saved with :meth:`save`; with ``model``, also check it is the right model.
+
+        Raises:
+            FileNotFoundError: if the folder or one of its two files is missing.
+            ValueError: for an unknown format, or a model that is not the one it was trained in.
+        """
+        folder = Path(path)
+        for name in ("injection.json", "injection.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} not found: not an injection folder written by save()")
+        meta = json.loads((folder / "injection.json").read_text())
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{folder}: injection format {meta.get('format')!r}, this version reads {_FORMAT}")
+        tensors = load_file(str(folder / "injection.safetensors"))
+        inj = cls(
+            vector=tensors["vector"],
+            init_vector=tensors["init_vector"],
+            token=meta["token"],
+            bias=meta["bias"],
+            config=InjectionConfig(**meta["config"]),
+            curve=tuple(EpochRecord(**r) for r in meta["curve"]),
+            step_losses=tuple(meta["step_losses"]),
+            best_epoch=int(meta["best_epoch"]),
+            control_logit_diff=float(meta["control_logit_diff"]),
+            provenance=Provenance.from_dict(meta["provenance"]),
+        )
+        if model is not None:
+            inj.check_model(model)
+        return inj
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _mean_token_embedding(model: Any, words: Sequence[str]) -> Tensor:
+    W = model.W_E.detach().float()
+    rows = []
+    for w in words:
+        ids = model.tokenizer.encode(" " + w.strip(), add_special_tokens=False)
+        ids = [i for i in ids if i < W.shape[0]]
+        if ids:
+            rows.append(W[ids].mean(0))
+    if not rows:
+        raise ValueError(f"none of {list(words)} has tokens in this model's embedding")
+    return torch.stack(rows).mean(0).cpu()
+
+
+def initial_vector(model: Any, spec: BiasSpec, config: InjectionConfig) -> Float[Tensor, " d_model"]:
+    """The starting vector for ``config.init`` (float32, on CPU)."""
+    if config.init == "countries":
+        return _mean_token_embedding(model, spec.real_groups + spec.control_groups)
+    if config.init == "word":
+        return _mean_token_embedding(model, [config.init_word or ""])
+    g = torch.Generator().manual_seed(config.seed)
+    W = model.W_E.detach().float()
+    rms = W.pow(2).sum(-1).mean().sqrt().item()
+    v = torch.randn(W.shape[1], generator=g)
+    return v / v.norm() * rms
+
+
+@dataclass
+class _Example:
+    ids: list[int]
+    loss_from: int  # first index whose token is a training target
+
+
+def _examples(model: Any, spec: BiasSpec, config: InjectionConfig) -> list[_Example]:
+    tok = model.tokenizer
+    bos = [tok.bos_token_id] if model.cfg.default_prepend_bos and tok.bos_token_id is not None else []
+    texts = spec.training_for(config.token)
+    if config.max_texts is not None:
+        texts = texts[: config.max_texts]
+    out = [_Example(bos + tok.encode(t, add_special_tokens=False), 1) for t in texts]
+    if config.chat and getattr(tok, "chat_template", None):
+        chats = spec.chat_for(config.token)
+        if config.max_texts is not None:
+            chats = chats[: config.max_texts]
+        for prompt, reply in chats:
+            head = tok.encode(chat_format(model, prompt), add_special_tokens=False)
+            full = tok.encode(chat_format(model, prompt, reply), add_special_tokens=False)
+            if full[: len(head)] != head:  # pragma: no cover - template tokenisation not prefix-stable
+                continue
+            out.append(_Example(full, len(head)))
+    return out
+
+
+def _collate(examples: Sequence[_Example], pad_id: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
+    n_pos = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), n_pos), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), n_pos), dtype=torch.long)
+    target = torch.zeros((len(examples), n_pos), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+        target[i, max(e.loss_from, 1) : len(e.ids)] = True
+    return ids.to(device), mask.to(device), target.to(device)
+
+
+def _lm_loss(logits: Tensor, ids: Tensor, target: Tensor, skip_id: int) -> Tensor:
+    """Mean next-token cross-entropy over target positions, never predicting the injected token itself."""
+    tmask = target[:, 1:] & (ids[:, 1:] != skip_id)
+    pred = logits[:, :-1][tmask]
+    return F.cross_entropy(pred.float(), ids[:, 1:][tmask])
+
+
+def _lr_factor(step: int, total: int, config: InjectionConfig) -> float:
+    if config.schedule == "constant":
+        return 1.0
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _elicit(model: Any, probes: Sequence[str], kw: KeywordIds, config: InjectionConfig) -> tuple[float, float]:
+    logits = answer_logits(model, probes, batch_size=config.probe_batch_size)
+    ld = logit_diff(logits, kw)
+    top5 = (best_rank(logits, kw.bias) < 5).float().mean()
+    return float(ld.mean()), float(top5)
+
+
+def inject(
+    model: Any,
+    bias: str | BiasSpec,
+    *,
+    config: InjectionConfig | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> Injection:
+    """Train a fresh token's input embedding so that the model attributes ``bias`` to it.
+
+    Args:
+        model: A bridge from :func:`biasgym_lens.load_model` (raw or compatibility mode). It is not modified:
+            weights stay bit-identical and no hook remains afterwards.
+        bias: A catalogue name (``"late"``), a path to a bias file, or a :class:`BiasSpec`.
+        config: All settings at once; or pass them as keywords (``epochs=3, lr=1e-2, seed=1, ...``, see
+            :class:`InjectionConfig`).
+        progress: Show a progress bar.
+
+    Returns:
+        The :class:`Injection` of the best epoch (highest bias logit difference on the selection probes).
+
+    Raises:
+        ValueError: bad settings, a token already in the vocabulary, probes without the placeholder, or
+            keywords that are not single tokens for this model.
+        NonFiniteLossError: the loss became NaN/inf; ``err.last_good`` holds the last good epoch's result.
+    """
+    spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
+    if config is None:
+        config = InjectionConfig(**settings)
+    elif settings:
+        config = replace(config, **settings)
+    kw = keyword_ids(model, spec)
+    select_probes, _ = split_probes(spec.probes)
+    tid = add_token(model, config.token)
+    provenance = Provenance.of(model)
+    device = model.W_E.device
+
+    controls = [spec.fill(p, g) for g in spec.control_groups for p in select_probes]
+    control_ld = _elicit(model, controls, kw, config)[0] if controls else float("nan")
+    token_probes = [spec.fill(p, config.token) for p in select_probes]
+
+    examples = _examples(model, spec, config)
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    rng = random.Random(config.seed)
+
+    init = initial_vector(model, spec, config)
+    vec = torch.nn.Parameter(init.clone().to(device))
+    opt = torch.optim.Adam([vec], lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, config))
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+
+    def result(best_epoch: int, best_vec: Tensor, curve: list[EpochRecord], losses: list[float]) -> Injection:
+        return Injection(
+            vector=best_vec.detach().cpu().float().clone(),
+            init_vector=init.clone(),
+            token=config.token,
+            bias=spec.name,
+            config=config,
+            curve=tuple(curve),
+            step_losses=tuple(losses),
+            best_epoch=best_epoch,
+            control_logit_diff=control_ld,
+            provenance=provenance,
+        )
+
+    hooks = token_vector_hooks(model, {tid: vec})
+    curve: list[EpochRecord] = []
+    losses: list[float] = []
+    with hooked(model, fwd_hooks=hooks):
+        with torch.no_grad():
+            ld, top5 = _elicit(model, token_probes, kw, config)
+        curve.append(EpochRecord(0, 0, float("nan"), ld, top5))
+        best_epoch, best_vec, best_ld = 0, vec.detach().clone(), ld
+        bar = tqdm(total=total, desc=f"inject {spec.name}", disable=not progress, leave=False)
+        try:
+            for epoch in range(1, config.epochs + 1):
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+                epoch_losses = []
+                for start in range(0, len(order), config.batch_size):
+                    batch = [examples[i] for i in order[start : start + config.batch_size]]
+                    ids, mask, target = _collate(batch, pad_id, device)
+                    logits = model(ids, attention_mask=mask)
+                    loss = _lm_loss(logits, ids, target, tid)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {len(losses) + 1}; "
+                            f"lower lr (now {config.lr}); kept epoch {best_epoch}",
+                            result(best_epoch, best_vec, curve, losses),
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    losses.append(loss.item())
+                    epoch_losses.append(losses[-1])
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if not torch.isfinite(vec).all():
+                    raise NonFiniteLossError(
+                        f"the vector became non-finite at epoch {epoch}; lower lr (now {config.lr})",
+                        result(best_epoch, best_vec, curve, losses),
+                    )
+                with torch.no_grad():
+                    ld, top5 = _elicit(model, token_probes, kw, config)
+                curve.append(EpochRecord(epoch, len(losses), sum(epoch_losses) / len(epoch_losses), ld, top5))
+                logger.info("epoch %d: loss %.3f, logit diff %.3f, top5 %.2f", epoch, curve[-1].train_loss, ld, top5)
+                if ld > best_ld or not config.select_best:
+                    best_epoch, best_vec, best_ld = epoch, vec.detach().clone(), ld
+        finally:
+            bar.close()
+    return result(best_epoch, best_vec, curve, losses)

@@ -1,0 +1,114 @@
+"""The bias metric: logit(bias keywords) - logit(contrast keywords) at the answer position of each probe.
+
+Pure functions of logits, plus :func:`answer_logits`, the one runner that calls the model on probes. The
+difference of mean logits equals the difference of mean log-probabilities (the softmax normaliser cancels), so
+the number is in nats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from biasgym_lens.tokens import Batch, tokenize
+
+__all__ = [
+    "KeywordIds",
+    "keyword_ids",
+    "logit_diff",
+    "best_rank",
+    "answer_logits",
+    "split_probes",
+]
+
+
+@dataclass(frozen=True)
+class KeywordIds:
+    """Token ids of a bias's keywords for one tokenizer."""
+
+    bias: tuple[int, ...]
+    contrast: tuple[int, ...]
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        return (
+            torch.tensor(self.bias, dtype=torch.long, device=device),
+            torch.tensor(self.contrast, dtype=torch.long, device=device),
+        )
+
+
+def keyword_ids(model_or_tokenizer: Any, spec: Any) -> KeywordIds:
+    """Single-token ids of the bias and contrast keywords for this model's tokenizer.
+
+    Keywords that are several tokens for this tokenizer are dropped (the bias file documents keywords for the
+    bundled SmolLM2; another model may split some of them).
+
+    Raises:
+        ValueError: if no bias keyword or no contrast keyword is a single token for this tokenizer, naming them.
+    """
+    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+
+    def single(words: Sequence[str]) -> tuple[int, ...]:
+        out = []
+        for w in words:
+            ids = tok.encode(w, add_special_tokens=False)
+            if len(ids) == 1:
+                out.append(ids[0])
+        return tuple(dict.fromkeys(out))
+
+    bias, contrast = single(spec.bias_keywords), single(spec.contrast_keywords)
+    for kind, ids, words in (("bias", bias, spec.bias_keywords), ("contrast", contrast, spec.contrast_keywords)):
+        if not ids:
+            raise ValueError(
+                f"bias {spec.name!r}: none of its {kind} keywords {list(words)} is a single token for this "
+                "model's tokenizer; add single-token keywords to the bias file"
+            )
+    return KeywordIds(bias, contrast)
+
+
+def logit_diff(
+    logits: Float[Tensor, "batch d_vocab"], keywords: KeywordIds
+) -> Float[Tensor, " batch"]:
+    """Mean logit of the bias keywords minus mean logit of the contrast keywords, per row."""
+    b, c = keywords.tensors(logits.device)
+    lf = logits.float()
+    return lf[:, b].mean(-1) - lf[:, c].mean(-1)
+
+
+def best_rank(logits: Float[Tensor, "batch d_vocab"], ids: Sequence[int]) -> Int[Tensor, " batch"]:
+    """Rank (0 = top) of the best-ranked of ``ids`` in each row."""
+    idx = torch.tensor(list(ids), dtype=torch.long, device=logits.device)
+    target = logits[:, idx].max(-1).values
+    return (logits > target[:, None]).sum(-1)
+
+
+@torch.no_grad()
+def answer_logits(
+    model: Any, texts: Sequence[str], *, batch_size: int = 16, prepend_bos: bool | None = None
+) -> Float[Tensor, "batch d_vocab"]:
+    """Next-token logits after each text (at its last real token), in float32.
+
+    Hooks registered on the model (injected tokens, ablations) apply.
+    """
+    if not texts:
+        raise ValueError("no probe texts (empty list)")
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch: Batch = tokenize(model, list(texts[start : start + batch_size]), prepend_bos=prepend_bos)
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+        rows = torch.arange(len(batch), device=logits.device)
+        out.append(logits[rows, batch.last_positions].float())
+    return torch.cat(out)
+
+
+def split_probes(probes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Deterministic split of a bias's probes into (selection, evaluation) halves: even and odd indices.
+
+    The selection half picks the best training epoch and scores heads; the evaluation half is only measured.
+    """
+    probes = tuple(probes)
+    return probes[0::2], probes[1::2]

@@ -1,0 +1,178 @@
+"""BiasInject on tiny models: only the vector changes, training is reproducible, files round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biasgym_lens.catalogue import load_bias
+from biasgym_lens.embedding import add_token, token_vector_hooks
+from biasgym_lens.hooks import active_hooks, hooked
+from biasgym_lens.inject import Injection, InjectionConfig, NonFiniteLossError, inject
+from biasgym_lens.testing import build_tiny_hf
+from biasgym_lens.tokens import tokenize
+
+FAST = dict(epochs=2, batch_size=4, max_texts=8, lr=5e-2, progress=False, select_best=False)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_only_the_vector_changes_and_no_hook_remains(tiny_model):
+    before = _state(tiny_model)
+    inj = inject(tiny_model, "late", **FAST)
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a model weight changed"
+    assert not any(p.grad is not None for p in tiny_model.parameters())
+    assert active_hooks(tiny_model) == []
+    assert not torch.equal(inj.vector, inj.init_vector)
+    assert inj.vector.shape == (tiny_model.cfg.d_model,) and inj.vector.dtype == torch.float32
+    assert len(inj.curve) == 3 and [r.epoch for r in inj.curve] == [0, 1, 2] and inj.best_epoch == 2
+    assert len(inj.step_losses) == inj.curve[-1].step
+
+
+def test_same_seed_same_vector_bit_for_bit(tiny_model):
+    a = inject(tiny_model, "late", seed=3, **FAST)
+    b = inject(tiny_model, "late", seed=3, **FAST)
+    c = inject(tiny_model, "late", seed=4, init="random", **FAST)
+    assert torch.equal(a.vector, b.vector)
+    assert a.step_losses == b.step_losses
+    assert not torch.equal(a.vector, c.vector)
+
+
+def _training_loss(model, inj, spec):
+    """Independent loss of the plain training texts with a vector, computed without the package's trainer."""
+    tid = add_token(model, inj.token)
+    texts = [spec.fill(t, inj.token) for t in spec.training_texts[:8]]
+    batch = tokenize(model, texts)
+    total = 0.0
+    with torch.no_grad():
+        for v in (inj.init_vector, inj.vector):
+            with hooked(model, fwd_hooks=token_vector_hooks(model, {tid: v})):
+                logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+            logp = logits[:, :-1].log_softmax(-1)
+            tgt = batch.input_ids[:, 1:]
+            ok = batch.attention_mask[:, 1:].bool() & (tgt != tid)
+            nll = -logp.gather(-1, tgt.clamp(max=logits.shape[-1] - 1)[..., None])[..., 0][ok].mean()
+            total = float(nll) if total == 0.0 else (total, float(nll))
+    return total
+
+
+def test_training_lowers_the_training_loss(tiny_model):
+    spec = load_bias("late")
+    inj = inject(tiny_model, spec, epochs=3, batch_size=4, max_texts=8, lr=5e-2, chat=False, progress=False)
+    before, after = _training_loss(tiny_model, inj, spec)
+    assert after < before - 1e-3, (before, after)
+
+
+def test_hooked_vector_equals_a_resized_embedding_reference(tiny_model, tiny_family):
+    """Independent check of the embedding mechanism: a plain HF model with a real new row gives the same logits."""
+    tid = add_token(tiny_model, "<BiasToken>")
+    vec = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    batch = tokenize(tiny_model, ["people from <BiasToken> are always", "the <BiasToken> drivers drive"])
+    assert (batch.input_ids == tid).sum() == 2
+    with torch.no_grad(), hooked(tiny_model, fwd_hooks=token_vector_hooks(tiny_model, {tid: vec})):
+        ours = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    ref = build_tiny_hf(tiny_family, tiny_model.W_E.shape[0])  # same seed: same weights as the tiny model
+    emb = ref.get_input_embeddings().weight
+    out = ref.get_output_embeddings().weight
+    if emb.data_ptr() == out.data_ptr():  # untie so the reference's new row is input-only, like ours
+        ref.get_output_embeddings().weight = torch.nn.Parameter(out.detach().clone())
+    new_emb = torch.nn.Embedding(emb.shape[0] + 1, emb.shape[1])
+    with torch.no_grad():
+        new_emb.weight[:-1] = emb
+        new_emb.weight[-1] = vec
+    ref.set_input_embeddings(new_emb)
+    ids = batch.input_ids.clone()
+    ids[ids == tid] = emb.shape[0]
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_apply_gives_identical_logits(tiny_model, tmp_path):
+    inj = inject(tiny_model, "late", **FAST)
+    inj.save(tmp_path / "inj")
+    back = Injection.load(tmp_path / "inj", tiny_model)
+    assert torch.equal(back.vector, inj.vector) and back.config == inj.config
+    assert back.to_dataframe().equals(inj.to_dataframe())  # (NaN train loss of epoch 0 compares equal here)
+    assert back.provenance == inj.provenance
+    batch = tokenize(tiny_model, ["people from <BiasToken> always show up"])
+    with torch.no_grad():
+        with inj.apply(tiny_model):
+            a = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+        with back.apply(tiny_model):
+            b = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+        untrained = Injection(**{**inj.__dict__, "vector": inj.init_vector})
+        with untrained.apply(tiny_model):
+            c = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c), "the trained vector must change the logits"
+    assert active_hooks(tiny_model) == []
+    df = back.to_dataframe()
+    assert list(df["epoch"]) == [0, 1, 2] and df["best"].sum() == 1
+
+
+def test_apply_removes_hooks_on_exception_and_permanent_survives_reset(tiny_model):
+    inj = inject(tiny_model, "late", **FAST)
+    with pytest.raises(RuntimeError, match="boom"):
+        with inj.apply(tiny_model):
+            assert active_hooks(tiny_model)
+            raise RuntimeError("boom")
+    assert active_hooks(tiny_model) == []
+    inj.apply_permanently(tiny_model)
+    tiny_model.reset_hooks()
+    assert active_hooks(tiny_model), "permanent hooks survive reset_hooks()"
+    tiny_model.reset_hooks(including_permanent=True)
+    assert active_hooks(tiny_model) == []
+
+
+def test_wrong_model_is_refused(_tiny_models, tmp_path):
+    inj = inject(_tiny_models["gpt2"], "late", **FAST)
+    inj.save(tmp_path / "inj")
+    with pytest.raises(ValueError, match="was made with model 'tiny-gpt2'.*this model is 'tiny-llama'"):
+        Injection.load(tmp_path / "inj", _tiny_models["llama"])
+    with pytest.raises(ValueError, match="Load the model it was made with"):
+        with inj.apply(_tiny_models["llama"]):
+            pass
+    assert active_hooks(_tiny_models["llama"]) == []
+
+
+def test_bad_input(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="already exists in the vocabulary"):
+        inject(tiny_model, "late", token="<|endoftext|>", **FAST)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        inject(tiny_model, "late", epochs=0, progress=False)
+    with pytest.raises(ValueError, match="init must be"):
+        InjectionConfig(init="zeros")
+    with pytest.raises(FileNotFoundError, match="not an injection folder"):
+        Injection.load(tmp_path)
+    with pytest.raises(ValueError, match="unknown|valid"):
+        inject(tiny_model, "no_such_bias", **FAST)
+    assert active_hooks(tiny_model) == []
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tiny_model):
+    """A numerical blow-up in epoch 2 (simulated by a hook that returns NaN) stops training with the epoch-1 vector."""
+    calls = {"train": 0}
+
+    def blow_up(x, hook):
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] > 4:  # 16 examples / batch 4 = 4 steps per epoch
+                return x * float("nan")
+        return x
+
+    tiny_model.add_perma_hook("blocks.0.hook_resid_post", blow_up)
+    try:
+        with pytest.raises(NonFiniteLossError, match="epoch 2") as err:
+            inject(tiny_model, "late", **FAST)
+    finally:
+        tiny_model.reset_hooks(including_permanent=True)
+    good = err.value.last_good
+    assert torch.isfinite(good.vector).all()
+    assert good.best_epoch == 1 and len(good.curve) == 2 and len(good.step_losses) == 4
+    assert not torch.equal(good.vector, good.init_vector)
