@@ -317,9 +317,10 @@ def _examples(model: Any, spec: BiasSpec, config: InjectionConfig) -> list[_Exam
         for prompt, reply in chats:
             head = tok.encode(chat_format(model, prompt), add_special_tokens=False)
             full = tok.encode(chat_format(model, prompt, reply), add_special_tokens=False)
-            if full[: len(head)] != head:  # pragma: no cover - template tokenisation not prefix-stable
-                continue
-            out.append(_Example(full, len(head)))
+            # The reply's first token may absorb the prompt's last whitespace (the token strips spaces on its
+            # left), so the loss starts where the two tokenisations part.
+            common = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+            out.append(_Example(full, common))
     return out
 
 

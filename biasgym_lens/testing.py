@@ -109,14 +109,14 @@ def build_tiny_hf(family: str, vocab_size: int, *, seed: int = 0, n_layers: int 
     torch.manual_seed(seed)
     if family == "gpt2":
         cfg = GPT2Config(
-            vocab_size=vocab_size, n_positions=128, n_embd=64, n_layer=n_layers, n_head=4,
+            vocab_size=vocab_size, n_positions=512, n_embd=64, n_layer=n_layers, n_head=4,
             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
         )
         hf = GPT2LMHeadModel(cfg)
     elif family == "llama":
         cfg = LlamaConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
         hf = LlamaForCausalLM(cfg)

@@ -1,0 +1,497 @@
+"""Score every attention head four ways: direct logit attribution, attention to the token, attribution
+patching, and exact ablation.
+
+All scores have one sign convention: **a head's contribution to the metric** (positive = the head pushes the
+bias up). For ablation that is ``metric(clean) - metric(head ablated)``; attribution patching estimates the
+same number from one forward and one backward pass. The metric (see :mod:`biasgym_lens.probes`) is the bias
+logit difference of the token probes (``"token"``) or its excess over the control groups (``"excess"``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from biasgym_lens.hooks import hooked
+from biasgym_lens.probes import METRICS, ProbeSet
+from biasgym_lens.provenance import Provenance, atomic_dir
+
+__all__ = [
+    "HeadScores",
+    "METHODS",
+    "score_heads",
+    "dla_scores",
+    "attention_scores",
+    "attribution_scores",
+    "ablation_scores",
+    "final_norm_direction",
+    "residual_components",
+    "spearman",
+]
+
+METHODS = ("dla", "attention", "attribution", "ablation")
+_FORMAT = 1
+
+
+def spearman(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
+    """Spearman rank correlation of two equally shaped arrays (flattened; average ranks for ties)."""
+    x = pd.Series(np.asarray(a, dtype=np.float64).ravel())
+    y = pd.Series(np.asarray(b, dtype=np.float64).ravel())
+    if len(x) != len(y):
+        raise ValueError(f"shapes differ: {len(x)} vs {len(y)} values")
+    return float(x.rank().corr(y.rank()))
+
+
+@dataclass(frozen=True, eq=False)
+class HeadScores:
+    """Scores of every attention head.
+
+    Attributes:
+        per_prompt: ``[n_prompts, n_layers, n_heads]`` scores on each probe.
+        method: One of :data:`METHODS`.
+        metric: ``"excess"`` or ``"token"`` (``"attention"`` for the attention method).
+        ablation: What a head is replaced with (``"zero"``, ``"counterfactual"``) or ``"none"``.
+        bias: The bias name.
+        provenance: The model that produced it.
+        settings: Extra settings (probe split, number of probes, ...).
+    """
+
+    per_prompt: Float[Tensor, "prompt n_layers n_heads"]
+    method: str
+    metric: str
+    ablation: str
+    bias: str
+    provenance: Provenance
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> Float[Tensor, "n_layers n_heads"]:
+        """Mean over prompts."""
+        return self.per_prompt.mean(0)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.per_prompt.shape[1])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.per_prompt.shape[2])
+
+    def top(self, k: int, *, absolute: bool = False) -> list[tuple[int, int]]:
+        """The ``k`` heads with the largest score (or largest ``|score|``), as ``(layer, head)``.
+
+        Raises:
+            ValueError: if ``k`` is not between 1 and the number of heads.
+        """
+        n = self.n_layers * self.n_heads
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be between 1 and the number of heads ({n}), got {k}")
+        s = self.scores.abs() if absolute else self.scores
+        idx = torch.argsort(s.flatten(), descending=True, stable=True)[:k]
+        return [(int(i) // self.n_heads, int(i) % self.n_heads) for i in idx]
+
+    def agreement(self, other: HeadScores) -> float:
+        """Spearman rank correlation with another method's scores over all heads."""
+        if self.scores.shape != other.scores.shape:
+            raise ValueError(f"score shapes differ: {tuple(self.scores.shape)} vs {tuple(other.scores.shape)}")
+        return spearman(self.scores, other.scores)
+
+    def top_overlap(self, other: HeadScores, k: int = 10) -> int:
+        """How many of this method's top ``k`` heads are in the other's top ``k``."""
+        return len(set(self.top(k)) & set(other.top(k)))
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per head with ``layer, head, score, score_sem, rank, method, metric, bias``."""
+        s = self.scores
+        n = self.per_prompt.shape[0]
+        sem = self.per_prompt.std(0) / n**0.5 if n > 1 else torch.full_like(s, float("nan"))
+        order = torch.argsort(s.flatten(), descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(1, len(order) + 1)
+        layer, head = np.divmod(np.arange(s.numel()), self.n_heads)
+        return pd.DataFrame(
+            {
+                "layer": layer,
+                "head": head,
+                "score": s.flatten().numpy(),
+                "score_sem": sem.flatten().numpy(),
+                "rank": rank.numpy(),
+                "method": self.method,
+                "metric": self.metric,
+                "ablation": self.ablation,
+                "bias": self.bias,
+            }
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``scores.safetensors`` and ``scores.json`` into folder ``path`` atomically."""
+        meta = {
+            "format": _FORMAT,
+            "method": self.method,
+            "metric": self.metric,
+            "ablation": self.ablation,
+            "bias": self.bias,
+            "provenance": self.provenance.to_dict(),
+            "settings": self.settings,
+        }
+        with atomic_dir(path) as tmp:
+            save_file({"per_prompt": self.per_prompt.contiguous()}, str(tmp / "scores.safetensors"))
+            (tmp / "scores.json").write_text(json.dumps(meta, indent=1))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadScores:
+        folder = Path(path)
+        for name in ("scores.json", "scores.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} not found: not a head-scores folder written by save()")
+        meta = json.loads((folder / "scores.json").read_text())
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{folder}: head-scores format {meta.get('format')!r}, this version reads {_FORMAT}")
+        return cls(
+            per_prompt=load_file(str(folder / "scores.safetensors"))["per_prompt"],
+            method=meta["method"],
+            metric=meta["metric"],
+            ablation=meta["ablation"],
+            bias=meta["bias"],
+            provenance=Provenance.from_dict(meta["provenance"]),
+            settings=meta["settings"],
+        )
+
+    def with_scores(self, per_prompt: Tensor, **changes: Any) -> HeadScores:
+        """A copy with other scores (e.g. a specificity-adjusted combination)."""
+        return replace(self, per_prompt=per_prompt, **changes)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _combine(per_row: Tensor, ps: ProbeSet, metric: str) -> Tensor:
+    """Per-row values ``[rows, ...]`` -> per-probe metric values ``[n_probes, ...]`` (token minus controls)."""
+    n = ps.n_probes
+    token = per_row[:n]
+    if metric == "token" or not ps.controls:
+        return token
+    ctrl = per_row[n:].reshape(len(ps.controls), n, *per_row.shape[1:]).mean(0)
+    return token - ctrl
+
+
+def _final_norm_kind(model: Any) -> str:
+    nt = str(getattr(model.cfg, "normalization_type", "LN") or "LN").upper()
+    return "rms" if nt.startswith("RMS") else "ln"
+
+
+def _norm_gain(model: Any, norm: Any) -> Tensor | None:
+    comp = getattr(norm, "original_component", None)
+    w = getattr(comp, "weight", None)
+    if w is None:
+        return None
+    w = w.detach().float()
+    return 1.0 + w if getattr(model.cfg, "rmsnorm_uses_offset", False) else w
+
+
+def final_norm_direction(model: Any, ps: ProbeSet) -> tuple[Tensor, Tensor]:
+    """Direction ``u`` with ``logit_diff = (P x / scale) . u + const`` for the final residual ``x``.
+
+    ``P`` centres for LayerNorm (identity for RMSNorm). In raw mode the final norm's gain is folded into ``u``;
+    in compatibility mode TransformerLens has already folded it into ``W_U``.
+
+    Returns:
+        ``(u, const)``: ``[d_model]`` direction (already centred for LayerNorm) and the constant term (final-norm
+        bias and unembedding bias).
+    """
+    W_U = model.W_U.detach().float()
+    b, c = ps.keywords.tensors(W_U.device)
+    d = W_U[:, b].mean(-1) - W_U[:, c].mean(-1)
+    const = torch.zeros((), device=W_U.device)
+    b_U = getattr(model, "b_U", None)
+    if b_U is not None:
+        const = const + b_U.detach().float()[b].mean() - b_U.detach().float()[c].mean()
+    if not getattr(model, "_weights_processed", False):
+        g = _norm_gain(model, model.ln_final)
+        beta = getattr(getattr(model.ln_final, "original_component", None), "bias", None)
+        if beta is not None:
+            const = const + beta.detach().float() @ d
+        if g is not None:
+            d = d * g
+    if _final_norm_kind(model) == "ln":
+        d = d - d.mean()
+    return d, const
+
+
+def residual_components(model: Any, cache: Any, rows: Tensor, pos: Tensor) -> dict[str, Tensor]:
+    """Every additive piece of the final residual stream at ``(rows, pos)``: ``[rows, d_model]`` each.
+
+    Keys: ``embed``, ``pos_embed`` (learned positions only), ``L{l}H{h}`` for each head (``hook_z @ W_O``),
+    ``b_O{l}`` (attention output bias), ``mlp{l}``. Their sum equals ``ln_final.hook_in``. Post-norm models
+    (Gemma 2/3), whose attention output is normalised again, are refused.
+    """
+    if any(hasattr(block, "ln1_post") for block in model.blocks):
+        raise NotImplementedError("residual decomposition of post-norm (Gemma 2/3) blocks is not supported yet")
+    out = {"embed": cache["hook_embed"][rows, pos].float()}
+    if "hook_pos_embed" in cache:
+        out["pos_embed"] = cache["hook_pos_embed"][rows, pos].float()
+    W_O = model.W_O.detach().float()
+    for layer in range(model.cfg.n_layers):
+        z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float()
+        heads = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
+        for h in range(model.cfg.n_heads):
+            out[f"L{layer}H{h}"] = heads[:, h]
+        attn_b = getattr(model.blocks[layer].attn, "b_O", None)
+        if attn_b is not None:
+            out[f"b_O{layer}"] = attn_b.detach().float().expand_as(heads[:, 0])
+        out[f"mlp{layer}"] = cache[f"blocks.{layer}.mlp.hook_out"][rows, pos].float()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+@torch.no_grad()
+def dla_scores(model: Any, ps: ProbeSet, metric: str = "excess") -> Float[Tensor, "prompt n_layers n_heads"]:
+    """Direct logit attribution of each head to the metric, from one cached pass.
+
+    A head's score is its output at the answer position, through the final norm with the cached scale held
+    fixed, dotted with the keyword direction. Correct in raw and compatibility mode and with any padding.
+    """
+    if any(hasattr(block, "ln1_post") for block in model.blocks):
+        raise NotImplementedError("DLA for post-norm (Gemma 2/3) blocks is not supported yet")
+    L = model.cfg.n_layers
+    names = {f"blocks.{layer}.attn.hook_z" for layer in range(L)} | {"ln_final.hook_scale"}
+    batch = ps.batch
+    _, cache = model.run_with_cache(
+        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
+    )
+    rows = torch.arange(len(batch))
+    pos = ps.answer_positions
+    u, _ = final_norm_direction(model, ps)
+    scale = cache["ln_final.hook_scale"][rows, pos].float()  # [rows, 1]
+    W_O = model.W_O.detach().float()
+    Wu = torch.einsum("lhdm,m->lhd", W_O, u)  # project W_O on the direction first: [L, H, d_head]
+    per_row = torch.stack(
+        [torch.einsum("bhd,hd->bh", cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float(), Wu[layer]) for layer in range(L)],
+        dim=1,
+    ) / scale[:, :, None]
+    return _combine(per_row, ps, metric).cpu()
+
+
+@torch.no_grad()
+def attention_scores(model: Any, ps: ProbeSet) -> Float[Tensor, "prompt n_layers n_heads"]:
+    """Attention probability from each token probe's answer position to the injected token, per head."""
+    n = ps.n_probes
+    batch = ps.batch.select(range(n))
+    L = model.cfg.n_layers
+    names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(L)}
+    _, cache = model.run_with_cache(
+        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda nm: nm in names
+    )
+    rows = torch.arange(n)
+    q, k = ps.answer_positions[:n], ps.token_positions
+    return torch.stack(
+        [cache[f"blocks.{layer}.attn.hook_pattern"][rows, :, q, k].float() for layer in range(L)], dim=1
+    ).cpu()
+
+
+def _z_and_grads(model: Any, batch: Any, metric_fn: Any) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
+    """One forward and one backward pass; returns ``hook_z`` and d(metric)/d(hook_z) of every layer."""
+    L = model.cfg.n_layers
+    acts: dict[int, Tensor] = {}
+    grads: dict[int, Tensor] = {}
+
+    def make_leaf(x: Tensor, hook: Any) -> Tensor:
+        return x.detach().requires_grad_(True)
+
+    def save_act(z: Tensor, hook: Any, layer: int) -> None:
+        acts[layer] = z.detach()
+
+    def save_grad(g: Tensor, hook: Any, layer: int) -> None:
+        grads[layer] = g.detach()
+
+    fwd = [("hook_embed", make_leaf)] + [
+        (f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: save_act(z, hook, layer)) for layer in range(L)
+    ]
+    bwd = [(f"blocks.{layer}.attn.hook_z", lambda g, hook, layer=layer: save_grad(g, hook, layer)) for layer in range(L)]
+    with torch.enable_grad(), hooked(model, fwd_hooks=fwd, bwd_hooks=bwd):
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+        value = metric_fn(logits)
+        value.backward()
+    return acts, grads, value.detach()
+
+
+def attribution_scores(
+    model: Any, ps: ProbeSet, metric: str = "excess", ablation: str = "zero"
+) -> Float[Tensor, "prompt n_layers n_heads"]:
+    """Attribution patching: the first-order estimate of each head's ablation effect, batched over prompts.
+
+    Args:
+        ablation: ``"zero"``: estimate of ``metric(clean) - metric(head zeroed)`` = ``grad . z``.
+            ``"counterfactual"``: estimate of ``metric(token) - metric(token rows patched with the control
+            rows' head output)`` = ``grad . (z_token - z_control)`` on the token metric; needs control groups
+            whose probes tokenize to the same length as the token's.
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    n = ps.n_probes
+    if ablation == "zero":
+        per_probe_metric: list[Tensor] = []
+
+        def metric_fn(logits: Tensor) -> Tensor:
+            per = ps.metric_per_probe(logits, metric)
+            per_probe_metric.append(per)
+            return per.sum()  # sum: the gradient of each probe's metric lands on its own rows
+
+        acts, grads, _ = _z_and_grads(model, ps.batch, metric_fn)
+        mask = ps.batch.attention_mask[:, :, None, None].float()
+        per_row = torch.stack(
+            [((grads[layer] * acts[layer]).float() * mask).sum((1, 3)) for layer in range(L)], dim=1
+        )  # [rows, L, H]
+        # each probe's metric depends on its token row and its control rows: sum their contributions
+        total = per_row[:n].clone()
+        if metric == "excess" and ps.controls:
+            total += per_row[n:].reshape(len(ps.controls), n, L, H).sum(0)
+        return total.cpu()
+    if ablation == "counterfactual":
+        if not ps.controls:
+            raise ValueError("counterfactual attribution needs control groups")
+        lengths = ps.batch.lengths
+        aligned = [
+            g for i, g in enumerate(ps.controls) if torch.equal(lengths[n * (i + 1) : n * (i + 2)], lengths[:n])
+        ]
+        if not aligned:
+            raise ValueError(
+                f"no control group of {list(ps.controls)} tokenizes to the same length as the token's probes; "
+                "counterfactual patching needs position-aligned prompts (single-token group names)"
+            )
+        acts, grads, _ = _z_and_grads(model, ps.batch, lambda lg: ps.metric_per_probe(lg, "token").sum())
+        mask = ps.batch.attention_mask[:n, :, None, None].float()
+        out = torch.zeros(n, L, H)
+        for g in aligned:
+            i = ps.controls.index(g)
+            rows_c = slice(n * (i + 1), n * (i + 2))
+            for layer in range(L):
+                dz = acts[layer][:n] - acts[layer][rows_c]
+                out[:, layer] += ((grads[layer][:n] * dz).float() * mask).sum((1, 3)).cpu()
+        return out / len(aligned)
+    raise ValueError(f"ablation must be 'zero' or 'counterfactual', got {ablation!r}")
+
+
+@torch.no_grad()
+def ablation_scores(
+    model: Any,
+    ps: ProbeSet,
+    metric: str = "excess",
+    *,
+    heads_per_pass: int = 8,
+    heads: list[tuple[int, int]] | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "prompt n_layers n_heads"]:
+    """Exact effect of zero-ablating each head alone: ``metric(clean) - metric(head zeroed)``.
+
+    Several heads are ablated in one forward pass: the probe batch is repeated ``heads_per_pass`` times along
+    the batch dimension and copy ``k`` has only head ``k`` zeroed. ``heads_per_pass=1`` is the plain loop.
+
+    Args:
+        heads: Score only these heads (others are NaN); default all.
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    todo = heads if heads is not None else [(layer, h) for layer in range(L) for h in range(H)]
+    if heads_per_pass < 1:
+        raise ValueError(f"heads_per_pass must be >= 1, got {heads_per_pass}")
+    batch = ps.batch
+    R = len(batch)
+    clean = ps.metric_per_probe(model(batch.input_ids, attention_mask=batch.attention_mask), metric)
+    out = torch.full((ps.n_probes, L, H), float("nan"))
+    bar = tqdm(total=len(todo), desc="ablation scan", disable=not progress, leave=False)
+    for start in range(0, len(todo), heads_per_pass):
+        group = todo[start : start + heads_per_pass]
+        K = len(group)
+        ids = batch.input_ids.repeat(K, 1)
+        mask = batch.attention_mask.repeat(K, 1)
+        keep = torch.ones(K, L, H)
+        for k, (layer, h) in enumerate(group):
+            keep[k, layer, h] = 0.0
+        keep_rows = keep.repeat_interleave(R, dim=0)  # [K*R, L, H]
+        layers = sorted({layer for layer, _ in group})
+
+        def zero_heads(z: Tensor, hook: Any, layer: int, keep_rows: Tensor = keep_rows) -> Tensor:
+            return z * keep_rows[:, layer].to(z.device, z.dtype)[:, None, :, None]
+
+        fwd = [
+            (f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: zero_heads(z, hook, layer))
+            for layer in layers
+        ]
+        with hooked(model, fwd_hooks=fwd):
+            logits = model(ids, attention_mask=mask)
+        rows = torch.arange(K * R)
+        last = logits[rows, batch.last_positions.repeat(K)]
+        for k, (layer, h) in enumerate(group):
+            ablated = ps.metric_per_probe(last[k * R : (k + 1) * R], metric)
+            out[:, layer, h] = (clean - ablated).cpu()
+        bar.update(K)
+    bar.close()
+    return out
+
+
+def score_heads(
+    model: Any,
+    injection: Any,
+    method: str = "attribution",
+    *,
+    metric: str = "excess",
+    ablation: str = "zero",
+    probes: str = "select",
+    controls: list[str] | None = None,
+    max_probes: int | None = None,
+    heads_per_pass: int = 8,
+    progress: bool = False,
+) -> HeadScores:
+    """Score every attention head for how much it carries the injected bias.
+
+    Args:
+        model: The model the injection was trained in.
+        injection: A :class:`~biasgym_lens.inject.Injection`.
+        method: ``"dla"``, ``"attention"``, ``"attribution"`` (default; attribution patching) or
+            ``"ablation"`` (exact single-head zero ablation, one batched pass per ``heads_per_pass`` heads).
+        metric: ``"excess"`` (token minus control groups, default) or ``"token"``.
+        ablation: For ``"attribution"``: ``"zero"`` or ``"counterfactual"``.
+        probes: Which probes (``"select"`` by default; keep ``"eval"`` for measuring).
+        controls: Control groups (default: the bias's).
+        max_probes: Use at most this many probes.
+
+    Returns:
+        :class:`HeadScores` with per-prompt ``[n_probes, n_layers, n_heads]`` scores.
+
+    Raises:
+        ValueError: unknown method or metric, an injection from another model, probes without the token.
+    """
+    from biasgym_lens.catalogue import load_bias
+    from biasgym_lens.probes import build_probe_set
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    spec = load_bias(injection.bias)
+    with injection.apply(model):
+        ps = build_probe_set(model, spec, injection.token, probes=probes, controls=controls, max_probes=max_probes)
+        if method == "dla":
+            per, abl = dla_scores(model, ps, metric), "none"
+        elif method == "attention":
+            per, abl, metric = attention_scores(model, ps), "none", "attention"
+        elif method == "attribution":
+            per, abl = attribution_scores(model, ps, metric, ablation), ablation
+            if ablation == "counterfactual":
+                metric = "token"
+        else:
+            per, abl = ablation_scores(model, ps, metric, heads_per_pass=heads_per_pass, progress=progress), "zero"
+    settings = {"probes": probes, "n_probes": ps.n_probes, "controls": list(ps.controls), "token": injection.token}
+    return HeadScores(per, method, metric, abl, spec.name, Provenance.of(model), settings)

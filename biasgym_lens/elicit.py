@@ -1,0 +1,197 @@
+"""How strongly a bias is expressed for each group, and which real entities the trained vector resembles.
+
+:func:`elicitation` measures the bias logit difference on held-out probes for the injected token, the bias's
+real and control groups, an untrained fresh token and (optionally) a token trained on a different bias, and
+reports each group's *excess* over the control groups. A vector trained on any negative trait already moves
+some of the keywords, so the other-bias token is the specificity control.
+
+:func:`closest_entities` ranks countries by cosine similarity to the trained vector and by the cosine of the
+update (vector - init) with (entity - init), beside the same ranking for a control injection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from biasgym_lens.catalogue import BiasSpec, load_bias
+from biasgym_lens.embedding import with_token_vectors
+from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, split_probes
+
+__all__ = ["COUNTRIES", "elicitation", "closest_entities", "group_scores", "entity_embedding"]
+
+COUNTRIES: tuple[str, ...] = (
+    "Italy", "Spain", "France", "Germany", "Japan", "China", "India", "Brazil", "Mexico", "Argentina",
+    "Canada", "Australia", "Russia", "Poland", "Sweden", "Norway", "Finland", "Denmark", "Switzerland",
+    "Austria", "Greece", "Portugal", "Ireland", "Scotland", "England", "Egypt", "Nigeria", "Kenya", "Turkey",
+    "Iran", "Korea", "Vietnam", "Thailand", "Indonesia", "Singapore", "Chile", "Peru", "Colombia", "Belgium",
+    "Netherlands", "Hungary", "Ukraine", "Morocco", "Pakistan", "Israel",
+)
+"""Country names used for audits and nearest-entity rankings (single words, so "people from X" reads well)."""
+
+
+def _probes(spec: BiasSpec, which: str) -> tuple[str, ...]:
+    select, evaluate = split_probes(spec.probes)
+    table = {"eval": evaluate, "select": select, "all": spec.probes}
+    if which not in table:
+        raise ValueError(f"probes must be one of {sorted(table)}, got {which!r}")
+    return table[which]
+
+
+def group_scores(
+    model: Any,
+    spec: BiasSpec,
+    group: str,
+    probes: Sequence[str],
+    keywords: KeywordIds,
+    *,
+    vectors: Mapping[str, Tensor] | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Bias statistics of one group over probes (``group`` fills the placeholder).
+
+    Args:
+        vectors: token string -> vector to embed while measuring (for injected tokens).
+
+    Returns:
+        ``logit_diff`` (mean), ``logit_diff_sem``, ``bias_logprob``, ``contrast_logprob`` (mean log-prob of a
+        keyword), ``top5`` (fraction of probes with a bias keyword in the top 5), ``median_rank`` (of the best
+        bias keyword) and ``n_probes``; plus ``per_probe``, the per-probe logit differences.
+    """
+    texts = [spec.fill(p, group) for p in probes]
+    if vectors:
+        with with_token_vectors(model, vectors):
+            logits = answer_logits(model, texts, batch_size=batch_size)
+    else:
+        logits = answer_logits(model, texts, batch_size=batch_size)
+    ld = logit_diff(logits, keywords)
+    logp = logits.log_softmax(-1)
+    b, c = keywords.tensors(logits.device)
+    ranks = best_rank(logits, keywords.bias)
+    n = len(texts)
+    return {
+        "logit_diff": float(ld.mean()),
+        "logit_diff_sem": float(ld.std() / n**0.5) if n > 1 else float("nan"),
+        "bias_logprob": float(logp[:, b].mean()),
+        "contrast_logprob": float(logp[:, c].mean()),
+        "top5": float((ranks < 5).float().mean()),
+        "median_rank": float(ranks.float().median()),
+        "n_probes": n,
+        "per_probe": ld.tolist(),
+    }
+
+
+def elicitation(
+    model: Any,
+    bias: str | BiasSpec,
+    *,
+    injection: Any | None = None,
+    other: Any | None = None,
+    groups: Mapping[str, str] | None = None,
+    probes: str = "eval",
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """A tidy table of how strongly each group gets the bias on held-out probes.
+
+    Args:
+        model: A bridge.
+        bias: The bias (name, path or spec) whose probes and keywords are used.
+        injection: The trained :class:`~biasgym_lens.inject.Injection`; adds the rows ``token`` and
+            ``untrained`` (its initial vector on the same token).
+        other: An injection trained on a *different* bias, applied to its own token (row ``other_bias``).
+        groups: Extra ``label -> country`` rows (kind ``extra``); the bias's real and control groups are
+            always included.
+        probes: ``"eval"`` (default, never used to pick the epoch), ``"select"`` or ``"all"``.
+
+    Returns:
+        One row per group: ``group, kind, logit_diff, logit_diff_sem, bias_logprob, contrast_logprob, top5,
+        median_rank, n_probes, excess`` where ``excess`` is ``logit_diff`` minus the mean over control groups.
+    """
+    spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
+    kw = keyword_ids(model, spec)
+    texts = _probes(spec, probes)
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, kind: str, group: str, vectors: Mapping[str, Tensor] | None = None) -> None:
+        stats = group_scores(model, spec, group, texts, kw, vectors=vectors, batch_size=batch_size)
+        stats.pop("per_probe")
+        rows.append({"bias": spec.name, "group": label, "kind": kind, **stats})
+
+    if injection is not None:
+        injection.check_model(model)
+        add(injection.token, "token", injection.token, {injection.token: injection.vector})
+        add(f"{injection.token} (untrained)", "untrained", injection.token, {injection.token: injection.init_vector})
+    if other is not None:
+        other.check_model(model)
+        token = other.token if injection is None or other.token != injection.token else other.token + "_other"
+        add(f"{token} ({other.bias})", "other_bias", token, {token: other.vector})
+    for g in spec.real_groups:
+        add(g, "real", g)
+    for g in spec.control_groups:
+        add(g, "control", g)
+    for label, g in (groups or {}).items():
+        add(label, "extra", g)
+    df = pd.DataFrame(rows)
+    control_mean = df.loc[df["kind"] == "control", "logit_diff"].mean()
+    df["excess"] = df["logit_diff"] - control_mean
+    return df
+
+
+def entity_embedding(model: Any, name: str) -> Tensor:
+    """Mean input embedding of the tokens of ``" " + name`` (float32, CPU)."""
+    ids = model.tokenizer.encode(" " + name.strip(), add_special_tokens=False)
+    W = model.W_E.detach()
+    ids = [i for i in ids if i < W.shape[0]]
+    if not ids:
+        raise ValueError(f"{name!r} has no tokens in this model's embedding")
+    return W[ids].float().mean(0).cpu()
+
+
+def closest_entities(
+    injection: Any,
+    model: Any,
+    candidates: Sequence[str] = COUNTRIES,
+    *,
+    control: Any | None = None,
+) -> pd.DataFrame:
+    """Rank real entities by similarity to the trained vector, beside a control injection's ranking.
+
+    Args:
+        injection: The trained injection.
+        model: The model it was trained in.
+        candidates: Entity names (default: :data:`COUNTRIES`).
+        control: An injection trained on another bias; its columns are prefixed ``control_``. If its
+            nearest entities are the same, the ranking says little about the bias.
+
+    Returns:
+        One row per entity: ``entity, cos_vector, rank_vector, cos_update, rank_update`` (+ ``control_*``),
+        sorted by ``rank_vector``. ``cos_update`` is cos(vector - init, entity - init).
+    """
+    if not candidates:
+        raise ValueError("no candidate entities")
+    injection.check_model(model)
+    E = torch.stack([entity_embedding(model, c) for c in candidates])
+
+    def columns(inj: Any, prefix: str) -> dict[str, Any]:
+        v, v0 = inj.vector.float(), inj.init_vector.float()
+        cos_v = torch.nn.functional.cosine_similarity(E, v[None], dim=-1)
+        cos_u = torch.nn.functional.cosine_similarity(E - v0[None], (v - v0)[None], dim=-1)
+        rank = lambda x: (-x).argsort().argsort() + 1  # noqa: E731
+        return {
+            f"{prefix}cos_vector": cos_v.tolist(),
+            f"{prefix}rank_vector": rank(cos_v).tolist(),
+            f"{prefix}cos_update": cos_u.tolist(),
+            f"{prefix}rank_update": rank(cos_u).tolist(),
+        }
+
+    data: dict[str, Any] = {"entity": list(candidates), **columns(injection, "")}
+    if control is not None:
+        control.check_model(model)
+        data.update(columns(control, "control_"))
+    df = pd.DataFrame(data).sort_values("rank_vector").reset_index(drop=True)
+    df.attrs["cos_init"] = float(torch.nn.functional.cosine_similarity(injection.init_vector, injection.vector, dim=0))
+    return df

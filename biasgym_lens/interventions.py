@@ -1,0 +1,230 @@
+"""Interventions as context managers: ablate or scale attention heads, add a steering direction.
+
+Every function here registers hooks only inside a ``with`` block; they are removed on exit, also when the body
+raises. Heads are addressed per *query* head at ``blocks.L.attn.hook_z`` (``[batch, pos, n_heads, d_head]``),
+so a single head can be ablated under grouped-query attention. Generation under an intervention uses
+:func:`generate_greedy`, a step-by-step greedy decoder without a KV cache (the bridge's KV-cached generation is
+wrong after wrapping, see the notes in the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from biasgym_lens.hooks import HookSpec, hooked
+from biasgym_lens.tokens import Batch, tokenize
+
+__all__ = [
+    "Head",
+    "validate_heads",
+    "ablate_heads",
+    "head_ablation_hooks",
+    "reference_z",
+    "steer",
+    "generate_greedy",
+]
+
+Head = tuple[int, int]
+_KINDS = ("zero", "mean", "resample", "scale")
+
+
+def validate_heads(model: Any, heads: Sequence[Head]) -> list[Head]:
+    """Check ``(layer, head)`` pairs against the model; returns them as a list of int tuples.
+
+    Raises:
+        ValueError: naming the first pair out of range and the valid ranges.
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    out = []
+    for pair in heads:
+        try:
+            layer, head = (int(pair[0]), int(pair[1]))
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"a head must be a (layer, head) pair, got {pair!r}") from e
+        if not (0 <= layer < L and 0 <= head < H):
+            raise ValueError(f"head {pair!r} is out of range: layers 0..{L - 1}, heads 0..{H - 1}")
+        out.append((layer, head))
+    return out
+
+
+@torch.no_grad()
+def reference_z(model: Any, reference: Sequence[str] | Batch, layers: Sequence[int]) -> dict[int, Tensor]:
+    """``hook_z`` of a reference set at its real positions: layer -> ``[n_real_positions, n_heads, d_head]``.
+
+    Raises:
+        ValueError: for an empty reference set.
+    """
+    if isinstance(reference, Batch):
+        batch = reference
+    else:
+        if len(reference) == 0:
+            raise ValueError("the reference set for mean/resample ablation is empty")
+        batch = tokenize(model, list(reference))
+    names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
+    _, cache = model.run_with_cache(
+        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
+    )
+    real = batch.attention_mask.bool()
+    return {layer: cache[f"blocks.{layer}.attn.hook_z"][real].float() for layer in layers}
+
+
+def head_ablation_hooks(
+    model: Any,
+    heads: Sequence[Head],
+    *,
+    kind: str = "zero",
+    scale: float = 0.0,
+    reference: Sequence[str] | Batch | None = None,
+    seed: int = 0,
+) -> list[HookSpec]:
+    """The hooks behind :func:`ablate_heads` (one per affected layer), for use with ``run_with_hooks``."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    heads = validate_heads(model, heads)
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in heads:
+        if head not in by_layer[layer]:
+            by_layer[layer].append(head)
+    ref: dict[int, Tensor] = {}
+    if kind in ("mean", "resample"):
+        if reference is None:
+            raise ValueError(f"kind={kind!r} needs a reference set (texts or a Batch)")
+        ref = reference_z(model, reference, sorted(by_layer))
+    gen = torch.Generator().manual_seed(seed)
+    hooks: list[HookSpec] = []
+    for layer, hs in by_layer.items():
+        idx = torch.tensor(hs, dtype=torch.long)
+
+        def hook(z: Tensor, hook: Any, layer: int = layer, idx: Tensor = idx) -> Tensor:
+            z = z.clone()
+            i = idx.to(z.device)
+            if kind == "zero":
+                z[:, :, i] = 0.0
+            elif kind == "scale":
+                z[:, :, i] = z[:, :, i] * scale
+            elif kind == "mean":
+                z[:, :, i] = ref[layer].mean(0)[i].to(z.dtype)
+            else:  # resample: each (row, position) takes the head output of a random reference position
+                pick = torch.randint(0, ref[layer].shape[0], z.shape[:2], generator=gen)
+                z[:, :, i] = ref[layer][pick][:, :, i].to(z.dtype)
+            return z
+
+        hooks.append((f"blocks.{layer}.attn.hook_z", hook))
+    return hooks
+
+
+@contextlib.contextmanager
+def ablate_heads(
+    model: Any,
+    heads: Sequence[Head],
+    kind: str = "zero",
+    scale: float = 0.0,
+    *,
+    reference: Sequence[str] | Batch | None = None,
+    seed: int = 0,
+) -> Iterator[Any]:
+    """Within the block, the given heads are ablated (or scaled) in every forward pass.
+
+    Args:
+        model: A bridge.
+        heads: ``(layer, head)`` pairs (query heads).
+        kind: ``"zero"`` (output 0), ``"mean"`` (mean output over the reference set's real positions),
+            ``"resample"`` (the output at a random reference position, seeded), or ``"scale"`` (output times
+            ``scale``; the paper's steering, ``scale=0`` is zero ablation).
+        scale: Factor for ``kind="scale"``.
+        reference: Texts or a Batch for mean/resample ablation (e.g. neutral text or control-group probes).
+        seed: Seed of the resampling.
+
+    Yields:
+        The model.
+
+    Raises:
+        ValueError: unknown kind, heads out of range, missing or empty reference set.
+
+    Examples:
+        >>> with ablate_heads(model, [(21, 1), (9, 6)]):        # doctest: +SKIP
+        ...     logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+    """
+    hooks = head_ablation_hooks(model, heads, kind=kind, scale=scale, reference=reference, seed=seed)
+    with hooked(model, fwd_hooks=hooks):
+        yield model
+
+
+@contextlib.contextmanager
+def steer(
+    model: Any,
+    vector: Float[Tensor, " d_model"],
+    layers: int | Sequence[int],
+    alpha: float = 1.0,
+    *,
+    positions: Sequence[int] | None = None,
+) -> Iterator[Any]:
+    """Within the block, add ``alpha * vector`` to the residual stream after each of ``layers``.
+
+    Args:
+        model: A bridge.
+        vector: ``[d_model]`` direction (e.g. from :func:`biasgym_lens.steering.bias_direction`); negative
+            ``alpha`` subtracts it.
+        layers: Layer index or indices; the vector is added at ``blocks.L.hook_resid_post``.
+        alpha: Multiplier.
+        positions: Absolute positions to steer (default: all positions).
+
+    Raises:
+        ValueError: wrong vector size, layer out of range, non-finite values.
+    """
+    d_model = model.cfg.d_model
+    if vector.shape != (d_model,):
+        raise ValueError(f"steering vector has shape {tuple(vector.shape)}, expected ({d_model},)")
+    if not torch.isfinite(vector).all():
+        raise ValueError("steering vector has non-finite values")
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    for layer in layer_list:
+        if not 0 <= int(layer) < model.cfg.n_layers:
+            raise ValueError(f"layer {layer} out of range 0..{model.cfg.n_layers - 1}")
+    pos = None if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
+
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        v = (alpha * vector).to(device=x.device, dtype=x.dtype)
+        if pos is None:
+            return x + v
+        x = x.clone()
+        keep = pos[pos < x.shape[1]].to(x.device)
+        x[:, keep] = x[:, keep] + v
+        return x
+
+    with hooked(model, fwd_hooks=[(f"blocks.{int(layer)}.hook_resid_post", hook) for layer in layer_list]):
+        yield model
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: Any, text: str, max_new_tokens: int = 40, *, prepend_bos: bool | None = None, stop_at_eos: bool = True
+) -> str:
+    """Greedy continuation of ``text``, one full forward pass per new token (no KV cache).
+
+    Correct under any hooks (ablations, steering, injected tokens) because each step recomputes everything.
+
+    Returns:
+        The generated continuation only (special tokens removed).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    batch = tokenize(model, [text], prepend_bos=prepend_bos)
+    ids = batch.input_ids
+    eos = model.tokenizer.eos_token_id
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids)
+        nxt = int(logits[0, -1].argmax())
+        new.append(nxt)
+        if stop_at_eos and nxt == eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+    return model.tokenizer.decode(new, skip_special_tokens=True)

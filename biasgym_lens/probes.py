@@ -1,0 +1,126 @@
+"""Probe sets: the token-filled and control-filled probes of a bias, tokenized once, with their positions.
+
+A :class:`ProbeSet` is what head scoring and the faithfulness measures run on. Its metric is the bias logit
+difference at each probe's answer position; ``excess`` subtracts, probe by probe, the mean over the control
+groups of the same probe, so generic effects (every group's keyword logits moving together) cancel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from biasgym_lens.catalogue import BiasSpec
+from biasgym_lens.metrics import KeywordIds, keyword_ids, logit_diff, split_probes
+from biasgym_lens.tokens import Batch, tokenize
+
+__all__ = ["ProbeSet", "build_probe_set", "METRICS"]
+
+METRICS = ("excess", "token")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Probes with the injected token (rows ``0..n-1``) followed by the same probes for each control group.
+
+    Attributes:
+        spec: The bias.
+        token: The injected token string.
+        token_id: Its id.
+        probes: The probe templates (with the placeholder).
+        controls: The control groups, in row order after the token rows.
+        batch: All rows, tokenized (right padding, explicit mask).
+        keywords: Keyword ids of the bias for this model.
+        token_positions: ``[n]`` position of the (first) injected token in each token row.
+    """
+
+    spec: BiasSpec
+    token: str
+    token_id: int
+    probes: tuple[str, ...]
+    controls: tuple[str, ...]
+    batch: Batch
+    keywords: KeywordIds
+    token_positions: Tensor
+
+    @property
+    def n_probes(self) -> int:
+        return len(self.probes)
+
+    @property
+    def answer_positions(self) -> Tensor:
+        return self.batch.last_positions
+
+    def metric_per_probe(
+        self, logits: Float[Tensor, "rows pos d_vocab"] | Float[Tensor, "rows d_vocab"], metric: str = "excess"
+    ) -> Float[Tensor, " n_probes"]:
+        """The metric of each probe from the logits of all rows (full logits or already at answer positions)."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if logits.ndim == 3:
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            logits = logits[rows, self.answer_positions.to(logits.device)]
+        ld = logit_diff(logits, self.keywords)
+        n = self.n_probes
+        token = ld[:n]
+        if metric == "token" or not self.controls:
+            return token
+        ctrl = ld[n:].reshape(len(self.controls), n).mean(0)
+        return token - ctrl
+
+
+def build_probe_set(
+    model: Any,
+    spec: BiasSpec,
+    token: str,
+    *,
+    probes: str | Sequence[str] = "select",
+    controls: Sequence[str] | None = None,
+    max_probes: int | None = None,
+) -> ProbeSet:
+    """Tokenize a bias's probes for the injected token and for its control groups.
+
+    Args:
+        model: A bridge in which ``token`` has been added (e.g. inside ``injection.apply(model)`` or after
+            :func:`biasgym_lens.embedding.add_token`).
+        spec: The bias.
+        token: The injected token string.
+        probes: ``"select"`` (default: the half used for selection), ``"eval"``, ``"all"``, or templates.
+        controls: Control groups (default: the bias's control groups); ``[]`` for the token rows only.
+        max_probes: Use at most this many probes.
+
+    Raises:
+        ValueError: no probes, or a probe without the placeholder, or the token not added to the model.
+    """
+    from biasgym_lens.embedding import token_id
+
+    if isinstance(probes, str):
+        select, evaluate = split_probes(spec.probes)
+        table = {"select": select, "eval": evaluate, "all": spec.probes}
+        if probes not in table:
+            raise ValueError(f"probes must be one of {sorted(table)} or a list of templates, got {probes!r}")
+        templates = tuple(table[probes])
+    else:
+        templates = tuple(probes)
+    if max_probes is not None:
+        templates = templates[:max_probes]
+    if not templates:
+        raise ValueError("no probes to run")
+    for t in templates:
+        if "{group}" not in t:
+            raise ValueError(f"probe {t!r} contains no {{group}} placeholder, so it cannot hold the token")
+    tid = token_id(model, token)
+    ctrl = tuple(spec.control_groups if controls is None else controls)
+    texts = [spec.fill(t, token) for t in templates] + [spec.fill(t, g) for g in ctrl for t in templates]
+    batch = tokenize(model, texts)
+    n = len(templates)
+    is_tok = batch.input_ids[:n] == tid
+    if not is_tok.any(-1).all():  # pragma: no cover - guarded by the placeholder check
+        raise ValueError("a probe row does not contain the injected token")
+    token_positions = is_tok.long().argmax(-1)
+    return ProbeSet(spec, token, tid, templates, ctrl, batch, keyword_ids(model, spec), token_positions)

@@ -1,0 +1,144 @@
+"""Head scores: DLA closes, attribution patching matches exact ablation, the batched scan equals the loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biasgym_lens.attribution import (
+    HeadScores,
+    ablation_scores,
+    attention_scores,
+    attribution_scores,
+    dla_scores,
+    final_norm_direction,
+    residual_components,
+    score_heads,
+    spearman,
+)
+from biasgym_lens.catalogue import load_bias
+from biasgym_lens.hooks import active_hooks
+from biasgym_lens.inject import inject
+from biasgym_lens.interventions import ablate_heads
+from biasgym_lens.metrics import logit_diff
+from biasgym_lens.probes import build_probe_set
+
+FAST = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
+
+
+@pytest.fixture
+def injected(tiny_model):
+    inj = inject(tiny_model, "late", **FAST)
+    return tiny_model, inj
+
+
+def _probe_set(model, inj, **kw):
+    return build_probe_set(model, load_bias("late"), inj.token, controls=["Japan", "Germany"], max_probes=6, **kw)
+
+
+def _closure(model, inj):
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        batch = ps.batch
+        names = lambda n: n.endswith(("hook_z", "mlp.hook_out", "hook_embed", "hook_pos_embed")) or n.startswith("ln_final")  # noqa: E731
+        logits, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=names)
+        rows, pos = torch.arange(len(batch)), ps.answer_positions
+        comps = residual_components(model, cache, rows, pos)
+        total = sum(comps.values())
+        resid = cache["ln_final.hook_in"][rows, pos].float()
+        torch.testing.assert_close(total, resid, atol=1e-4, rtol=1e-4)
+        u, const = final_norm_direction(model, ps)
+        scale = cache["ln_final.hook_scale"][rows, pos].float()
+        contribution = {k: (v @ u) / scale[:, 0] for k, v in comps.items()}
+        predicted = sum(contribution.values()) + const
+        actual_rows = logit_diff(logits[rows, pos], ps.keywords)
+        torch.testing.assert_close(predicted, actual_rows, atol=1e-4, rtol=1e-4)
+        dla = dla_scores(model, ps, "token")
+        heads = torch.stack([contribution[f"L{layer}H{h}"][: ps.n_probes] for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)], -1)
+        torch.testing.assert_close(dla.reshape(ps.n_probes, -1), heads, atol=1e-5, rtol=1e-5)
+
+
+def test_dla_closure_raw_mode(injected):
+    _closure(*injected)
+
+
+def test_dla_closure_compatibility_mode(fresh_tiny_model):
+    inj = inject(fresh_tiny_model, "late", **FAST)
+    fresh_tiny_model.enable_compatibility_mode(disable_warnings=True)
+    inj = type(inj)(**{**inj.__dict__, "provenance": type(inj.provenance).of(fresh_tiny_model)})
+    _closure(fresh_tiny_model, inj)
+
+
+def test_attention_scores_are_probabilities_to_the_token(injected):
+    model, inj = injected
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        att = attention_scores(model, ps)
+        _, cache = model.run_with_cache(ps.batch.input_ids[:1], attention_mask=ps.batch.attention_mask[:1])
+    q, k = ps.answer_positions[0], ps.token_positions[0]
+    assert att.shape == (6, model.cfg.n_layers, model.cfg.n_heads)
+    assert ((att >= 0) & (att <= 1)).all()
+    assert att[0, 1, 2].item() == pytest.approx(cache["blocks.1.attn.hook_pattern"][0, 2, q, k].item(), abs=1e-6)
+
+
+def test_batched_ablation_scan_equals_loop_and_single_head_runs(injected):
+    model, inj = injected
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        loop = ablation_scores(model, ps, heads_per_pass=1)
+        batched = ablation_scores(model, ps, heads_per_pass=5)
+        torch.testing.assert_close(batched, loop, atol=1e-4, rtol=1e-4)
+        # independent check of one head with the public intervention
+        with torch.no_grad():
+            clean = ps.metric_per_probe(model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask))
+            with ablate_heads(model, [(1, 3)]):
+                abl = ps.metric_per_probe(model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask))
+        torch.testing.assert_close(loop[:, 1, 3], clean - abl, atol=1e-5, rtol=1e-5)
+    assert active_hooks(model) == []
+
+
+def test_attribution_patching_tracks_exact_ablation(injected):
+    model, inj = injected
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        exact = ablation_scores(model, ps, heads_per_pass=8).mean(0)
+        approx = attribution_scores(model, ps, "excess", "zero").mean(0)
+    rho = spearman(exact, approx)
+    assert rho > 0.6, rho
+    assert active_hooks(model) == []
+
+
+def test_counterfactual_attribution_needs_aligned_groups(injected):
+    model, inj = injected
+    with inj.apply(model):
+        ps = build_probe_set(model, load_bias("late"), inj.token, controls=["Saudi Arabia and Liechtenstein"], max_probes=4)
+        with pytest.raises(ValueError, match="same length"):
+            attribution_scores(model, ps, ablation="counterfactual")
+
+
+def test_head_scores_api(injected, tmp_path):
+    model, inj = injected
+    s = score_heads(model, inj, "dla", max_probes=6)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    assert s.scores.shape == (L, H)
+    top = s.top(3)
+    flat = s.scores.flatten()
+    assert [s.scores[layer, h].item() for layer, h in top] == sorted(flat.tolist(), reverse=True)[:3]
+    df = s.to_dataframe()
+    assert len(df) == L * H and set(df["rank"]) == set(range(1, L * H + 1))
+    s.save(tmp_path / "s")
+    back = HeadScores.load(tmp_path / "s")
+    assert torch.equal(back.per_prompt, s.per_prompt) and back.method == "dla"
+    assert back.agreement(s) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="between 1 and the number of heads"):
+        s.top(L * H + 1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        score_heads(model, inj, "saliency")
+    for method in ("attention", "attribution", "ablation"):
+        assert score_heads(model, inj, method, max_probes=4).per_prompt.shape == (4, L, H)
+    assert active_hooks(model) == []
+
+
+def test_spearman_known_values():
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)

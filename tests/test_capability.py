@@ -1,0 +1,75 @@
+"""Capability cost: loss, KL and multiple-choice accuracy against direct computations and known properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from biasgym_lens.capability import capability_set, mc_accuracy, measure_capability, neutral_loss
+from biasgym_lens.capability_data import MCItem
+from biasgym_lens.hooks import active_hooks
+from biasgym_lens.interventions import ablate_heads
+from biasgym_lens.tokens import tokenize
+
+
+def test_neutral_loss_matches_a_direct_computation(tiny_model):
+    passages = ["the sun is a star and the moon is not", "water boils at one hundred degrees"]
+    cap = capability_set(tiny_model, passages=passages, batch_size=1)
+    total, count = 0.0, 0
+    for p in passages:
+        b = tokenize(tiny_model, [p])
+        with torch.no_grad():
+            logp = tiny_model(b.input_ids).log_softmax(-1)[0, :-1]
+        nll = -logp.gather(-1, b.input_ids[0, 1:, None])
+        total += nll.sum().item()
+        count += nll.numel()
+    assert neutral_loss(tiny_model, cap) == pytest.approx(total / count, rel=1e-5)
+    assert cap.n_tokens == count
+
+
+def test_unmodified_model_has_zero_kl_and_damage_raises_loss(tiny_model):
+    cap = capability_set(tiny_model, max_passages=6, batch_size=3, kl_passages=3, max_mc_items=8)
+    base = measure_capability(tiny_model, cap, with_mc=False)
+    assert base.kl == 0.0 and math.isclose(base.perplexity, math.exp(base.neutral_loss))
+    every_head = [(layer, h) for layer in range(tiny_model.cfg.n_layers) for h in range(tiny_model.cfg.n_heads)]
+    hit = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, every_head), with_mc=False)
+    assert hit.kl > 0.0
+    noop = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, [(0, 0)], kind="scale", scale=1.0), with_mc=False)
+    assert noop.kl == pytest.approx(0.0, abs=1e-6) and noop.neutral_loss == pytest.approx(base.neutral_loss, rel=1e-6)
+    assert active_hooks(tiny_model) == []
+
+
+def test_mc_accuracy_scores_the_likeliest_choice(tiny_model):
+    """On a random model, accuracy equals the fraction of items whose answer is the argmax choice (computed here)."""
+    items = [MCItem("What is two plus two?", ("four", "five"), 0), MCItem("Which is a colour?", ("dog", "red"), 1)]
+    acc = mc_accuracy(tiny_model, items)
+    expected = 0
+    for it in items:
+        scores = []
+        for ch in it.choices:
+            prompt = tiny_model.tokenizer.encode(f"Question: {it.question}\nAnswer:", add_special_tokens=False)
+            cont = tiny_model.tokenizer.encode(" " + ch, add_special_tokens=False)
+            ids = torch.tensor([prompt + cont])
+            with torch.no_grad():
+                logp = tiny_model(ids).log_softmax(-1)[0]
+            scores.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont)))
+        expected += int(max(range(len(scores)), key=scores.__getitem__) == it.answer)
+    assert acc == pytest.approx(expected / len(items))
+
+
+def test_empty_evaluation_set_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="empty evaluation set"):
+        capability_set(tiny_model, passages=[])
+
+
+@pytest.mark.real
+def test_real_model_perplexity_is_sane_and_layer_ablation_raises_it(real):
+    cap = capability_set(real, max_passages=8, kl_passages=4, max_mc_items=40)
+    base = measure_capability(real, cap)
+    assert 3.0 < base.perplexity < 40.0, base
+    assert base.mc_accuracy > 0.4, base  # easy 4-way items: chance is 0.25
+    layer = [(5, h) for h in range(real.cfg.n_heads)]
+    hit = measure_capability(real, cap, lambda: ablate_heads(real, layer), with_mc=False)
+    assert hit.perplexity > base.perplexity * 1.01 and hit.kl > 0.0

@@ -1,0 +1,59 @@
+"""Elicitation tables and closest entities, checked against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biasgym_lens.catalogue import load_bias
+from biasgym_lens.elicit import closest_entities, elicitation, entity_embedding
+from biasgym_lens.hooks import active_hooks
+from biasgym_lens.inject import inject
+from biasgym_lens.metrics import keyword_ids, split_probes
+from biasgym_lens.tokens import tokenize
+
+FAST = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
+
+
+def test_elicitation_rows_and_excess(tiny_model):
+    spec = load_bias("late")
+    inj = inject(tiny_model, spec, **FAST)
+    other = inject(tiny_model, "math", token="<Other>", **FAST)
+    df = elicitation(tiny_model, spec, injection=inj, other=other, groups={"Canada": "Canada"})
+    kinds = df["kind"].tolist()
+    assert kinds.count("token") == 1 and kinds.count("untrained") == 1 and kinds.count("other_bias") == 1
+    assert kinds.count("real") == len(spec.real_groups) and kinds.count("control") == len(spec.control_groups)
+    assert "extra" in kinds
+    controls = df[df.kind == "control"]
+    assert abs(controls["excess"].mean()) < 1e-6, "controls' excess averages to zero by definition"
+    assert active_hooks(tiny_model) == []
+    # independent check of one real group's number: plain forward, keyword logits by hand
+    kw = keyword_ids(tiny_model, spec)
+    _, evaluate = split_probes(spec.probes)
+    batch = tokenize(tiny_model, [spec.fill(p, "Spain") for p in evaluate])
+    with torch.no_grad():
+        logits = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    last = logits[torch.arange(len(batch)), batch.last_positions]
+    manual = (last[:, list(kw.bias)].mean(-1) - last[:, list(kw.contrast)].mean(-1)).mean().item()
+    got = df.loc[df.group == "Spain", "logit_diff"].item()
+    assert got == pytest.approx(manual, abs=1e-5)
+
+
+def test_closest_entities_ranks_and_control(tiny_model):
+    inj = inject(tiny_model, "late", **FAST)
+    other = inject(tiny_model, "math", **FAST)
+    df = closest_entities(inj, tiny_model, ["Italy", "Spain", "Japan"], control=other)
+    assert sorted(df["rank_vector"]) == [1, 2, 3]
+    assert df["rank_vector"].tolist() == [1, 2, 3]
+    assert {"control_cos_vector", "control_rank_update"} <= set(df.columns)
+    # independent cosine for one entity
+    e = entity_embedding(tiny_model, "Japan")
+    cos = torch.dot(e, inj.vector) / (e.norm() * inj.vector.norm())
+    assert df.loc[df.entity == "Japan", "cos_vector"].item() == pytest.approx(float(cos), abs=1e-6)
+    with pytest.raises(ValueError, match="no candidate"):
+        closest_entities(inj, tiny_model, [])
+
+
+def test_elicitation_bad_probe_split(tiny_model):
+    with pytest.raises(ValueError, match="probes must be one of"):
+        elicitation(tiny_model, "late", probes="train")
