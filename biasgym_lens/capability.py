@@ -172,7 +172,7 @@ def mc_accuracy(model: Any, items: Sequence[MCItem], intervention: Intervention 
                 a, b = spans[start + j]
                 scores[start + j] = logp[j, a - 1 : b - 1].gather(-1, torch.tensor(s[a:b])[:, None]).sum()
     correct, k = 0, 0
-    for i, item in enumerate(items):
+    for item in items:
         n = len(item.choices)
         correct += int(int(scores[k : k + n].argmax()) == item.answer)
         k += n
