@@ -107,7 +107,8 @@ class HeadScores:
         return spearman(self.scores, other.scores)
 
     def top_overlap(self, other: HeadScores, k: int = 10) -> int:
-        """How many of this method's top ``k`` heads are in the other's top ``k``."""
+        """How many of this method's top ``k`` heads are in the other's top ``k`` (k capped at the head count)."""
+        k = min(k, self.n_layers * self.n_heads)
         return len(set(self.top(k)) & set(other.top(k)))
 
     def to_dataframe(self) -> pd.DataFrame:

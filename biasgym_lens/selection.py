@@ -1,0 +1,190 @@
+"""Choosing the responsible heads: specificity-aware scores, stability across seeds, and the faithfulness
+curve with a random-heads baseline and a capability budget.
+
+The strongest heads by raw ablation effect are often the ones through which the model reads the injected
+embedding at all (layers 0-1); removing them breaks the model. :func:`specific_scores` subtracts each head's
+estimated damage to neutral text, and :func:`faithfulness_curve` measures, for the top 1, 2, ... k heads, the
+token's excess over the control groups and the neutral-text loss, beside k random heads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from biasgym_lens.attribution import HeadScores, _z_and_grads
+from biasgym_lens.capability import CapabilitySet, neutral_loss
+from biasgym_lens.interventions import Head, ablate_heads
+from biasgym_lens.probes import ProbeSet
+
+__all__ = [
+    "damage_scores",
+    "specific_scores",
+    "stable_heads",
+    "FaithfulnessCurve",
+    "faithfulness_curve",
+    "pick_k",
+]
+
+
+def damage_scores(model: Any, cap: CapabilitySet, *, max_batches: int = 2) -> Tensor:
+    """Attribution-patching estimate of how much zero-ablating each head raises the neutral-text loss.
+
+    Returns:
+        ``[n_layers, n_heads]`` estimated increase of the mean next-token loss (nats).
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    total = torch.zeros(L, H)
+    batches = cap.neutral[:max_batches]
+    for batch in batches:
+
+        def loss_fn(logits: Tensor, batch: Any = batch) -> Tensor:
+            logp = logits[:, :-1].float().log_softmax(-1)
+            nll = -logp.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+            mask = batch.attention_mask[:, 1:].bool()
+            return nll[mask].mean()
+
+        acts, grads, _ = _z_and_grads(model, batch, loss_fn)
+        for layer in range(L):
+            # loss(ablated) - loss(clean) ~ grad . (0 - z)
+            total[layer] += -(grads[layer] * acts[layer]).float().sum((0, 1, 3)).cpu()
+    return total / len(batches)
+
+
+def specific_scores(scores: HeadScores, damage: Tensor, weight: float = 1.0) -> HeadScores:
+    """Bias effect minus ``weight`` x estimated loss increase per head (both in nats).
+
+    Returns:
+        A copy of ``scores`` with the adjusted values (``method`` gets a ``+specific`` suffix).
+    """
+    if damage.shape != scores.scores.shape:
+        raise ValueError(f"damage has shape {tuple(damage.shape)}, scores {tuple(scores.scores.shape)}")
+    adjusted = scores.per_prompt - weight * damage[None].clamp(min=0.0)
+    settings = {**scores.settings, "damage_weight": weight}
+    return scores.with_scores(adjusted, method=scores.method + "+specific", settings=settings)
+
+
+def stable_heads(runs: Sequence[HeadScores], k: int, min_fraction: float = 1.0) -> list[Head]:
+    """Heads that are in the top ``k`` of at least ``min_fraction`` of the runs (e.g. seeds), most stable first."""
+    if not runs:
+        raise ValueError("no runs given")
+    counts = Counter(h for r in runs for h in r.top(k))
+    need = min_fraction * len(runs)
+    mean = torch.stack([r.scores for r in runs]).mean(0)
+    keep = [h for h, c in counts.items() if c >= need - 1e-9]
+    return sorted(keep, key=lambda h: (-counts[h], -float(mean[h])))
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    """Bias and capability after ablating the top-k heads, for several k, beside k random heads.
+
+    Attributes:
+        table: Long table with ``k, selection ("top"|"random"), draw, excess, token_logit_diff,
+            neutral_loss, loss_increase``.
+        baseline_excess: The token's excess with nothing ablated.
+        baseline_loss: Neutral loss with nothing ablated.
+        heads: The ranked heads the curve ablates (first k of them at point k).
+        budget: The allowed relative loss increase used by :meth:`chosen`.
+    """
+
+    table: pd.DataFrame
+    baseline_excess: float
+    baseline_loss: float
+    heads: tuple[Head, ...]
+    budget: float = 0.05
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.table.copy()
+
+    def chosen_k(self) -> int:
+        """The k with the lowest excess among points within the budget (0 if none is)."""
+        return pick_k(self.table, self.budget)
+
+    def chosen_heads(self) -> list[Head]:
+        return list(self.heads[: self.chosen_k()])
+
+
+def pick_k(table: pd.DataFrame, budget: float = 0.05) -> int:
+    """The k of the ``"top"`` rows with the lowest excess whose neutral-loss increase is within ``budget``."""
+    top = table[(table["selection"] == "top") & (table["loss_increase"] <= budget)]
+    if top.empty:
+        return 0
+    return int(top.sort_values(["excess", "k"]).iloc[0]["k"])
+
+
+@torch.no_grad()
+def _excess(model: Any, ps: ProbeSet) -> tuple[float, float]:
+    logits = model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask)
+    return float(ps.metric_per_probe(logits, "excess").mean()), float(ps.metric_per_probe(logits, "token").mean())
+
+
+def faithfulness_curve(
+    model: Any,
+    ps: ProbeSet,
+    ranked_heads: Sequence[Head],
+    cap: CapabilitySet,
+    *,
+    ks: Sequence[int] = (1, 2, 3, 5, 8, 12, 16, 20),
+    random_draws: int = 3,
+    kind: str = "zero",
+    budget: float = 0.05,
+    seed: int = 0,
+    reference: Any = None,
+) -> FaithfulnessCurve:
+    """Ablate the first k of ``ranked_heads`` for each k, and k random heads ``random_draws`` times.
+
+    Args:
+        model: The model, with the injection applied (``with injection.apply(model):``).
+        ps: Probe set (token + control rows) on which the excess is measured; use evaluation probes.
+        ranked_heads: Heads in selection order.
+        cap: Capability data for the neutral-text loss.
+        ks: Numbers of heads (values above ``len(ranked_heads)`` are dropped).
+        random_draws: Random head sets per k (the baseline band).
+        kind: Ablation kind (see :func:`~biasgym_lens.interventions.ablate_heads`).
+        budget: Allowed relative increase of the neutral loss for :meth:`FaithfulnessCurve.chosen_k`.
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    all_heads = [(layer, h) for layer in range(L) for h in range(H)]
+    ks = sorted({int(k) for k in ks if 1 <= int(k) <= len(ranked_heads)})
+    if not ks:
+        raise ValueError(f"no usable k in {list(ks)} for {len(ranked_heads)} ranked heads")
+    base_excess, base_token = _excess(model, ps)
+    base_loss = neutral_loss(model, cap)
+    rng = random.Random(seed)
+    rows = []
+
+    def point(heads: list[Head], k: int, selection: str, draw: int) -> None:
+        with ablate_heads(model, heads, kind=kind, reference=reference):
+            ex, tok = _excess(model, ps)
+            loss = neutral_loss(model, cap)
+        rows.append(
+            {
+                "k": k,
+                "selection": selection,
+                "draw": draw,
+                "excess": ex,
+                "token_logit_diff": tok,
+                "neutral_loss": loss,
+                "loss_increase": loss / base_loss - 1.0,
+                "excess_cut": 1.0 - ex / base_excess if base_excess != 0 else float("nan"),
+            }
+        )
+
+    for k in ks:
+        point(list(ranked_heads[:k]), k, "top", 0)
+        for d in range(random_draws):
+            point(rng.sample(all_heads, k), k, "random", d)
+    table = pd.DataFrame(rows)
+    return FaithfulnessCurve(
+        table, base_excess, base_loss, tuple(ranked_heads[: max(ks)]), budget,
+        {"kind": kind, "random_draws": random_draws, "seed": seed, "base_token_logit_diff": base_token},
+    )

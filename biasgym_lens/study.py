@@ -1,0 +1,377 @@
+"""The BiasScope pipeline: score heads, choose them under a capability budget, intervene, and measure.
+
+:func:`scope` runs, for one injection: the four head scores (and their agreement), a specificity-aware ranking
+(attribution-patching effect on the token's excess minus estimated neutral-loss damage), the faithfulness
+curve with random-head baselines, the chosen heads, and the bias and capability under each intervention:
+nothing, the chosen heads, as many random heads, subtracting the steering direction, and a debiasing
+instruction prefix. A :class:`ScopeResult` holds everything the plots and the report need and saves itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from biasgym_lens.attribution import HeadScores, score_heads
+from biasgym_lens.capability import Capability, capability_set, measure_capability
+from biasgym_lens.catalogue import BiasSpec, load_bias
+from biasgym_lens.elicit import group_scores
+from biasgym_lens.interventions import Head, ablate_heads, steer
+from biasgym_lens.metrics import keyword_ids, split_probes
+from biasgym_lens.probes import build_probe_set
+from biasgym_lens.provenance import Provenance, atomic_dir
+from biasgym_lens.selection import FaithfulnessCurve, damage_scores, faithfulness_curve, specific_scores
+from biasgym_lens.steering import bias_direction
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScopeConfig", "ScopeResult", "scope", "measure_groups", "DEBIAS_PREFIX"]
+
+DEBIAS_PREFIX = "Treat every nationality the same and do not rely on stereotypes. "
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ScopeConfig:
+    """Settings of :func:`scope` (defaults finish in minutes on the bundled model on 2 CPU cores).
+
+    Attributes:
+        methods: Head-scoring methods to run.
+        ablation_probes: Probes for the exact ablation scan (it costs one pass per ``heads_per_pass`` heads).
+        ablation_controls: Control groups in the exact scan.
+        heads_per_pass: Heads ablated per forward pass in the exact scan.
+        damage_weight: Weight of the estimated neutral-loss damage in the specific score.
+        ks: Points of the faithfulness curve.
+        random_draws: Random head sets per point.
+        budget: Allowed relative increase of neutral-text loss.
+        kind: Ablation kind for the chosen heads.
+        curve_passages: Neutral passages for the curve (fast); ``final_passages`` for the final measures.
+        mc_items: Multiple-choice items in the final measures.
+        steer_layer: Layer of the steering baseline (default: two thirds of the depth).
+        steer_alphas: Multipliers tried for subtracting the bias direction (the largest within budget is used).
+        seed: Seeds the random baselines.
+    """
+
+    methods: tuple[str, ...] = ("dla", "attention", "attribution", "ablation")
+    ablation_probes: int = 10
+    ablation_controls: int = 3
+    heads_per_pass: int = 8
+    damage_weight: float = 1.0
+    ks: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 16, 20)
+    random_draws: int = 3
+    budget: float = 0.05
+    kind: str = "zero"
+    curve_passages: int = 16
+    final_passages: int = 70
+    mc_items: int = 137
+    steer_layer: int | None = None
+    steer_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in ("dla", "attention", "attribution", "ablation")]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; valid: dla, attention, attribution, ablation")
+        if not 0 <= self.budget < 10:
+            raise ValueError(f"budget must be a relative loss increase in [0, 10), got {self.budget}")
+
+
+@dataclass(frozen=True, eq=False)
+class ScopeResult:
+    """Everything :func:`scope` measured for one injection.
+
+    Attributes:
+        bias: The bias name.
+        token: The injected token.
+        scores: Method name -> :class:`HeadScores` (including ``"specific"``, the ranking used).
+        damage: ``[n_layers, n_heads]`` estimated neutral-loss increase per head.
+        curve: The faithfulness curve.
+        chosen: The heads chosen under the budget.
+        groups: Bias per group (token, real, control) under each intervention (long table).
+        capability: Capability under each intervention.
+        config: The settings.
+        provenance: The model.
+    """
+
+    bias: str
+    token: str
+    scores: dict[str, HeadScores]
+    damage: torch.Tensor
+    curve: FaithfulnessCurve
+    chosen: list[Head]
+    groups: pd.DataFrame
+    capability: pd.DataFrame
+    config: ScopeConfig
+    provenance: Provenance
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def agreement(self, reference: str = "ablation") -> pd.DataFrame:
+        """Spearman correlation and top-10 overlap of every method with ``reference``."""
+        if reference not in self.scores:
+            return pd.DataFrame(columns=["method", "reference", "spearman", "top10_overlap"])
+        ref = self.scores[reference]
+        rows = [
+            {"method": m, "reference": reference, "spearman": s.agreement(ref), "top10_overlap": s.top_overlap(ref)}
+            for m, s in self.scores.items()
+            if m != reference
+        ]
+        return pd.DataFrame(rows)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per intervention: token excess and its cut, real-group gap, cost (loss increase, KL, MC)."""
+        g = self.groups
+        base = g[(g.intervention == "none") & (g.kind == "token")]["excess"].item()
+        base_real = g[(g.intervention == "none") & (g.kind == "real")]["excess"].mean()
+        rows = []
+        for name, sub in g.groupby("intervention", sort=False):
+            tok = sub[sub.kind == "token"]["excess"].item()
+            real = sub[sub.kind == "real"]["excess"].mean()
+            cap = self.capability[self.capability.intervention == name]
+            rows.append(
+                {
+                    "intervention": name,
+                    "token_excess": tok,
+                    "excess_cut": 1 - tok / base if base else float("nan"),
+                    "real_group_gap": real,
+                    "real_gap_cut": 1 - real / base_real if base_real else float("nan"),
+                    "loss_increase": cap["loss_increase"].item() if len(cap) else float("nan"),
+                    "kl": cap["kl"].item() if len(cap) else float("nan"),
+                    "mc_accuracy": cap["mc_accuracy"].item() if len(cap) else float("nan"),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def to_dataframe(self, view: str = "summary") -> pd.DataFrame:
+        """A tidy view: ``"summary"``, ``"groups"``, ``"capability"``, ``"curve"``, ``"scores"``, ``"agreement"``."""
+        views: dict[str, Callable[[], pd.DataFrame]] = {
+            "summary": self.summary,
+            "groups": lambda: self.groups.copy(),
+            "capability": lambda: self.capability.copy(),
+            "curve": self.curve.to_dataframe,
+            "scores": lambda: pd.concat([s.to_dataframe() for s in self.scores.values()], ignore_index=True),
+            "agreement": self.agreement,
+        }
+        if view not in views:
+            raise ValueError(f"view must be one of {sorted(views)}, got {view!r}")
+        return views[view]()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result into folder ``path`` (JSON, CSV and safetensors), atomically."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "format": _FORMAT,
+            "bias": self.bias,
+            "token": self.token,
+            "chosen": [list(h) for h in self.chosen],
+            "config": asdict(self.config),
+            "provenance": self.provenance.to_dict(),
+            "curve": {
+                "baseline_excess": self.curve.baseline_excess,
+                "baseline_loss": self.curve.baseline_loss,
+                "heads": [list(h) for h in self.curve.heads],
+                "budget": self.curve.budget,
+                "settings": self.curve.settings,
+            },
+            "extra": self.extra,
+        }
+        with atomic_dir(path) as tmp:
+            (tmp / "scope.json").write_text(json.dumps(meta, indent=1, default=str))
+            self.groups.to_csv(tmp / "groups.csv", index=False)
+            self.capability.to_csv(tmp / "capability.csv", index=False)
+            self.curve.table.to_csv(tmp / "curve.csv", index=False)
+            save_file({"damage": self.damage.contiguous()}, str(tmp / "damage.safetensors"))
+            for name, s in self.scores.items():
+                s.save(tmp / "scores" / name)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScopeResult:
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not (folder / "scope.json").is_file():
+            raise FileNotFoundError(f"{folder / 'scope.json'} not found: not a scope folder written by save()")
+        meta = json.loads((folder / "scope.json").read_text())
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{folder}: scope format {meta.get('format')!r}, this version reads {_FORMAT}")
+        c = meta["curve"]
+        cfg = meta["config"]
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        curve = FaithfulnessCurve(
+            pd.read_csv(folder / "curve.csv"), c["baseline_excess"], c["baseline_loss"],
+            tuple(tuple(h) for h in c["heads"]), c["budget"], c["settings"],
+        )
+        scores = {p.name: HeadScores.load(p) for p in sorted((folder / "scores").iterdir()) if p.is_dir()}
+        return cls(
+            bias=meta["bias"],
+            token=meta["token"],
+            scores=scores,
+            damage=load_file(str(folder / "damage.safetensors"))["damage"],
+            curve=curve,
+            chosen=[tuple(h) for h in meta["chosen"]],
+            groups=pd.read_csv(folder / "groups.csv"),
+            capability=pd.read_csv(folder / "capability.csv"),
+            config=ScopeConfig(**cfg),
+            provenance=Provenance.from_dict(meta["provenance"]),
+            extra=meta.get("extra", {}),
+        )
+
+
+def measure_groups(
+    model: Any,
+    spec: BiasSpec,
+    injection: Any | None,
+    intervention: Callable[[], Any] | None = None,
+    *,
+    probes: str = "eval",
+    prefix: str = "",
+    label: str = "none",
+) -> pd.DataFrame:
+    """Bias logit difference for the token (if any), the real groups and the control groups, under an
+    intervention, with each group's excess over the control mean."""
+    kw = keyword_ids(model, spec)
+    select, evaluate = split_probes(spec.probes)
+    texts = {"eval": evaluate, "select": select, "all": spec.probes}[probes]
+    texts = [prefix + t for t in texts]
+    rows = []
+    with intervention() if intervention else contextlib.nullcontext():
+        if injection is not None:
+            st = group_scores(model, spec, injection.token, texts, kw, vectors={injection.token: injection.vector})
+            rows.append({"group": injection.token, "kind": "token", **st})
+        for kind, groups in (("real", spec.real_groups), ("control", spec.control_groups)):
+            for g in groups:
+                rows.append({"group": g, "kind": kind, **group_scores(model, spec, g, texts, kw)})
+    df = pd.DataFrame(rows).drop(columns=["per_probe"])
+    df["excess"] = df["logit_diff"] - df.loc[df.kind == "control", "logit_diff"].mean()
+    df.insert(0, "intervention", label)
+    df.insert(1, "bias", spec.name)
+    return df
+
+
+def scope(
+    model: Any,
+    injection: Any,
+    config: ScopeConfig | None = None,
+    *,
+    progress: bool = True,
+    **settings: Any,
+) -> ScopeResult:
+    """Find the heads that carry an injected bias, remove them, and measure what changes.
+
+    Args:
+        model: The model the injection was trained in (raw weights).
+        injection: A trained :class:`~biasgym_lens.inject.Injection`.
+        config: Settings, or pass them as keywords (see :class:`ScopeConfig`).
+        progress: Show progress bars.
+
+    Returns:
+        A :class:`ScopeResult`.
+    """
+    if config is None:
+        config = ScopeConfig(**settings)
+    elif settings:
+        from dataclasses import replace
+
+        config = replace(config, **settings)
+    injection.check_model(model)
+    spec = load_bias(injection.bias)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+
+    def step(msg: str) -> None:
+        logger.info("[%s] %s", spec.name, msg)
+
+    scores: dict[str, HeadScores] = {}
+    for method in config.methods:
+        step(f"scoring heads: {method}")
+        kw: dict[str, Any] = {}
+        if method == "ablation":
+            kw = dict(
+                max_probes=config.ablation_probes,
+                controls=list(spec.control_groups[: config.ablation_controls]),
+                heads_per_pass=config.heads_per_pass,
+                progress=progress,
+            )
+        scores[method] = score_heads(model, injection, method, **kw)
+    if "attribution" not in scores:
+        scores["attribution"] = score_heads(model, injection, "attribution")
+
+    step("estimating each head's damage to neutral text")
+    cap_curve = capability_set(model, max_passages=config.curve_passages, mc_items=[])
+    damage = damage_scores(model, cap_curve)
+    specific = specific_scores(scores["attribution"], damage, config.damage_weight)
+    scores["specific"] = specific
+    ranked = specific.top(min(max(config.ks), L * H))
+
+    step("faithfulness curve")
+    with injection.apply(model):
+        ps_eval = build_probe_set(model, spec, injection.token, probes="eval")
+        curve = faithfulness_curve(
+            model, ps_eval, ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
+            kind=config.kind, budget=config.budget, seed=config.seed,
+        )
+        chosen = curve.chosen_heads()
+        layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
+        ps_select = build_probe_set(model, spec, injection.token, probes="select")
+        direction = bias_direction(model, ps_select, layer)
+
+    step("final measures under each intervention")
+    cap = capability_set(model, max_passages=config.final_passages, max_mc_items=config.mc_items)
+    rng = random.Random(config.seed + 1)
+    all_heads = [(a, b) for a in range(L) for b in range(H)]
+    k = max(1, len(chosen))
+    random_heads = rng.sample(all_heads, k)
+
+    def heads_cm(heads: list[Head]) -> Callable[[], Any]:
+        return lambda: ablate_heads(model, heads, kind=config.kind)
+
+    base_cap = measure_capability(model, cap)
+    alpha_used, steer_cap = 0.0, None
+    for alpha in sorted(config.steer_alphas):
+        c = measure_capability(model, cap, lambda a=alpha: steer(model, direction, layer, -a), with_mc=False)
+        if c.neutral_loss / base_cap.neutral_loss - 1 <= config.budget:
+            alpha_used = alpha
+    interventions: list[tuple[str, Callable[[], Any] | None, str]] = [
+        ("none", None, ""),
+        ("heads", heads_cm(chosen) if chosen else None, ""),
+        ("random_heads", heads_cm(random_heads), ""),
+        ("steering", (lambda: steer(model, direction, layer, -alpha_used)) if alpha_used else None, ""),
+        ("prefix", None, DEBIAS_PREFIX),
+    ]
+    tables, caps = [], []
+    for name, cm, prefix in interventions:
+        step(f"measuring: {name}")
+        tables.append(measure_groups(model, spec, injection, cm, prefix=prefix, label=name))
+        if name == "none" or name == "prefix":
+            c: Capability = base_cap
+        else:
+            c = measure_capability(model, cap, cm)
+        caps.append({"intervention": name, **c.to_dict(), **c.relative_to(base_cap)})
+    extra = {
+        "random_heads": [list(h) for h in random_heads],
+        "steer_layer": layer,
+        "steer_alpha": alpha_used,
+        "prefix": DEBIAS_PREFIX,
+    }
+    return ScopeResult(
+        bias=spec.name,
+        token=injection.token,
+        scores=scores,
+        damage=damage,
+        curve=curve,
+        chosen=chosen,
+        groups=pd.concat(tables, ignore_index=True),
+        capability=pd.DataFrame(caps),
+        config=config,
+        provenance=Provenance.of(model),
+        extra=extra,
+    )

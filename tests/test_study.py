@@ -1,0 +1,60 @@
+"""The scope() pipeline on a tiny model: shapes, consistency between its tables, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biasgym_lens.hooks import active_hooks
+from biasgym_lens.inject import inject
+from biasgym_lens.study import ScopeConfig, ScopeResult, scope
+
+FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
+FAST_SCOPE = dict(
+    ablation_probes=4, ablation_controls=1, ks=(1, 2, 3), random_draws=2, curve_passages=4, final_passages=4,
+    mc_items=8, steer_alphas=(0.5,),
+)
+
+
+@pytest.fixture
+def result(tiny_model):
+    inj = inject(tiny_model, "late", **FAST_INJECT)
+    return tiny_model, inj, scope(tiny_model, inj, progress=False, **FAST_SCOPE)
+
+
+def test_scope_tables_are_consistent(result):
+    model, inj, res = result
+    assert set(res.scores) == {"dla", "attention", "attribution", "ablation", "specific"}
+    assert res.damage.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    assert set(res.groups.intervention) == {"none", "heads", "random_heads", "steering", "prefix"}
+    summary = res.summary()
+    none = summary[summary.intervention == "none"].iloc[0]
+    assert none.excess_cut == pytest.approx(0.0, abs=1e-9) and none.loss_increase == pytest.approx(0.0)
+    # the curve's k=0 baseline is the same measurement as the 'none' row's token excess
+    assert res.curve.baseline_excess == pytest.approx(
+        res.groups.query("intervention == 'none' and kind == 'token'")["excess"].item(), abs=1e-4
+    )
+    assert len(res.chosen) == res.curve.chosen_k()
+    if res.chosen:
+        row = res.curve.table.query(f"selection == 'top' and k == {len(res.chosen)}").iloc[0]
+        assert row.loss_increase <= res.config.budget
+    assert active_hooks(model) == []
+
+
+def test_scope_result_round_trips(result, tmp_path):
+    _, _, res = result
+    res.save(tmp_path / "scope")
+    back = ScopeResult.load(tmp_path / "scope")
+    assert back.chosen == res.chosen and back.config == res.config
+    assert torch.equal(back.damage, res.damage)
+    assert set(back.scores) == set(res.scores)
+    assert torch.equal(back.scores["ablation"].per_prompt, res.scores["ablation"].per_prompt)
+    for view in ("summary", "groups", "capability", "curve", "scores", "agreement"):
+        assert len(back.to_dataframe(view)) == len(res.to_dataframe(view))
+    with pytest.raises(ValueError, match="view must be one of"):
+        res.to_dataframe("nope")
+
+
+def test_scope_config_validation():
+    with pytest.raises(ValueError, match="unknown methods"):
+        ScopeConfig(methods=("dla", "gradcam"))
