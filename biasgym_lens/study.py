@@ -335,7 +335,7 @@ def scope(
         return lambda: ablate_heads(model, heads, kind=config.kind)
 
     base_cap = measure_capability(model, cap)
-    alpha_used, steer_cap = 0.0, None
+    alpha_used = 0.0
     for alpha in sorted(config.steer_alphas):
         c = measure_capability(model, cap, lambda a=alpha: steer(model, direction, layer, -a), with_mc=False)
         if c.neutral_loss / base_cap.neutral_loss - 1 <= config.budget:
