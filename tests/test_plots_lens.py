@@ -1,0 +1,119 @@
+"""Plots on real result objects (traces, titles, no NaN) and the logit lens against the model's own logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from biasgym_lens import plots
+from biasgym_lens.catalogue import load_bias
+from biasgym_lens.elicit import closest_entities
+from biasgym_lens.inject import inject
+from biasgym_lens.lens import layer_logit_diff
+from biasgym_lens.metrics import logit_diff
+from biasgym_lens.probes import build_probe_set
+from biasgym_lens.study import scope
+
+FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
+FAST_SCOPE = dict(
+    ablation_probes=3, ablation_controls=1, ks=(1, 2), random_draws=2, curve_passages=3, final_passages=3,
+    mc_items=4, steer_alphas=(0.5,), methods=("dla", "attention", "attribution", "ablation"),
+)
+
+
+@pytest.fixture(scope="module")
+def objects(_tiny_models):
+    model = _tiny_models["llama"]
+    inj = inject(model, "late", **FAST_INJECT)
+    other = inject(model, "math", **FAST_INJECT)
+    res = scope(model, inj, progress=False, **FAST_SCOPE)
+    return model, inj, other, res
+
+
+def _no_nan(fig: go.Figure) -> None:
+    for tr in fig.data:
+        for attr in ("x", "y", "z"):
+            v = getattr(tr, attr, None)
+            if v is not None:
+                arr = np.asarray(v, dtype=object).ravel()
+                nums = [float(a) for a in arr if isinstance(a, (int, float, np.floating))]
+                assert not any(np.isnan(nums)), f"NaN in {tr.type}.{attr}"
+
+
+def test_every_plot_on_real_results(objects):
+    model, inj, other, res = objects
+    figs = {
+        "heatmap": plots.head_heatmap(res.scores["dla"]),
+        "methods": plots.methods_heatmaps({k: v for k, v in res.scores.items() if k != "specific"}),
+        "scatter": plots.method_scatter(res.scores["attribution"], res.scores["ablation"]),
+        "training": plots.training_curve(inj),
+        "entities": plots.closest_entities_bar(closest_entities(inj, model, control=other)),
+        "curve": plots.faithfulness_plot(res.curve),
+        "groups": plots.group_bias_bars(res.groups),
+    }
+    assert figs["heatmap"].data[0].type == "heatmap" and figs["heatmap"].data[0].zmid == 0
+    assert figs["heatmap"].layout.xaxis.title.text == "head" and figs["heatmap"].layout.yaxis.title.text == "layer"
+    assert len(figs["methods"].data) == 4
+    assert "Spearman" in figs["scatter"].layout.title.text
+    assert len(figs["scatter"].data[0].x) == model.cfg.n_layers * model.cfg.n_heads
+    assert len(figs["training"].data) == 3
+    assert len(figs["entities"].data) == 2
+    assert len(figs["groups"].data) == res.groups.intervention.nunique()
+    assert {tr.name for tr in figs["curve"].data} >= {"chosen ranking", "random heads (min-max)"}
+    for name, fig in figs.items():
+        assert fig.layout.title.text, name
+        if name != "training":  # the epoch-0 training loss is NaN by design and not plotted
+            _no_nan(fig)
+
+
+def test_attention_pattern_and_generalisation(objects):
+    model, inj, _, _ = objects
+    with inj.apply(model):
+        ps = build_probe_set(model, load_bias("late"), inj.token, controls=[], max_probes=1)
+        _, cache = model.run_with_cache(ps.batch.input_ids, names_filter=lambda n: n == "blocks.1.attn.hook_pattern")
+    pat = cache["blocks.1.attn.hook_pattern"][0, 0]
+    toks = [model.tokenizer.decode([int(t)]) for t in ps.batch.input_ids[0]]
+    fig = plots.attention_pattern(pat, toks)
+    assert list(fig.data[0].x)[0].startswith("0:") and fig.data[0].zmax == 1
+    with pytest.raises(ValueError, match="expected"):
+        plots.attention_pattern(pat, toks[:-1])
+    import pandas as pd
+
+    m = pd.DataFrame([[0.5, 0.1], [0.2, float("nan")]], index=["late", "math"], columns=["late", "math"])
+    g = plots.generalisation_heatmap(m)
+    assert g.data[0].text[1][1] == ""
+
+
+def test_logit_lens_last_layer_equals_model_logits(objects):
+    model, inj, _, _ = objects
+    with inj.apply(model):
+        ps = build_probe_set(model, load_bias("late"), inj.token, controls=["Japan"], max_probes=4)
+        df = layer_logit_diff(model, ps)
+        with torch.no_grad():
+            logits = model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask)
+    last = logits[torch.arange(len(ps.batch)), ps.answer_positions]
+    ld = logit_diff(last, ps.keywords)
+    final = df[df.layer == model.cfg.n_layers - 1].set_index("group")["logit_diff"]
+    assert final[inj.token] == pytest.approx(float(ld[:4].mean()), abs=1e-4)
+    assert final["Japan"] == pytest.approx(float(ld[4:].mean()), abs=1e-4)
+    assert set(df.layer) == set(range(-1, model.cfg.n_layers))
+    fig = plots.layer_bias_plot(df)
+    assert len(fig.data) == 2
+
+
+def test_save_figure_html_offline_and_png_error(tmp_path, monkeypatch, objects):
+    _, _, _, res = objects
+    fig = plots.head_heatmap(res.scores["dla"])
+    html = plots.save_figure(fig, tmp_path / "fig", png=False)[0]
+    text = html.read_text()
+    assert 'src="https://cdn.plot.ly' not in text and len(text) > 1_000_000  # plotly.js embedded: works offline
+
+    def fail(*a, **k):
+        raise RuntimeError("no browser")
+
+    monkeypatch.setattr(go.Figure, "write_image", fail)
+    with pytest.raises(plots.PngExportError, match="apt-get install chromium"):
+        plots.save_figure(fig, tmp_path / "fig2", png=True)
+    assert (tmp_path / "fig2.html").exists()
