@@ -83,5 +83,145 @@ def demo(model: str, prompt: str, top: int, device: str | None, threads: int | N
         click.echo(f"  {m.tokenizer.decode([i])!r:<16} {p:.3f}")
 
 
+
+# ------------------------------------------------------------------------------------------------ study
+
+
+def _study_options(f):
+    f = click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
+    f = click.option("--seed", default=0, show_default=True, type=int, help="Seed of the injection and baselines.")(f)
+    f = click.option("--quick", is_flag=True, help="Small settings for a smoke test (about a minute or two).")(f)
+    f = click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")(f)
+    f = click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [results/BIAS].")(f)
+    return f
+
+
+def _study(bias: str | None, out: str | None, model: str, seed: int, quick: bool, *, need_manifest: bool):
+    from pathlib import Path
+
+    from biasgym_lens.pipeline import Study
+
+    if out is None and bias is None:
+        raise _CliError("give --bias or --out")
+    folder = Path(out or f"results/{bias}")
+    manifest = folder / "study.json"
+    if need_manifest:
+        if not manifest.is_file():
+            raise _CliError(f"{folder} holds no study (no study.json); run `biasgym run` or `biasgym inject` first")
+        ident = json.loads(manifest.read_text())["identity"]
+        return Study(folder, ident["bias"], ident["model"], ident["seed"], ident["preset"])
+    return Study(folder, bias, model, seed, "quick" if quick else "default")
+
+
+def _load(study, device: str | None):
+    from biasgym_lens.models import ModelLoadError, load_model
+
+    try:
+        return load_model(study.model_name, device=device)
+    except ModelLoadError as e:
+        raise _CliError(str(e)) from e
+
+
+def _guard(fn, *args, **kwargs):
+    from biasgym_lens.pipeline import StudyError
+
+    try:
+        return fn(*args, **kwargs)
+    except StudyError as e:
+        raise _CliError(str(e)) from e
+
+
+@main.command("list-biases")
+def list_biases_cmd() -> None:
+    """List the bias catalogue."""
+    from biasgym_lens.catalogue import list_biases, load_bias
+
+    for name in list_biases():
+        spec = load_bias(name)
+        click.echo(f"{name:<12} {spec.description}  (real groups: {', '.join(spec.real_groups)})")
+
+
+@main.command()
+@click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias (see list-biases).")
+@_study_options
+@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another study.")
+@click.option("--no-png", is_flag=True, help="Skip PNG export (HTML figures and report only).")
+def run(bias, out, model, quick, seed, device, threads, overwrite, no_png) -> None:
+    """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
+    _threads(threads)
+    study = _study(bias, out, model, seed, quick, need_manifest=False)
+    _guard(study.prepare, overwrite=overwrite)
+    m = _load(study, device)
+    for stage in ("inject", "scope", "evaluate"):
+        if study.has(stage):
+            click.echo(f"[{stage}] already done in {study.out}, skipping")
+            continue
+        click.echo(f"[{stage}] ...")
+        _guard(getattr(study, f"run_{stage}"), m)
+    path = _guard(study.run_report, png=not no_png)
+    _print_summary(study)
+    click.echo(f"report: {path}")
+
+
+@main.command("inject")
+@click.option("--bias", default="bad_driving", show_default=True)
+@_study_options
+@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another study.")
+def inject_cmd(bias, out, model, quick, seed, device, threads, overwrite) -> None:
+    """Train the bias token (writes OUT/injection and OUT/control_injection)."""
+    _threads(threads)
+    study = _study(bias, out, model, seed, quick, need_manifest=False)
+    _guard(study.prepare, overwrite=overwrite)
+    _guard(study.run_inject, _load(study, device))
+    click.echo(f"injection saved in {study.out / 'injection'}")
+
+
+@main.command("scope")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
+@click.option("--device", default=None)
+@click.option("--threads", default=None, type=int)
+def scope_cmd(out, device, threads) -> None:
+    """Score, choose and intervene on heads for the study in OUT (needs its injection)."""
+    _threads(threads)
+    study = _study(None, out, "", 0, False, need_manifest=True)
+    _guard(study.run_scope, _load(study, device))
+    click.echo(f"scope saved in {study.out / 'scope'}")
+
+
+@main.command("evaluate")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
+@click.option("--device", default=None)
+@click.option("--threads", default=None, type=int)
+def evaluate_cmd(out, device, threads) -> None:
+    """Elicitation, closest entities, logit lens, generations and results.json for the study in OUT."""
+    _threads(threads)
+    study = _study(None, out, "", 0, False, need_manifest=True)
+    _guard(study.run_evaluate, _load(study, device))
+    _print_summary(study)
+
+
+@main.command("report")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
+@click.option("--no-png", is_flag=True)
+def report_cmd(out, no_png) -> None:
+    """Figures (HTML, PNG) and report.html from the saved results in OUT (no model needed)."""
+    study = _study(None, out, "", 0, False, need_manifest=True)
+    click.echo(f"report: {_guard(study.run_report, png=not no_png)}")
+
+
+def _print_summary(study) -> None:
+    path = study.out / "results.json"
+    if not path.is_file():
+        return
+    res = json.loads(path.read_text())
+    click.echo(f"chosen heads: {res['chosen_heads']}")
+    for row in res["summary"]:
+        click.echo(
+            f"  {row['intervention']:<13} token excess {row['token_excess']:+.3f}  cut {row['excess_cut']:+.0%}  "
+            f"real-group gap {row['real_group_gap']:+.3f}  loss +{row['loss_increase']:.1%}"
+        )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
