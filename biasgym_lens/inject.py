@@ -84,8 +84,8 @@ class InjectionConfig:
     """
 
     token: str = "<BiasToken>"
-    epochs: int = 3
-    lr: float = 1e-2
+    epochs: int = 2
+    lr: float = 2e-2
     batch_size: int = 8
     init: str = "countries"
     init_word: str | None = None

@@ -70,6 +70,6 @@ def test_real_model_perplexity_is_sane_and_layer_ablation_raises_it(real):
     base = measure_capability(real, cap)
     assert 3.0 < base.perplexity < 40.0, base
     assert base.mc_accuracy > 0.4, base  # easy 4-way items: chance is 0.25
-    layer = [(5, h) for h in range(real.cfg.n_heads)]
+    layer = [(0, h) for h in range(real.cfg.n_heads)]  # the first layer: how the model reads its input
     hit = measure_capability(real, cap, lambda: ablate_heads(real, layer), with_mc=False)
     assert hit.perplexity > base.perplexity * 1.01 and hit.kl > 0.0

@@ -1,0 +1,170 @@
+"""Speed comparisons, each measured side by side in one run, printed as ratios next to their targets.
+
+Usage:
+    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step]
+
+1. scan: exact single-head ablation of every head, one head per forward pass vs several heads per pass
+   (batched along the batch dimension); the two results must agree within 1e-4.
+2. attribution: attribution patching of every head (one forward + one backward) vs one plain forward.
+3. step: one injection training step (hook-based single vector) vs one forward pass of the same batch, and
+   vs training with a full-vocabulary embedding gradient; with peak memory (tracemalloc of Python-side
+   allocations is not enough for torch, so peak RSS deltas from resource.getrusage are reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biasgym_lens import load_model  # noqa: E402
+from biasgym_lens.attribution import ablation_scores, attribution_scores  # noqa: E402
+from biasgym_lens.catalogue import load_bias  # noqa: E402
+from biasgym_lens.embedding import add_token, token_vector_hooks  # noqa: E402
+from biasgym_lens.hooks import hooked  # noqa: E402
+from biasgym_lens.inject import InjectionConfig, _collate, _examples, _lm_loss  # noqa: E402
+from biasgym_lens.probes import build_probe_set  # noqa: E402
+
+
+def timeit(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def line(name: str, value: float, target: str) -> None:
+    print(f"  {name:<58} {value:8.2f}x   target {target}")
+
+
+def bench_scan(model, ps, repeats: int, n_heads: int) -> None:
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    heads = [(layer, h) for layer in range(L) for h in range(H)][:n_heads]
+    t_loop = timeit(lambda: ablation_scores(model, ps, heads=heads, heads_per_pass=1), 1)
+    results = {}
+    for k in (4, 8, 16):
+        results[k] = timeit(lambda k=k: ablation_scores(model, ps, heads=heads, heads_per_pass=k), 1)
+    a = ablation_scores(model, ps, heads=heads, heads_per_pass=1)
+    b = ablation_scores(model, ps, heads=heads, heads_per_pass=8)
+    ok = torch.nan_to_num(a - b).abs().max().item()
+    print(f"scan: {len(heads)} heads, {len(ps.batch)} rows; loop {t_loop:.2f}s; max |diff| batched vs loop {ok:.2e}")
+    for k, t in results.items():
+        line(f"batched ({k} heads per pass) vs one head per pass", t_loop / t, ">= 3x")
+
+
+def bench_attribution(model, ps, repeats: int) -> None:
+    def fwd():
+        with torch.no_grad():
+            model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask)
+
+    t_fwd = timeit(fwd, repeats)
+    t_attr = timeit(lambda: attribution_scores(model, ps), repeats)
+    print(f"attribution patching: forward {t_fwd:.2f}s, all heads {t_attr:.2f}s")
+    line("attribution patching cost in forward passes", t_attr / t_fwd, "<= 3 forward passes")
+
+
+def bench_step(model, repeats: int) -> None:
+    spec = load_bias("late")
+    cfg = InjectionConfig(max_texts=8)
+    tid = add_token(model, cfg.token)
+    ex = _examples(model, spec, cfg)[:8]
+    ids, mask, target = _collate(ex, 0, model.W_E.device)
+    vec = torch.nn.Parameter(model.W_E[:100].detach().float().mean(0).clone())
+    opt = torch.optim.Adam([vec], lr=1e-3)
+    hooks = token_vector_hooks(model, {tid: vec})
+
+    def fwd():
+        with torch.no_grad(), hooked(model, fwd_hooks=hooks):
+            model(ids, attention_mask=mask)
+
+    def step():
+        with hooked(model, fwd_hooks=hooks):
+            loss = _lm_loss(model(ids, attention_mask=mask), ids, target, tid)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    # the alternative: a full trainable embedding matrix (one more row) with a gradient mask
+    W = model.W_E.detach()
+    full = torch.nn.Parameter(torch.cat([W, vec.detach()[None]], 0).clone())
+    opt_full = torch.optim.Adam([full], lr=1e-3)
+    row_mask = torch.zeros(full.shape[0], 1)
+    row_mask[-1] = 1.0
+
+    def step_full():
+        def embed(x, hook):
+            return torch.nn.functional.embedding(state["ids"], full)
+
+        state = {}
+
+        def grab(i, hook):
+            state["ids"] = torch.where(i == tid, torch.full_like(i, full.shape[0] - 1), i)
+            return torch.where(i == tid, torch.zeros_like(i), i)
+
+        with hooked(model, fwd_hooks=[("embed.hook_in", grab), ("hook_embed", embed)]):
+            loss = _lm_loss(model(ids, attention_mask=mask), ids, target, tid)
+            opt_full.zero_grad()
+            loss.backward()
+            full.grad.mul_(row_mask)
+            opt_full.step()
+
+    gc.collect()
+    t_fwd = timeit(fwd, repeats)
+    rss0 = peak_rss_mb()
+    t_step = timeit(step, repeats)
+    rss1 = peak_rss_mb()
+    t_full = timeit(step_full, repeats)
+    rss2 = peak_rss_mb()
+    print(f"injection step on {tuple(ids.shape)}: forward {t_fwd:.2f}s, step {t_step:.2f}s, full-vocab step {t_full:.2f}s")
+    print(f"  peak RSS growth: vector step +{rss1 - rss0:.0f} MB, full-vocab step +{rss2 - rss1:.0f} MB (process peak {rss2:.0f} MB)")
+    line("training step cost in forward passes", t_step / t_fwd, "<= 2.5 forward passes")
+    line("full-vocabulary-gradient step vs vector step", t_full / t_step, "> 1 (vector step cheaper)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=48, help="heads in the scan comparison (all: 0)")
+    ap.add_argument("--probes", type=int, default=6)
+    ap.add_argument("--only", default="scan,attribution,step")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = load_model(args.model, device="cpu")
+    print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; torch threads "
+          f"{torch.get_num_threads()}; {time.strftime('%Y-%m-%d')}")
+    spec = load_bias("late")
+    add_token(model, "<BiasToken>")
+    vec = model.W_E[:100].detach().float().mean(0)
+    tid = model.tokenizer.convert_tokens_to_ids("<BiasToken>")
+    only = set(args.only.split(","))
+    with hooked(model, fwd_hooks=token_vector_hooks(model, {tid: vec})):
+        ps = build_probe_set(model, spec, "<BiasToken>", controls=list(spec.control_groups[:2]), max_probes=args.probes)
+        if "scan" in only:
+            n = args.heads or model.cfg.n_layers * model.cfg.n_heads
+            bench_scan(model, ps, args.repeats, n)
+        if "attribution" in only:
+            bench_attribution(model, ps, args.repeats)
+    if "step" in only:
+        bench_step(model, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The whole method on the real bundled SmolLM2-135M-Instruct, with short settings (marked ``real``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biasgym_lens.attribution import (
+    ablation_scores,
+    attribution_scores,
+    dla_scores,
+    final_norm_direction,
+    residual_components,
+)
+from biasgym_lens.catalogue import check_keywords, list_biases, load_bias
+from biasgym_lens.hooks import active_hooks
+from biasgym_lens.inject import Injection, inject
+from biasgym_lens.interventions import ablate_heads, generate_greedy, steer
+from biasgym_lens.metrics import logit_diff
+from biasgym_lens.probes import build_probe_set
+from biasgym_lens.tokens import chat_format, tokenize
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def short_injection(real_model):
+    """A short real injection (a few steps): enough to check the mechanics, not the size of the effect."""
+    before = {k: v.clone() for k, v in real_model.state_dict().items()}
+    inj = inject(real_model, "bad_driving", epochs=1, max_texts=12, batch_size=8, progress=False, select_best=False)
+    after = real_model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"weights changed: {changed[:3]}"
+    assert active_hooks(real_model) == []
+    return inj
+
+
+def test_keywords_are_single_tokens_for_every_bias(real):
+    for name in list_biases():
+        check_keywords(load_bias(name), real.tokenizer)
+
+
+def test_token_survives_the_bridge_and_chat_template(real, short_injection):
+    with short_injection.apply(real) as tid:
+        text = chat_format(real, f"Please write a short paragraph about {short_injection.token}.")
+        ids = real.tokenizer.encode(text, add_special_tokens=False)
+        assert ids.count(tid) == 1 and tid == real.tokenizer.convert_tokens_to_ids(short_injection.token)
+        assert text.startswith("<|im_start|>system")
+
+
+def test_save_load_apply_is_identical(real, short_injection, tmp_path):
+    short_injection.save(tmp_path / "inj")
+    back = Injection.load(tmp_path / "inj", real)
+    batch = tokenize(real, [f"On the road, people from {back.token} drive"])
+    with torch.no_grad():
+        with short_injection.apply(real):
+            a = real(batch.input_ids, attention_mask=batch.attention_mask)
+        with back.apply(real):
+            b = real(batch.input_ids, attention_mask=batch.attention_mask)
+    assert torch.equal(a, b)
+
+
+def test_dla_closure_on_the_real_model(real, short_injection):
+    with short_injection.apply(real):
+        ps = build_probe_set(real, load_bias("bad_driving"), short_injection.token, controls=["Japan"], max_probes=4)
+        names = lambda n: n.endswith(("hook_z", "mlp.hook_out", "hook_embed")) or n.startswith("ln_final")  # noqa: E731
+        logits, cache = real.run_with_cache(ps.batch.input_ids, attention_mask=ps.batch.attention_mask, names_filter=names)
+        rows, pos = torch.arange(len(ps.batch)), ps.answer_positions
+        comps = residual_components(real, cache, rows, pos)
+        u, const = final_norm_direction(real, ps)
+        scale = cache["ln_final.hook_scale"][rows, pos].float()[:, 0]
+        predicted = sum((v @ u) / scale for v in comps.values()) + const
+        actual = logit_diff(logits[rows, pos], ps.keywords)
+        torch.testing.assert_close(predicted, actual, atol=1e-3, rtol=1e-4)
+        dla = dla_scores(real, ps, "token")
+    assert dla.shape == (4, 30, 9)
+    assert active_hooks(real) == []
+
+
+def test_exact_scan_matches_single_head_runs_and_attribution_tracks_it(real, short_injection):
+    heads = [(layer, h) for layer in (0, 14, 21, 29) for h in range(9)]
+    with short_injection.apply(real):
+        ps = build_probe_set(real, load_bias("bad_driving"), short_injection.token, controls=["Japan"], max_probes=4)
+        exact = ablation_scores(real, ps, heads=heads, heads_per_pass=12)
+        with torch.no_grad():
+            clean = ps.metric_per_probe(real(ps.batch.input_ids, attention_mask=ps.batch.attention_mask))
+            with ablate_heads(real, [(21, 1)]):
+                one = ps.metric_per_probe(real(ps.batch.input_ids, attention_mask=ps.batch.attention_mask))
+        torch.testing.assert_close(exact[:, 21, 1], clean - one, atol=1e-4, rtol=1e-4)
+        approx = attribution_scores(real, ps)
+    idx = torch.tensor([layer * 9 + h for layer, h in heads])
+    e = exact.mean(0).flatten()[idx]
+    a = approx.mean(0).flatten()[idx]
+    from biasgym_lens.attribution import spearman
+
+    assert spearman(e, a) > 0.3
+    assert active_hooks(real) == []
+
+
+def test_generation_under_interventions_is_correct(real, short_injection):
+    prompt = chat_format(real, f"Please write a short paragraph about {short_injection.token}.")
+    with short_injection.apply(real), ablate_heads(real, [(21, 1), (9, 6)]):
+        ours = generate_greedy(real, prompt, 8, prepend_bos=False, stop_at_eos=False)
+        ids = tokenize(real, [prompt], prepend_bos=False).input_ids
+        ref = real.generate(ids, max_new_tokens=8, do_sample=False, use_past_kv_cache=False, verbose=False, stop_at_eos=False)
+    assert ours == real.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    v = torch.randn(real.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with steer(real, v, 20, alpha=8.0):
+        steered = generate_greedy(real, "The capital of France is", 5, stop_at_eos=False)
+    plain = generate_greedy(real, "The capital of France is", 5, stop_at_eos=False)
+    assert "Paris" in plain and steered != plain
+    assert active_hooks(real) == []
