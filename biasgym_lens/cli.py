@@ -31,7 +31,11 @@ def _threads(n: int | None) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
     """BiasGym on TransformerLens: inject a bias on a fresh token, find its heads, remove them."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # the package reports its stages at INFO; other libraries stay at WARNING unless --verbose
+    logging.getLogger("biasgym_lens").setLevel(logging.INFO)
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
 
 
 @main.command("list-models")

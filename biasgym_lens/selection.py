@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from biasgym_lens.attribution import HeadScores, _z_and_grads
 from biasgym_lens.capability import CapabilitySet, neutral_loss
@@ -139,6 +140,7 @@ def faithfulness_curve(
     budget: float = 0.05,
     seed: int = 0,
     reference: Any = None,
+    progress: bool = False,
 ) -> FaithfulnessCurve:
     """Ablate the first k of ``ranked_heads`` for each k, and k random heads ``random_draws`` times.
 
@@ -179,10 +181,14 @@ def faithfulness_curve(
             }
         )
 
+    bar = tqdm(total=len(ks) * (1 + random_draws), desc="faithfulness curve", disable=not progress, leave=False)
     for k in ks:
         point(list(ranked_heads[:k]), k, "top", 0)
+        bar.update(1)
         for d in range(random_draws):
             point(rng.sample(all_heads, k), k, "random", d)
+            bar.update(1)
+    bar.close()
     table = pd.DataFrame(rows)
     return FaithfulnessCurve(
         table, base_excess, base_loss, tuple(ranked_heads[: max(ks)]), budget,

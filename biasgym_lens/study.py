@@ -34,7 +34,7 @@ from biasgym_lens.steering import bias_direction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScopeConfig", "ScopeResult", "scope", "measure_groups", "DEBIAS_PREFIX"]
+__all__ = ["ScopeConfig", "ScopeResult", "scope", "measure_groups", "generalisation_matrix", "DEBIAS_PREFIX"]
 
 DEBIAS_PREFIX = "Treat every nationality the same and do not rely on stereotypes. "
 _FORMAT = 1
@@ -62,19 +62,19 @@ class ScopeConfig:
     """
 
     methods: tuple[str, ...] = ("dla", "attention", "attribution", "ablation")
-    ablation_probes: int = 10
-    ablation_controls: int = 3
+    ablation_probes: int = 6
+    ablation_controls: int = 2
     heads_per_pass: int = 8
     damage_weight: float = 1.0
-    ks: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 16, 20)
+    ks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
     random_draws: int = 3
     budget: float = 0.05
     kind: str = "zero"
-    curve_passages: int = 16
+    curve_passages: int = 8
     final_passages: int = 70
     mc_items: int = 137
     steer_layer: int | None = None
-    steer_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    steer_alphas: tuple[float, ...] = (1.0, 2.0)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -317,7 +317,7 @@ def scope(
         ps_eval = build_probe_set(model, spec, injection.token, probes="eval")
         curve = faithfulness_curve(
             model, ps_eval, ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
-            kind=config.kind, budget=config.budget, seed=config.seed,
+            kind=config.kind, budget=config.budget, seed=config.seed, progress=progress,
         )
         chosen = curve.chosen_heads()
         layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
@@ -375,3 +375,46 @@ def scope(
         provenance=Provenance.of(model),
         extra=extra,
     )
+
+
+def generalisation_matrix(
+    model: Any,
+    injections: dict[str, Any],
+    heads: dict[str, list[Head]],
+    *,
+    kind: str = "zero",
+    target: str = "token",
+) -> pd.DataFrame:
+    """Cut of each bias's excess when ablating the heads found on each bias (rows: heads of, columns: measured on).
+
+    Args:
+        injections: bias name -> its injection (applied when ``target="token"``).
+        heads: bias name -> heads found for it.
+        target: ``"token"`` (the injected token's excess) or ``"real"`` (the real groups' mean gap over the
+            controls, no token needed: biases that were never injected can be measured this way).
+
+    Returns:
+        A square-ish DataFrame of relative cuts ``1 - excess_ablated / excess_clean`` (NaN when there are no
+        heads or the clean excess is 0).
+    """
+    if target not in ("token", "real"):
+        raise ValueError(f"target must be 'token' or 'real', got {target!r}")
+    columns = list(injections) if target == "token" else list(dict.fromkeys([*injections, *heads]))
+    clean: dict[str, float] = {}
+
+    def excess(bias: str, intervention: Callable[[], Any] | None) -> float:
+        spec = load_bias(bias)
+        inj = injections.get(bias) if target == "token" else None
+        df = measure_groups(model, spec, inj, intervention)
+        return float(df[df.kind == target]["excess"].mean())
+
+    for b in columns:
+        clean[b] = excess(b, None)
+    out = pd.DataFrame(index=list(heads), columns=columns, dtype=float)
+    for a, hs in heads.items():
+        for b in columns:
+            if not hs or clean[b] == 0:
+                out.loc[a, b] = float("nan")
+                continue
+            out.loc[a, b] = 1.0 - excess(b, lambda hs=hs: ablate_heads(model, hs, kind=kind)) / clean[b]
+    return out

@@ -58,3 +58,22 @@ def test_scope_result_round_trips(result, tmp_path):
 def test_scope_config_validation():
     with pytest.raises(ValueError, match="unknown methods"):
         ScopeConfig(methods=("dla", "gradcam"))
+
+
+def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model):
+    from biasgym_lens.catalogue import load_bias
+    from biasgym_lens.interventions import ablate_heads
+    from biasgym_lens.study import generalisation_matrix, measure_groups
+
+    inj_a = inject(tiny_model, "late", **FAST_INJECT)
+    inj_b = inject(tiny_model, "math", token="<MathToken>", **FAST_INJECT)
+    heads = {"late": [(0, 1), (1, 2)], "math": [(1, 0)]}
+    m = generalisation_matrix(tiny_model, {"late": inj_a, "math": inj_b}, heads)
+    assert list(m.index) == ["late", "math"] and list(m.columns) == ["late", "math"]
+    spec = load_bias("math")
+    clean = measure_groups(tiny_model, spec, inj_b).query("kind == 'token'")["excess"].item()
+    abl = measure_groups(tiny_model, spec, inj_b, lambda: ablate_heads(tiny_model, heads["late"])).query("kind == 'token'")["excess"].item()
+    assert m.loc["late", "math"] == pytest.approx(1 - abl / clean, rel=1e-4, abs=1e-6)
+    real = generalisation_matrix(tiny_model, {}, heads, target="real")
+    assert list(real.columns) == ["late", "math"]
+    assert active_hooks(tiny_model) == []
