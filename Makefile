@@ -14,7 +14,7 @@ STAMP := $(VENV)/.biasgym-installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup study demo test lint bench
+.PHONY: setup study figures demo test lint bench
 
 setup: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): pyproject.toml requirements-models.txt
 	touch $@
 
 study: $(STAMP)
-	$(VENV)/bin/biasgym demo
+	$(VENV)/bin/biasgym run --bias $(BIAS) --out $(OUT) --threads 2
+
+figures: $(STAMP)
+	$(VENV)/bin/biasgym report --out $(OUT)
+	cp $(OUT)/figures/faithfulness.png $(OUT)/figures/methods.png figures/
 
 demo: $(STAMP)
 	$(VENV)/bin/biasgym demo

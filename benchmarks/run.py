@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step]
 
+0. load: loading the model in a fresh process with an empty cache vs with the cache built.
 1. scan: exact single-head ablation of every head, one head per forward pass vs several heads per pass
    (batched along the batch dimension); the two results must agree within 1e-4.
 2. attribution: attribution patching of every head (one forward + one backward) vs one plain forward.
@@ -136,6 +137,23 @@ def bench_step(model, repeats: int) -> None:
     line("full-vocabulary-gradient step vs vector step", t_full / t_step, "> 1 (vector step cheaper)")
 
 
+def bench_load(model_name: str) -> None:
+    """Fresh processes: load with an empty cache (builds it) vs with the cache built."""
+    import subprocess
+    import tempfile
+
+    code = (
+        "import time; t=time.perf_counter(); from biasgym_lens import load_model; "
+        f"load_model({model_name!r}, device='cpu'); print(time.perf_counter()-t)"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "BIASGYM_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+        run = lambda: float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])  # noqa: E731
+        cold, warm = run(), run()
+    print(f"load in a fresh process: first (builds the cache) {cold:.1f}s, second (cache hit) {warm:.1f}s")
+    line("first load vs cached load", cold / warm, "cached load < 10 s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -143,10 +161,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heads", type=int, default=48, help="heads in the scan comparison (all: 0)")
     ap.add_argument("--probes", type=int, default=6)
-    ap.add_argument("--only", default="scan,attribution,step")
+    ap.add_argument("--only", default="load,scan,attribution,step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "load" in args.only.split(","):
+        bench_load(args.model)
     model = load_model(args.model, device="cpu")
     print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; torch threads "
           f"{torch.get_num_threads()}; {time.strftime('%Y-%m-%d')}")
