@@ -34,11 +34,18 @@ def fingerprint(model: Any) -> str:
     Two models with the same fingerprint have the same vocabulary embeddings and dimensions; it is cheap
     (one pass over ``W_E``) and independent of device and of raw/compatibility mode.
     """
-    W = model.W_E.detach().to("cpu", torch.float32).contiguous()
+    live = model.W_E
+    key = (live.data_ptr(), live._version, tuple(live.shape))
+    cached = getattr(model, "_biasgym_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    W = live.detach().to("cpu", torch.float32).contiguous()
     h = hashlib.sha256()
     h.update(f"{model.cfg.n_layers}/{model.cfg.n_heads}/{model.cfg.d_model}/{tuple(W.shape)}".encode())
     h.update(W.numpy().tobytes())
-    return h.hexdigest()[:16]
+    fp = h.hexdigest()[:16]
+    object.__setattr__(model, "_biasgym_fingerprint", (key, fp))  # recomputed if W_E is replaced or edited
+    return fp
 
 
 def package_versions() -> dict[str, str]:

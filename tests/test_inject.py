@@ -176,3 +176,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tiny_model):
     assert torch.isfinite(good.vector).all()
     assert good.best_epoch == 1 and len(good.curve) == 2 and len(good.step_losses) == 4
     assert not torch.equal(good.vector, good.init_vector)
+
+
+def test_fingerprint_changes_when_the_embedding_is_edited(fresh_tiny_model):
+    from biasgym_lens.provenance import fingerprint
+
+    a = fingerprint(fresh_tiny_model)
+    assert fingerprint(fresh_tiny_model) == a
+    with torch.no_grad():
+        fresh_tiny_model.W_E[3, 0] += 1.0
+    assert fingerprint(fresh_tiny_model) != a
