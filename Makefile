@@ -14,7 +14,7 @@ STAMP := $(VENV)/.biasgym-installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup study figures demo test lint bench
+.PHONY: setup study figures demo test lint bench browser
 
 setup: $(STAMP)
 
@@ -38,7 +38,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP)
+# The report test opens report.html in headless Chromium (Debian's package, also used by kaleido for PNGs).
+# Under CI (as root) it is installed when missing; elsewhere the test is skipped without it.
+browser:
+	@if [ -n "$$CI" ] && ! command -v chromium >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "could not install chromium: the browser test will be skipped"; fi
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 

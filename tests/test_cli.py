@@ -63,3 +63,38 @@ def test_user_mistakes_are_one_line_errors(tiny_folder, tmp_path):
     assert r.exit_code == 2 and "holds no study" in r.output
     r = _run("demo", "--top", "0", "--model", tiny_folder)
     assert r.exit_code == 2 and "--top must be >= 1" in r.output
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs a Chromium (Debian: apt-get install chromium)")
+def test_report_renders_every_figure_offline_in_a_real_browser(tiny_folder, tmp_path):
+    import re
+    import subprocess
+
+    out = tmp_path / "browser"
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png")
+    assert r.exit_code == 0, r.output
+    report = out / "report.html"
+    n_figures = report.read_text().count("class='fig'")
+    proc = subprocess.run(
+        [
+            _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",  # any network fetch fails
+            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+            "--virtual-time-budget=20000", "--dump-dom", report.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=180,
+    )
+    dom = proc.stdout
+    drawn = re.findall(r'<div id="fig-[^"]+"[^>]*class="[^"]*js-plotly-plot', dom) or re.findall(r"js-plotly-plot", dom)
+    assert n_figures >= 6
+    assert dom.count('class="main-svg"') >= n_figures, "every plot container must hold drawn SVG"
+    assert len(drawn) >= n_figures
+    console_errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or "Error" in ln)]
+    assert not console_errors, console_errors
