@@ -78,3 +78,12 @@ def test_chat_format_without_template_is_a_clear_error(tiny_tokenizer_dir):
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         chat_format(tok, "hello")
+
+
+def test_public_api_exports_resolve():
+    import biasgym_lens
+
+    for name in biasgym_lens.__all__:
+        assert getattr(biasgym_lens, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        biasgym_lens.nope  # noqa: B018
