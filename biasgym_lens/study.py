@@ -55,6 +55,8 @@ class ScopeConfig:
         budget: Allowed relative increase of neutral-text loss.
         kind: Ablation kind for the chosen heads.
         curve_passages: Neutral passages for the curve (fast); ``final_passages`` for the final measures.
+        curve_probes: Evaluation probes used by the curve (None: all).
+        curve_controls: Control groups used by the curve (None: all); the final measures use all of them.
         mc_items: Multiple-choice items in the final measures.
         steer_layer: Layer of the steering baseline (default: two thirds of the depth).
         steer_alphas: Multipliers tried for subtracting the bias direction (the largest within budget is used).
@@ -71,6 +73,8 @@ class ScopeConfig:
     budget: float = 0.05
     kind: str = "zero"
     curve_passages: int = 8
+    curve_probes: int | None = None
+    curve_controls: int | None = 3
     final_passages: int = 70
     mc_items: int = 137
     steer_layer: int | None = None
@@ -314,7 +318,10 @@ def scope(
 
     step("faithfulness curve")
     with injection.apply(model):
-        ps_eval = build_probe_set(model, spec, injection.token, probes="eval")
+        curve_controls = None if config.curve_controls is None else list(spec.control_groups[: config.curve_controls])
+        ps_eval = build_probe_set(
+            model, spec, injection.token, probes="eval", controls=curve_controls, max_probes=config.curve_probes
+        )
         curve = faithfulness_curve(
             model, ps_eval, ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
             kind=config.kind, budget=config.budget, seed=config.seed, progress=progress,

@@ -12,7 +12,7 @@ from biasgym_lens.study import ScopeConfig, ScopeResult, scope
 FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
 FAST_SCOPE = dict(
     ablation_probes=4, ablation_controls=1, ks=(1, 2, 3), random_draws=2, curve_passages=4, final_passages=4,
-    mc_items=8, steer_alphas=(0.5,),
+    mc_items=8, steer_alphas=(0.5,), curve_controls=None,
 )
 
 
