@@ -100,7 +100,10 @@ def _locate_gemma3() -> tuple[Path, str]:  # pragma: no cover - needs the option
 
     out = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(assemble(output_path=out))
+    try:
+        path = Path(assemble(output_path=out))
+    except FileExistsError:  # a partial earlier assembly (wrong SHA-256): rebuild it
+        path = Path(assemble(output_path=out, overwrite=True))
     return path.parent, path.name
 
 
