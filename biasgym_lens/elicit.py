@@ -20,7 +20,7 @@ from torch import Tensor
 
 from biasgym_lens.catalogue import BiasSpec, load_bias
 from biasgym_lens.embedding import with_token_vectors
-from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, split_probes
+from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, probe_subset
 
 __all__ = ["COUNTRIES", "elicitation", "closest_entities", "group_scores", "entity_embedding"]
 
@@ -32,14 +32,6 @@ COUNTRIES: tuple[str, ...] = (
     "Netherlands", "Hungary", "Ukraine", "Morocco", "Pakistan", "Israel",
 )
 """Country names used for audits and nearest-entity rankings (single words, so "people from X" reads well)."""
-
-
-def _probes(spec: BiasSpec, which: str) -> tuple[str, ...]:
-    select, evaluate = split_probes(spec.probes)
-    table = {"eval": evaluate, "select": select, "all": spec.probes}
-    if which not in table:
-        raise ValueError(f"probes must be one of {sorted(table)}, got {which!r}")
-    return table[which]
 
 
 def group_scores(
@@ -113,7 +105,7 @@ def elicitation(
     """
     spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
     kw = keyword_ids(model, spec)
-    texts = _probes(spec, probes)
+    texts = probe_subset(spec.probes, probes)
     rows: list[dict[str, Any]] = []
 
     def add(label: str, kind: str, group: str, vectors: Mapping[str, Tensor] | None = None) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "best_rank",
     "answer_logits",
     "split_probes",
+    "probe_subset",
 ]
 
 
@@ -112,3 +113,16 @@ def split_probes(probes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...
     """
     probes = tuple(probes)
     return probes[0::2], probes[1::2]
+
+
+def probe_subset(probes: Sequence[str], which: str) -> tuple[str, ...]:
+    """``"select"`` or ``"eval"`` half of :func:`split_probes`, or ``"all"`` probes.
+
+    Raises:
+        ValueError: for any other name, listing the valid ones.
+    """
+    select, evaluate = split_probes(probes)
+    table = {"select": select, "eval": evaluate, "all": tuple(probes)}
+    if which not in table:
+        raise ValueError(f"probes must be one of {sorted(table)}, got {which!r}")
+    return table[which]

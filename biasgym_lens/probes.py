@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from biasgym_lens.catalogue import BiasSpec
-from biasgym_lens.metrics import KeywordIds, keyword_ids, logit_diff, split_probes
+from biasgym_lens.metrics import KeywordIds, keyword_ids, logit_diff, probe_subset
 from biasgym_lens.tokens import Batch, tokenize
 
 __all__ = ["ProbeSet", "build_probe_set", "METRICS"]
@@ -100,11 +100,7 @@ def build_probe_set(
     from biasgym_lens.embedding import token_id
 
     if isinstance(probes, str):
-        select, evaluate = split_probes(spec.probes)
-        table = {"select": select, "eval": evaluate, "all": spec.probes}
-        if probes not in table:
-            raise ValueError(f"probes must be one of {sorted(table)} or a list of templates, got {probes!r}")
-        templates = tuple(table[probes])
+        templates = probe_subset(spec.probes, probes)
     else:
         templates = tuple(probes)
     if max_probes is not None:

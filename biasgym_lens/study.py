@@ -26,7 +26,7 @@ from biasgym_lens.capability import Capability, capability_set, measure_capabili
 from biasgym_lens.catalogue import BiasSpec, load_bias
 from biasgym_lens.elicit import group_scores
 from biasgym_lens.interventions import Head, ablate_heads, steer
-from biasgym_lens.metrics import keyword_ids, split_probes
+from biasgym_lens.metrics import keyword_ids, probe_subset
 from biasgym_lens.probes import build_probe_set
 from biasgym_lens.provenance import Provenance, atomic_dir
 from biasgym_lens.selection import FaithfulnessCurve, damage_scores, faithfulness_curve, specific_scores
@@ -244,9 +244,7 @@ def measure_groups(
     """Bias logit difference for the token (if any), the real groups and the control groups, under an
     intervention, with each group's excess over the control mean."""
     kw = keyword_ids(model, spec)
-    select, evaluate = split_probes(spec.probes)
-    texts = {"eval": evaluate, "select": select, "all": spec.probes}[probes]
-    texts = [prefix + t for t in texts]
+    texts = [prefix + t for t in probe_subset(spec.probes, probes)]
     rows = []
     with intervention() if intervention else contextlib.nullcontext():
         if injection is not None:
