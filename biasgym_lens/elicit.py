@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from biasgym_lens.catalogue import BiasSpec, load_bias
-from biasgym_lens.embedding import with_token_vectors
+from biasgym_lens.embedding import entity_embedding, with_token_vectors
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, probe_subset
 
 __all__ = ["COUNTRIES", "elicitation", "closest_entities", "group_scores", "entity_embedding"]
@@ -131,16 +131,6 @@ def elicitation(
     control_mean = df.loc[df["kind"] == "control", "logit_diff"].mean()
     df["excess"] = df["logit_diff"] - control_mean
     return df
-
-
-def entity_embedding(model: Any, name: str) -> Tensor:
-    """Mean input embedding of the tokens of ``" " + name`` (float32, CPU)."""
-    ids = model.tokenizer.encode(" " + name.strip(), add_special_tokens=False)
-    W = model.W_E.detach()
-    ids = [i for i in ids if i < W.shape[0]]
-    if not ids:
-        raise ValueError(f"{name!r} has no tokens in this model's embedding")
-    return W[ids].float().mean(0).cpu()
 
 
 def closest_entities(

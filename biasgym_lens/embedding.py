@@ -15,7 +15,6 @@ drift), padded matrices (Pythia, Qwen2) are not shrunk, and removing the hooks r
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,6 +28,8 @@ from biasgym_lens.hooks import HookSpec, hooked
 __all__ = [
     "add_token",
     "embed_scale",
+    "embedding_rms",
+    "entity_embedding",
     "token_id",
     "token_vector_hooks",
     "with_token_vectors",
@@ -152,7 +153,17 @@ def with_token_vectors(model: Any, vectors: Mapping[str, Float[Tensor, " d_model
         yield names
 
 
+def entity_embedding(model: Any, name: str) -> Tensor:
+    """Mean input embedding of the tokens of ``" " + name`` (float32, CPU)."""
+    ids = model.tokenizer.encode(" " + name.strip(), add_special_tokens=False)
+    W = model.W_E.detach()
+    ids = [i for i in ids if i < W.shape[0]]
+    if not ids:
+        raise ValueError(f"{name!r} has no tokens in this model's embedding")
+    return W[ids].float().mean(0).cpu()
+
+
 def embedding_rms(model: Any) -> float:
     """Root-mean-square norm of the rows of ``W_E`` (a scale for random initialisation)."""
     W = model.W_E.detach().float()
-    return float(W.pow(2).sum(-1).mean().sqrt()) / math.sqrt(1.0)
+    return float(W.pow(2).sum(-1).mean().sqrt())

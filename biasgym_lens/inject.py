@@ -38,7 +38,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from biasgym_lens.catalogue import BiasSpec, load_bias
-from biasgym_lens.embedding import add_token, token_vector_hooks
+from biasgym_lens.embedding import (
+    add_token,
+    embedding_rms,
+    entity_embedding,
+    token_vector_hooks,
+    with_token_vectors,
+)
 from biasgym_lens.hooks import hooked
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, split_probes
 from biasgym_lens.provenance import Provenance, atomic_dir, check_same_model
@@ -178,9 +184,8 @@ class Injection:
         string that no natural text contains); the hooks are removed on exit, also on exceptions.
         """
         self.check_model(model)
-        tid = add_token(model, self.token)
-        with hooked(model, fwd_hooks=token_vector_hooks(model, {tid: self.vector})):
-            yield tid
+        with with_token_vectors(model, {self.token: self.vector}) as ids:
+            yield ids[self.token]
 
     def apply_permanently(self, model: Any) -> int:
         """Register the token's hooks as permanent hooks and return the token id.
@@ -272,13 +277,10 @@ class Injection:
 
 
 def _mean_token_embedding(model: Any, words: Sequence[str]) -> Tensor:
-    W = model.W_E.detach().float()
     rows = []
     for w in words:
-        ids = model.tokenizer.encode(" " + w.strip(), add_special_tokens=False)
-        ids = [i for i in ids if i < W.shape[0]]
-        if ids:
-            rows.append(W[ids].mean(0))
+        with contextlib.suppress(ValueError):  # a word without tokens in the embedding is skipped
+            rows.append(entity_embedding(model, w))
     if not rows:
         raise ValueError(f"none of {list(words)} has tokens in this model's embedding")
     return torch.stack(rows).mean(0).cpu()
@@ -291,10 +293,8 @@ def initial_vector(model: Any, spec: BiasSpec, config: InjectionConfig) -> Float
     if config.init == "word":
         return _mean_token_embedding(model, [config.init_word or ""])
     g = torch.Generator().manual_seed(config.seed)
-    W = model.W_E.detach().float()
-    rms = W.pow(2).sum(-1).mean().sqrt().item()
-    v = torch.randn(W.shape[1], generator=g)
-    return v / v.norm() * rms
+    v = torch.randn(model.cfg.d_model, generator=g)
+    return v / v.norm() * embedding_rms(model)
 
 
 @dataclass
