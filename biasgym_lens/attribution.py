@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from biasgym_lens.hooks import hooked
 from biasgym_lens.probes import METRICS, ProbeSet
-from biasgym_lens.provenance import Provenance, atomic_dir
+from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
 
 __all__ = [
     "HeadScores",
@@ -152,13 +152,7 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: str | Path) -> HeadScores:
-        folder = Path(path)
-        for name in ("scores.json", "scores.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} not found: not a head-scores folder written by save()")
-        meta = json.loads((folder / "scores.json").read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{folder}: head-scores format {meta.get('format')!r}, this version reads {_FORMAT}")
+        folder, meta = read_artifact(path, "head-scores", "scores.json", files=("scores.safetensors",), version=_FORMAT)
         return cls(
             per_prompt=load_file(str(folder / "scores.safetensors"))["per_prompt"],
             method=meta["method"],

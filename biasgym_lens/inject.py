@@ -47,7 +47,7 @@ from biasgym_lens.embedding import (
 )
 from biasgym_lens.hooks import hooked
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, split_probes
-from biasgym_lens.provenance import Provenance, atomic_dir, check_same_model
+from biasgym_lens.provenance import Provenance, atomic_dir, check_same_model, read_artifact
 from biasgym_lens.tokens import chat_format
 
 logger = logging.getLogger(__name__)
@@ -248,13 +248,9 @@ class Injection:
             FileNotFoundError: if the folder or one of its two files is missing.
             ValueError: for an unknown format, or a model that is not the one it was trained in.
         """
-        folder = Path(path)
-        for name in ("injection.json", "injection.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} not found: not an injection folder written by save()")
-        meta = json.loads((folder / "injection.json").read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{folder}: injection format {meta.get('format')!r}, this version reads {_FORMAT}")
+        folder, meta = read_artifact(
+            path, "injection", "injection.json", files=("injection.safetensors",), version=_FORMAT
+        )
         tensors = load_file(str(folder / "injection.safetensors"))
         inj = cls(
             vector=tensors["vector"],

@@ -10,6 +10,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ import torch
 from biasgym_lens._version import __version__
 from biasgym_lens.models import model_info
 
-__all__ = ["Provenance", "fingerprint", "package_versions", "atomic_dir", "check_same_model"]
+__all__ = ["Provenance", "fingerprint", "package_versions", "atomic_dir", "check_same_model", "read_artifact"]
 
 _PACKAGES = ("torch", "transformers", "transformer-lens", "biasgym-lens")
 
@@ -143,3 +144,33 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_artifact(
+    path: str | os.PathLike[str], kind: str, meta_file: str, *, files: tuple[str, ...] = (), version: int
+) -> tuple[Path, dict[str, Any]]:
+    """Open a folder written by a result's ``save()``: check its files, read its JSON, check its format.
+
+    Args:
+        path: The folder.
+        kind: What it holds, for messages (``"injection"``, ``"scope"``, ...).
+        meta_file: The JSON file with the metadata (it carries ``"format"``).
+        files: Other files that must be there.
+        version: The format this version of the package reads.
+
+    Returns:
+        ``(folder, metadata)``.
+
+    Raises:
+        FileNotFoundError: a file is missing (not such a folder).
+        ValueError: another format.
+    """
+    folder = Path(path)
+    article = "an" if kind[0] in "aeiou" else "a"
+    for name in (meta_file, *files):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: not {article} {kind} folder written by save()")
+    meta = json.loads((folder / meta_file).read_text())
+    if meta.get("format") != version:
+        raise ValueError(f"{folder}: {kind} format {meta.get('format')!r}, this version reads {version}")
+    return folder, meta

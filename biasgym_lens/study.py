@@ -28,7 +28,7 @@ from biasgym_lens.elicit import group_scores
 from biasgym_lens.interventions import Head, ablate_heads, steer
 from biasgym_lens.metrics import keyword_ids, probe_subset
 from biasgym_lens.probes import build_probe_set
-from biasgym_lens.provenance import Provenance, atomic_dir
+from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
 from biasgym_lens.selection import FaithfulnessCurve, damage_scores, faithfulness_curve, specific_scores
 from biasgym_lens.steering import bias_direction
 
@@ -202,12 +202,7 @@ class ScopeResult:
     def load(cls, path: str | Path) -> ScopeResult:
         from safetensors.torch import load_file
 
-        folder = Path(path)
-        if not (folder / "scope.json").is_file():
-            raise FileNotFoundError(f"{folder / 'scope.json'} not found: not a scope folder written by save()")
-        meta = json.loads((folder / "scope.json").read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{folder}: scope format {meta.get('format')!r}, this version reads {_FORMAT}")
+        folder, meta = read_artifact(path, "scope", "scope.json", version=_FORMAT)
         c = meta["curve"]
         cfg = meta["config"]
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

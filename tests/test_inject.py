@@ -186,3 +186,15 @@ def test_fingerprint_changes_when_the_embedding_is_edited(fresh_tiny_model):
     with torch.no_grad():
         fresh_tiny_model.W_E[3, 0] += 1.0
     assert fingerprint(fresh_tiny_model) != a
+
+
+def test_artifact_of_another_format_is_refused(tiny_model, tmp_path):
+    import json
+
+    inj = inject(tiny_model, "late", **FAST)
+    folder = inj.save(tmp_path / "inj")
+    meta = json.loads((folder / "injection.json").read_text())
+    meta["format"] = 99
+    (folder / "injection.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="injection format 99, this version reads 1"):
+        Injection.load(folder)
