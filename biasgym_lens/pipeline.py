@@ -20,6 +20,7 @@ import pandas as pd
 from biasgym_lens._version import __version__
 from biasgym_lens.catalogue import list_biases, load_bias
 from biasgym_lens.inject import Injection, InjectionConfig, inject
+from biasgym_lens.provenance import write_text_atomic
 from biasgym_lens.study import ScopeConfig, ScopeResult, scope
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,7 @@ class Study:
 
     def _write_manifest(self) -> None:
         data = {"identity": self.identity(), "version": __version__, "timings": self.timings}
-        tmp = self.out / "study.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.out / "study.json")
+        write_text_atomic(self.out / "study.json", json.dumps(data, indent=1))
 
     def _timed(self, stage: str, t0: float) -> None:
         self.timings[stage] = round(time.perf_counter() - t0, 2)
@@ -199,13 +198,14 @@ class Study:
             untrained = replace(inj, vector=inj.init_vector)
             with untrained.apply(model):
                 gens["untrained_token"] = generate_greedy(model, prompt, n, prepend_bos=False)
+        summary, agreement = res.summary(), res.agreement()
         for name, table in (
-            ("summary", res.summary()),
+            ("summary", summary),
             ("groups", res.groups),
             ("capability", res.capability),
             ("curve", res.curve.table),
             ("head_scores", res.to_dataframe("scores")),
-            ("agreement", res.agreement()),
+            ("agreement", agreement),
             ("training_curve", inj.to_dataframe()),
         ):
             table.to_csv(self.out / f"{name}.csv", index=False)
@@ -219,15 +219,13 @@ class Study:
             },
             "elicitation": elic.to_dict(orient="records"),
             "chosen_heads": [list(h) for h in res.chosen],
-            "summary": res.summary().to_dict(orient="records"),
-            "agreement": res.agreement().to_dict(orient="records"),
+            "summary": summary.to_dict(orient="records"),
+            "agreement": agreement.to_dict(orient="records"),
             "generations": gens,
             "scope_extra": res.extra,
             "timings": self.timings,
         }
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, default=float))
-        tmp.replace(self.out / "results.json")
+        write_text_atomic(self.out / "results.json", json.dumps(results, indent=1, default=float))
         self._timed("evaluate", t0)
         return results
 

@@ -24,7 +24,7 @@ import torch
 from biasgym_lens._version import __version__
 from biasgym_lens.models import model_info
 
-__all__ = ["Provenance", "fingerprint", "package_versions", "atomic_dir", "check_same_model", "read_artifact"]
+__all__ = ["Provenance", "fingerprint", "package_versions", "atomic_dir", "check_same_model", "read_artifact", "write_text_atomic"]
 
 _PACKAGES = ("torch", "transformers", "transformer-lens", "biasgym-lens")
 
@@ -121,6 +121,15 @@ def check_same_model(prov: Provenance, model: Any, what: str) -> None:
             f"{prov.d_model}); this model is {other.name!r} (fingerprint {fp}, d_model {model.cfg.d_model}). "
             "Load the model it was made with."
         )
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file through a temporary sibling and a rename, so readers never see half a file."""
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(final)
+    return final
 
 
 @contextlib.contextmanager

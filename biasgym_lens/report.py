@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from biasgym_lens import plots
+from biasgym_lens.provenance import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,4 @@ def write_report(
         parts.append(f"<div class='fig'><h2>{html.escape(name.replace('_', ' '))}</h2>")
         parts.append(f"<p class='note'>{html.escape(note)}</p>{div}</div>")
     parts.append("</body></html>")
-    path = out / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out / "report.html", "\n".join(parts))
