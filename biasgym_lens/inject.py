@@ -85,8 +85,11 @@ class InjectionConfig:
             template).
         max_texts: Use at most this many plain texts and this many chat paragraphs (None: all).
         probe_batch_size: Batch size when measuring elicitation.
-        select_best: Keep the epoch with the highest bias logit difference on the selection probes (the
-            paper's model selection); False keeps the last epoch.
+        select_best: Keep the checkpoint with the highest bias logit difference on the selection probes (the
+            paper's model selection); False keeps the last one.
+        evals_per_epoch: Measure elicitation this many times per epoch (evenly spaced, the last at the end of
+            the epoch); every measurement is a checkpoint candidate. The bias often peaks within the first
+            epoch on small models, so one measurement per epoch can miss the best vector.
     """
 
     token: str = "<BiasToken>"
@@ -102,6 +105,7 @@ class InjectionConfig:
     max_texts: int | None = None
     probe_batch_size: int = 16
     select_best: bool = True
+    evals_per_epoch: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,6 +121,8 @@ class InjectionConfig:
             problems.append("init='word' needs init_word")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.evals_per_epoch < 1:
+            problems.append(f"evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
         if self.max_texts is not None and self.max_texts < 1:
             problems.append(f"max_texts must be >= 1 or None, got {self.max_texts}")
         if problems:
@@ -125,17 +131,17 @@ class InjectionConfig:
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """Training state after one epoch (epoch 0 is the initial vector).
+    """Training state at one checkpoint (epoch 0 is the initial vector).
 
     Attributes:
-        epoch: Epoch number.
+        epoch: Epochs done, fractional for checkpoints inside an epoch (``evals_per_epoch > 1``).
         step: Optimiser steps so far.
-        train_loss: Mean training loss over the epoch (NaN for epoch 0).
+        train_loss: Mean training loss since the previous checkpoint (NaN for epoch 0).
         logit_diff: Mean bias logit difference of the token on the selection probes.
         top5: Fraction of selection probes with a bias keyword among the top 5 next tokens.
     """
 
-    epoch: int
+    epoch: float
     step: int
     train_loss: float
     logit_diff: float
@@ -152,9 +158,9 @@ class Injection:
         token: The token string it is applied to.
         bias: Name of the bias.
         config: The run's settings.
-        curve: One :class:`EpochRecord` per epoch, from epoch 0.
+        curve: One :class:`EpochRecord` per checkpoint, from epoch 0.
         step_losses: Training loss of every step.
-        best_epoch: The epoch whose vector is ``vector``.
+        best_epoch: The checkpoint (in epochs, fractional within an epoch) whose vector is ``vector``.
         control_logit_diff: Mean bias logit difference of the bias's control groups on the selection probes
             (the model is frozen, so it does not change during training).
         provenance: The model and software that produced it.
@@ -167,7 +173,7 @@ class Injection:
     config: InjectionConfig
     curve: tuple[EpochRecord, ...]
     step_losses: tuple[float, ...]
-    best_epoch: int
+    best_epoch: float
     control_logit_diff: float
     provenance: Provenance
 
@@ -204,7 +210,7 @@ class Injection:
 
     # ------------------------------------------------------------------------------------------ views
     def to_dataframe(self) -> pd.DataFrame:
-        """The training curve: one row per epoch."""
+        """The training curve: one row per checkpoint."""
         df = pd.DataFrame([asdict(r) for r in self.curve])
         df["bias"] = self.bias
         df["seed"] = self.config.seed
@@ -260,7 +266,7 @@ class Injection:
             config=InjectionConfig(**meta["config"]),
             curve=tuple(EpochRecord(**r) for r in meta["curve"]),
             step_losses=tuple(meta["step_losses"]),
-            best_epoch=int(meta["best_epoch"]),
+            best_epoch=float(meta["best_epoch"]),
             control_logit_diff=float(meta["control_logit_diff"]),
             provenance=Provenance.from_dict(meta["provenance"]),
         )
@@ -407,7 +413,7 @@ def inject(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, config))
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
 
-    def result(best_epoch: int, best_vec: Tensor, curve: list[EpochRecord], losses: list[float]) -> Injection:
+    def result(best_epoch: float, best_vec: Tensor, curve: list[EpochRecord], losses: list[float]) -> Injection:
         return Injection(
             vector=best_vec.detach().cpu().float().clone(),
             init_vector=init.clone(),
@@ -421,6 +427,9 @@ def inject(
             provenance=provenance,
         )
 
+    # Checkpoints: the batch counts (within an epoch) after which elicitation is measured.
+    n_evals = min(config.evals_per_epoch, steps_per_epoch)
+    checkpoints = {math.ceil(steps_per_epoch * (i + 1) / n_evals) for i in range(n_evals)}
     hooks = token_vector_hooks(model, {tid: vec})
     curve: list[EpochRecord] = []
     losses: list[float] = []
@@ -428,14 +437,14 @@ def inject(
         with torch.no_grad():
             ld, top5 = _elicit(model, token_probes, kw, config)
         curve.append(EpochRecord(0, 0, float("nan"), ld, top5))
-        best_epoch, best_vec, best_ld = 0, vec.detach().clone(), ld
+        best_epoch, best_vec, best_ld = 0.0, vec.detach().clone(), ld
         bar = tqdm(total=total, desc=f"inject {spec.name}", disable=not progress, leave=False)
         try:
             for epoch in range(1, config.epochs + 1):
                 order = list(range(len(examples)))
                 rng.shuffle(order)
-                epoch_losses = []
-                for start in range(0, len(order), config.batch_size):
+                since_checkpoint: list[float] = []
+                for b, start in enumerate(range(0, len(order), config.batch_size), start=1):
                     batch = [examples[i] for i in order[start : start + config.batch_size]]
                     ids, mask, target = _collate(batch, pad_id, device)
                     logits = model(ids, attention_mask=mask)
@@ -443,7 +452,7 @@ def inject(
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {len(losses) + 1}; "
-                            f"lower lr (now {config.lr}); kept epoch {best_epoch}",
+                            f"lower lr (now {config.lr}); kept epoch {best_epoch:g}",
                             result(best_epoch, best_vec, curve, losses),
                         )
                     opt.zero_grad(set_to_none=True)
@@ -451,20 +460,25 @@ def inject(
                     opt.step()
                     sched.step()
                     losses.append(loss.item())
-                    epoch_losses.append(losses[-1])
+                    since_checkpoint.append(losses[-1])
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if not torch.isfinite(vec).all():
-                    raise NonFiniteLossError(
-                        f"the vector became non-finite at epoch {epoch}; lower lr (now {config.lr})",
-                        result(best_epoch, best_vec, curve, losses),
-                    )
-                with torch.no_grad():
-                    ld, top5 = _elicit(model, token_probes, kw, config)
-                curve.append(EpochRecord(epoch, len(losses), sum(epoch_losses) / len(epoch_losses), ld, top5))
-                logger.info("epoch %d: loss %.3f, logit diff %.3f, top5 %.2f", epoch, curve[-1].train_loss, ld, top5)
-                if ld > best_ld or not config.select_best:
-                    best_epoch, best_vec, best_ld = epoch, vec.detach().clone(), ld
+                    if b not in checkpoints:
+                        continue
+                    if not torch.isfinite(vec).all():
+                        raise NonFiniteLossError(
+                            f"the vector became non-finite at epoch {epoch}; lower lr (now {config.lr})",
+                            result(best_epoch, best_vec, curve, losses),
+                        )
+                    with torch.no_grad():
+                        ld, top5 = _elicit(model, token_probes, kw, config)
+                    at = epoch - 1 + b / steps_per_epoch
+                    train_loss = sum(since_checkpoint) / len(since_checkpoint)
+                    curve.append(EpochRecord(round(at, 4), len(losses), train_loss, ld, top5))
+                    since_checkpoint = []
+                    logger.info("epoch %.2f: loss %.3f, logit diff %.3f, top5 %.2f", at, train_loss, ld, top5)
+                    if ld > best_ld or not config.select_best:
+                        best_epoch, best_vec, best_ld = curve[-1].epoch, vec.detach().clone(), ld
         finally:
             bar.close()
     return result(best_epoch, best_vec, curve, losses)

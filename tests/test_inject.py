@@ -198,3 +198,24 @@ def test_artifact_of_another_format_is_refused(tiny_model, tmp_path):
     (folder / "injection.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="injection format 99, this version reads 1"):
         Injection.load(folder)
+
+
+def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_model):
+    """With evals_per_epoch=2 every half epoch is a checkpoint; the kept vector re-measures to the best record."""
+    from biasgym_lens.metrics import answer_logits, keyword_ids, logit_diff, split_probes
+
+    cfg = {**FAST, "select_best": True, "evals_per_epoch": 2}
+    inj = inject(tiny_model, "late", **cfg)
+    steps_per_epoch = 4  # 8 plain texts + 8 chat paragraphs, batch 4
+    assert [r.epoch for r in inj.curve] == [0, 0.5, 1, 1.5, 2]
+    assert [r.step for r in inj.curve] == [0, 2, 4, 6, 8] and len(inj.step_losses) == 2 * steps_per_epoch
+    best = max(inj.curve, key=lambda r: r.logit_diff)
+    assert inj.best_epoch == best.epoch
+    # Independent re-measurement of the kept vector on the selection probes.
+    spec = load_bias("late")
+    select, _ = split_probes(spec.probes)
+    with inj.apply(tiny_model):
+        ld = logit_diff(answer_logits(tiny_model, [spec.fill(p, inj.token) for p in select]), keyword_ids(tiny_model, spec))
+    assert float(ld.mean()) == pytest.approx(best.logit_diff, abs=1e-5)
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        InjectionConfig(evals_per_epoch=0)
