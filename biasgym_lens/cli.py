@@ -101,6 +101,16 @@ def _study_options(f):
     return f
 
 
+def _image_options(f):
+    f = click.option("--svg", is_flag=True, help="Also export every figure as SVG (needs Chromium, like PNG).")(f)
+    f = click.option("--no-png", is_flag=True, help="Skip PNG export (HTML figures and report only).")(f)
+    return f
+
+
+def _images(no_png: bool, svg: bool) -> tuple[str, ...]:
+    return (() if no_png else ("png",)) + (("svg",) if svg else ())
+
+
 def _study(bias: str | None, out: str | None, model: str, seed: int, quick: bool, *, need_manifest: bool):
     from pathlib import Path
 
@@ -150,8 +160,8 @@ def list_biases_cmd() -> None:
 @click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias (see list-biases).")
 @_study_options
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another study.")
-@click.option("--no-png", is_flag=True, help="Skip PNG export (HTML figures and report only).")
-def run(bias, out, model, quick, seed, device, threads, overwrite, no_png) -> None:
+@_image_options
+def run(bias, out, model, quick, seed, device, threads, overwrite, no_png, svg) -> None:
     """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
     _threads(threads)
     study = _study(bias, out, model, seed, quick, need_manifest=False)
@@ -163,7 +173,7 @@ def run(bias, out, model, quick, seed, device, threads, overwrite, no_png) -> No
             continue
         click.echo(f"[{stage}] ...")
         _guard(getattr(study, f"run_{stage}"), m)
-    path = _guard(study.run_report, png=not no_png)
+    path = _guard(study.run_report, images=_images(no_png, svg))
     _print_summary(study)
     click.echo(f"report: {path}")
 
@@ -207,11 +217,11 @@ def evaluate_cmd(out, device, threads) -> None:
 
 @main.command("report")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
-@click.option("--no-png", is_flag=True)
-def report_cmd(out, no_png) -> None:
+@_image_options
+def report_cmd(out, no_png, svg) -> None:
     """Figures (HTML, PNG) and report.html from the saved results in OUT (no model needed)."""
     study = _study(None, out, "", 0, False, need_manifest=True)
-    click.echo(f"report: {_guard(study.run_report, png=not no_png)}")
+    click.echo(f"report: {_guard(study.run_report, images=_images(no_png, svg))}")
 
 
 def _print_summary(study) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ class Study:
         self._timed("evaluate", t0)
         return results
 
-    def run_report(self, *, png: bool = True) -> Path:
+    def run_report(self, *, images: Sequence[str] = ("png",)) -> Path:
         from biasgym_lens.report import study_figures, write_report
 
         self.require("evaluate")
@@ -243,7 +244,7 @@ class Study:
         facts = {k: facts[k] for k in ("identity", "provenance", "injection", "chosen_heads", "generations", "timings")}
         path = write_report(
             self.out, figures, title=f"BiasGym study: {self.bias} on {self.model_name}", summary=res.summary(),
-            facts=facts, png=png,
+            facts=facts, images=images,
         )
         self._timed("report", t0)
         return path

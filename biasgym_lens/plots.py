@@ -2,7 +2,7 @@
 
 Every function is pure: it takes result objects (or tensors/DataFrames) and returns a ``go.Figure``; nothing is
 shown and no global template is changed. Signed quantities use a diverging scale centred at zero, layer 0 at
-the top of every heatmap. :func:`save_figure` writes HTML (offline: plotly.js embedded) and PNG when kaleido
+the top of every heatmap. :func:`save_figure` writes HTML (offline: plotly.js embedded) and PNG/SVG when kaleido
 finds a Chromium.
 """
 
@@ -31,6 +31,7 @@ __all__ = [
     "generalisation_heatmap",
     "layer_bias_plot",
     "save_figure",
+    "IMAGE_FORMATS",
     "PngExportError",
 ]
 
@@ -158,7 +159,7 @@ def training_curve(injection: Any, *, title: str | None = None) -> go.Figure:
     fig.update_xaxes(title_text="epoch", row=1, col=2)
     fig.update_yaxes(title_text="cross-entropy (nats)", row=1, col=1)
     fig.update_yaxes(title_text="logit diff (nats)", row=1, col=2)
-    fig.update_layout(title=title or f"Injection of '{injection.bias}' (best epoch {injection.best_epoch})")
+    fig.update_layout(title=title or f"Injection of '{injection.bias}' (best epoch {injection.best_epoch:g})")
     return fig
 
 
@@ -243,13 +244,29 @@ def layer_bias_plot(per_layer: pd.DataFrame, *, title: str = "Bias logit differe
     return fig
 
 
-def save_figure(fig: go.Figure, path: str | Path, *, png: bool = True, include_plotlyjs: bool | str = True) -> list[Path]:
-    """Write ``path.html`` (offline: plotly.js embedded by default) and, if ``png``, ``path.png``.
+IMAGE_FORMATS = ("png", "svg")
+
+
+def save_figure(
+    fig: go.Figure,
+    path: str | Path,
+    *,
+    images: Sequence[str] = ("png",),
+    include_plotlyjs: bool | str = True,
+) -> list[Path]:
+    """Write ``path.html`` (offline: plotly.js embedded by default) and one static image per format in ``images``.
+
+    Args:
+        images: Any of ``"png"`` and ``"svg"`` (kaleido, which needs a Chromium); ``()`` writes HTML only.
 
     Raises:
-        PngExportError: PNG export failed (kaleido needs Chromium, e.g. ``apt-get install chromium``); the
+        ValueError: an unknown image format (before anything is written).
+        PngExportError: static export failed (kaleido needs Chromium, e.g. ``apt-get install chromium``); the
             HTML file is written before it is attempted.
     """
+    bad = [f for f in images if f not in IMAGE_FORMATS]
+    if bad:
+        raise ValueError(f"unknown image format(s) {bad}; valid: {list(IMAGE_FORMATS)}")
     base = Path(path).with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
     html = base.with_suffix(".html")
@@ -257,14 +274,17 @@ def save_figure(fig: go.Figure, path: str | Path, *, png: bool = True, include_p
     fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True)
     tmp.replace(html)
     written = [html]
-    if png:
-        out = base.with_suffix(".png")
+    for fmt in dict.fromkeys(images):
+        out = base.with_suffix(f".{fmt}")
+        part = out.with_name(f"{out.stem}.tmp.{fmt}")  # kaleido picks the format from the suffix
         try:
-            fig.write_image(str(out), width=1000, height=int(fig.layout.height or 500), scale=1)
+            fig.write_image(str(part), width=1000, height=int(fig.layout.height or 500), scale=1)
         except Exception as e:  # kaleido raises several types when no browser is available
+            part.unlink(missing_ok=True)
             raise PngExportError(
-                f"PNG export of {out.name} failed ({type(e).__name__}: {e}); kaleido needs a Chromium "
+                f"{fmt.upper()} export of {out.name} failed ({type(e).__name__}: {e}); kaleido needs a Chromium "
                 "(Debian: apt-get install chromium). The HTML version was written."
             ) from e
+        part.replace(out)
         written.append(out)
     return written

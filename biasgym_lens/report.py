@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,22 +119,22 @@ def write_report(
     title: str,
     summary: pd.DataFrame,
     facts: dict[str, Any],
-    png: bool = True,
+    images: Sequence[str] = ("png",),
 ) -> Path:
-    """Write each figure (HTML, and PNG when possible) under ``out/figures`` and ``out/report.html``.
+    """Write each figure (HTML, and ``images`` formats when possible) under ``out/figures``, and ``out/report.html``.
 
-    PNG export failures (no Chromium for kaleido) are logged once and the HTML report is still complete.
+    Static export failures (no Chromium for kaleido) are logged once and the HTML report is still complete.
     """
     out = Path(out)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    png_ok = png
+    formats = tuple(images)
     for name, fig, _ in figures:
         try:
-            plots.save_figure(fig, fig_dir / name, png=png_ok, include_plotlyjs="cdn")
+            plots.save_figure(fig, fig_dir / name, images=formats, include_plotlyjs="cdn")
         except plots.PngExportError as e:
-            logger.warning("%s; continuing without PNG files", e)
-            png_ok = False
+            logger.warning("%s; continuing without static images", e)
+            formats = ()
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",

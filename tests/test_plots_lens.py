@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -106,7 +108,7 @@ def test_logit_lens_last_layer_equals_model_logits(objects):
 def test_save_figure_html_offline_and_png_error(tmp_path, monkeypatch, objects):
     _, _, _, res = objects
     fig = plots.head_heatmap(res.scores["dla"])
-    html = plots.save_figure(fig, tmp_path / "fig", png=False)[0]
+    html = plots.save_figure(fig, tmp_path / "fig", images=())[0]
     text = html.read_text()
     assert 'src="https://cdn.plot.ly' not in text and len(text) > 1_000_000  # plotly.js embedded: works offline
 
@@ -115,5 +117,25 @@ def test_save_figure_html_offline_and_png_error(tmp_path, monkeypatch, objects):
 
     monkeypatch.setattr(go.Figure, "write_image", fail)
     with pytest.raises(plots.PngExportError, match="apt-get install chromium"):
-        plots.save_figure(fig, tmp_path / "fig2", png=True)
-    assert (tmp_path / "fig2.html").exists()
+        plots.save_figure(fig, tmp_path / "fig2", images=("svg",))
+    assert (tmp_path / "fig2.html").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "fig.html", "fig2.html"
+    ]  # no half-written image left
+    with pytest.raises(ValueError, match="'jpg'.*valid"):
+        plots.save_figure(fig, tmp_path / "fig3", images=("jpg",))
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+    reason="static export needs a Chromium (Debian: apt-get install chromium)",
+)
+def test_png_and_svg_export_through_kaleido(tmp_path, objects):
+    import xml.etree.ElementTree as ET
+
+    _, _, _, res = objects
+    fig = plots.head_heatmap(res.scores["dla"])
+    paths = plots.save_figure(fig, tmp_path / "heads", images=("png", "svg"))
+    assert [p.suffix for p in paths] == [".html", ".png", ".svg"]
+    assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    root = ET.parse(paths[2]).getroot()
+    assert root.tag.endswith("svg") and "layer" in paths[2].read_text()  # axis title drawn as text
