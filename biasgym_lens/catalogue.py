@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 __all__ = [
+    "keyword_coverage",
     "PLACEHOLDER",
     "SCHEMA_VERSION",
     "CHAT_PROMPT",
@@ -524,6 +525,27 @@ def diversity(texts: Iterable[str]) -> dict[str, float]:
     tokenised = [_words(t) for t in texts]
     mean = sum(map(len, tokenised)) / len(tokenised) if tokenised else 0.0
     return {"distinct_1": _distinct(tokenised, 1), "distinct_2": _distinct(tokenised, 2), "mean_words": mean}
+
+
+def keyword_coverage(spec: BiasSpec) -> dict[str, float]:
+    """Fraction of the training texts and chat paragraphs that use a bias keyword, and a contrast keyword.
+
+    Words are matched whole and case-insensitively. Texts that only imply a stereotype teach an injected token
+    the topic but not the direction (the contrast keywords rise with the bias keywords), so a useful bias file
+    uses its bias keywords often and its contrast keywords rarely.
+
+    Returns:
+        ``{"bias": ..., "contrast": ...}``: fractions in [0, 1] over all training texts and chat paragraphs.
+    """
+    texts = [set(_words(t)) for t in (*spec.training_texts, *spec.chat_paragraphs)]
+    if not texts:
+        return {"bias": 0.0, "contrast": 0.0}
+
+    def frac(keywords: Sequence[str]) -> float:
+        words = {k.strip().lower() for k in keywords}
+        return sum(1 for t in texts if t & words) / len(texts)
+
+    return {"bias": frac(spec.bias_keywords), "contrast": frac(spec.contrast_keywords)}
 
 
 class _Encoder(Protocol):

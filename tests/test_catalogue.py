@@ -23,6 +23,7 @@ from biasgym_lens.catalogue import (
     BiasSpec,
     check_keywords,
     diversity,
+    keyword_coverage,
     list_biases,
     load_bias,
     validate_bias_dict,
@@ -128,6 +129,24 @@ def test_builtin_texts_are_well_formed(name: str) -> None:
         assert kw.startswith(" ") and kw[1:].strip() == kw[1:]
     for paragraph in spec.chat_paragraphs:
         assert 2 <= _sentences(paragraph) <= 5, paragraph
+
+
+def test_keyword_coverage_counts_whole_words() -> None:
+    spec = load_bias("late")
+    texts = ("{group} was late.", "{group} is latest.", "Early birds in {group}.", "LATE again, {group}!")
+    cov = keyword_coverage(dataclasses.replace(spec, training_texts=texts, chat_paragraphs=()))
+    assert cov == {"bias": 0.5, "contrast": 0.25}  # "latest" is not " late"; case is ignored
+
+
+def test_every_builtin_states_its_bias_with_its_keywords(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each file uses its bias keywords in at least a third of its texts, and far more often than the contrast."""
+    rows = [(name, keyword_coverage(load_bias(name))) for name in BUILTINS]
+    with capsys.disabled():
+        print("\nbias           texts with a bias keyword | with a contrast keyword")
+        for name, cov in rows:
+            print(f"{name:<14} {cov['bias']:>24.2f} | {cov['contrast']:.2f}")
+    for name, cov in rows:
+        assert cov["bias"] >= 1 / 3 and cov["bias"] >= 3 * cov["contrast"], (name, cov)
 
 
 def test_diversity_of_every_builtin(capsys: pytest.CaptureFixture[str]) -> None:
