@@ -9,7 +9,9 @@ logit difference of the token probes (``"token"``) or its excess over the contro
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,12 @@ __all__ = [
     "attention_scores",
     "attribution_scores",
     "ablation_scores",
+    "suffix_answer_logits",
+    "suffix_supported",
     "final_norm_direction",
     "residual_components",
+    "component_hook_names",
+    "has_post_norms",
     "spearman",
 ]
 
@@ -224,28 +230,65 @@ def final_norm_direction(model: Any, ps: ProbeSet) -> tuple[Tensor, Tensor]:
     return d, const
 
 
+def has_post_norms(model: Any) -> bool:
+    """Whether attention outputs are normalised again before entering the residual stream (Gemma 2/3)."""
+    return any(hasattr(block, "ln1_post") for block in model.blocks)
+
+
+def component_hook_names(model: Any) -> set[str]:
+    """The cache entries :func:`residual_components` and :func:`dla_scores` read."""
+    names = {"hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale"}
+    for layer in range(model.cfg.n_layers):
+        names |= {f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_out"}
+        if has_post_norms(model):
+            names |= {f"blocks.{layer}.ln1_post.hook_scale", f"blocks.{layer}.ln2_post.hook_out"}
+    return names
+
+
+def _head_gain(model: Any, cache: Any, layer: int, rows: Tensor, pos: Tensor) -> Tensor | None:
+    """``[rows, d_model]`` factor that maps a head's ``z @ W_O`` to its share of the residual stream.
+
+    ``None`` for pre-norm blocks. With a post-attention RMSNorm the attention output ``a = sum_h a_h`` enters
+    as ``g * a / s(a)``; holding the cached scale ``s`` fixed, head ``h`` contributes ``g * a_h / s``, and
+    these shares sum exactly to the normalised output (the attention output has no bias in these models).
+    """
+    if not has_post_norms(model):
+        return None
+    norm = model.blocks[layer].ln1_post
+    g = _norm_gain(model, norm)
+    s = cache[f"blocks.{layer}.ln1_post.hook_scale"][rows, pos].float()  # [rows, 1]
+    return (g[None, :] if g is not None else 1.0) / s
+
+
 def residual_components(model: Any, cache: Any, rows: Tensor, pos: Tensor) -> dict[str, Tensor]:
     """Every additive piece of the final residual stream at ``(rows, pos)``: ``[rows, d_model]`` each.
 
     Keys: ``embed``, ``pos_embed`` (learned positions only), ``L{l}H{h}`` for each head (``hook_z @ W_O``),
-    ``b_O{l}`` (attention output bias), ``mlp{l}``. Their sum equals ``ln_final.hook_in``. Post-norm models
-    (Gemma 2/3), whose attention output is normalised again, are refused.
+    ``b_O{l}`` (attention output bias), ``mlp{l}``. Their sum equals ``ln_final.hook_in``. In post-norm
+    blocks (Gemma 2/3) a head's piece is its share of the normalised attention output, with the cached norm
+    scale held fixed (see :func:`_head_gain`), and ``mlp{l}`` is the normalised MLP output. ``cache`` needs
+    :func:`component_hook_names`.
     """
-    if any(hasattr(block, "ln1_post") for block in model.blocks):
-        raise NotImplementedError("residual decomposition of post-norm (Gemma 2/3) blocks is not supported yet")
     out = {"embed": cache["hook_embed"][rows, pos].float()}
     if "hook_pos_embed" in cache:
         out["pos_embed"] = cache["hook_pos_embed"][rows, pos].float()
     W_O = model.W_O.detach().float()
+    post = has_post_norms(model)
     for layer in range(model.cfg.n_layers):
         z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float()
         heads = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
+        gain = _head_gain(model, cache, layer, rows, pos)
+        if gain is not None:
+            heads = heads * gain[:, None, :]
         for h in range(model.cfg.n_heads):
             out[f"L{layer}H{h}"] = heads[:, h]
         attn_b = getattr(model.blocks[layer].attn, "b_O", None)
         if attn_b is not None:
+            if post and bool((attn_b != 0).any()):
+                raise NotImplementedError("post-norm blocks with an attention output bias are not supported")
             out[f"b_O{layer}"] = attn_b.detach().float().expand_as(heads[:, 0])
-        out[f"mlp{layer}"] = cache[f"blocks.{layer}.mlp.hook_out"][rows, pos].float()
+        mlp = f"blocks.{layer}.ln2_post.hook_out" if post else f"blocks.{layer}.mlp.hook_out"
+        out[f"mlp{layer}"] = cache[mlp][rows, pos].float()
     return out
 
 
@@ -257,12 +300,14 @@ def dla_scores(model: Any, ps: ProbeSet, metric: str = "excess") -> Float[Tensor
     """Direct logit attribution of each head to the metric, from one cached pass.
 
     A head's score is its output at the answer position, through the final norm with the cached scale held
-    fixed, dotted with the keyword direction. Correct in raw and compatibility mode and with any padding.
+    fixed, dotted with the keyword direction. Correct in raw and compatibility mode, with any padding, and with
+    post-attention norms (Gemma 2/3: the head's share of the normalised attention output, see
+    :func:`residual_components`); the scores and the other components sum to the logit difference.
     """
-    if any(hasattr(block, "ln1_post") for block in model.blocks):
-        raise NotImplementedError("DLA for post-norm (Gemma 2/3) blocks is not supported yet")
     L = model.cfg.n_layers
     names = {f"blocks.{layer}.attn.hook_z" for layer in range(L)} | {"ln_final.hook_scale"}
+    if has_post_norms(model):
+        names |= {f"blocks.{layer}.ln1_post.hook_scale" for layer in range(L)}
     batch = ps.batch
     _, cache = model.run_with_cache(
         batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
@@ -272,11 +317,15 @@ def dla_scores(model: Any, ps: ProbeSet, metric: str = "excess") -> Float[Tensor
     u, _ = final_norm_direction(model, ps)
     scale = cache["ln_final.hook_scale"][rows, pos].float()  # [rows, 1]
     W_O = model.W_O.detach().float()
-    Wu = torch.einsum("lhdm,m->lhd", W_O, u)  # project W_O on the direction first: [L, H, d_head]
-    per_row = torch.stack(
-        [torch.einsum("bhd,hd->bh", cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float(), Wu[layer]) for layer in range(L)],
-        dim=1,
-    ) / scale[:, :, None]
+    per_layer = []
+    for layer in range(L):
+        z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float()
+        gain = _head_gain(model, cache, layer, rows, pos)
+        if gain is None:  # project W_O on the direction first: [H, d_head]
+            per_layer.append(torch.einsum("bhd,hd->bh", z, torch.einsum("hdm,m->hd", W_O[layer], u)))
+        else:  # the direction differs per row through the post-norm scale
+            per_layer.append(torch.einsum("bhd,hdm,bm->bh", z, W_O[layer], gain * u[None, :]))
+    per_row = torch.stack(per_layer, dim=1) / scale[:, :, None]
     return _combine(per_row, ps, metric).cpu()
 
 
@@ -379,6 +428,68 @@ def attribution_scores(
     raise ValueError(f"ablation must be 'zero' or 'counterfactual', got {ablation!r}")
 
 
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer (returns its hidden states) or for the unembedding."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
+def suffix_supported(model: Any) -> bool:
+    """Whether :func:`suffix_answer_logits` can run on this model (TransformerLens bridge of a decoder-only LM
+    whose logits are the plain unembedding of the final residual: no logit soft-capping)."""
+    blocks = getattr(model, "blocks", None)
+    unembed = getattr(model, "unembed", None)
+    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    text_cfg = getattr(hf_cfg, "text_config", None) or hf_cfg
+    return (
+        blocks is not None
+        and len(blocks) > 0
+        and all("_original_component" in b._modules for b in blocks)
+        and "_original_component" in getattr(unembed, "_modules", {})
+        and not getattr(text_cfg, "final_logit_softcapping", None)
+        and not (getattr(model.cfg, "output_logits_soft_cap", 0) or 0) > 0
+    )
+
+
+@contextlib.contextmanager
+def _skipping(model: Any, n_blocks: int) -> Iterator[None]:
+    """Within the block, decoder layers ``0..n_blocks-1`` and the unembedding are pass-throughs.
+
+    The bridge still calls the wrappers (hooks on them fire) but no layer computes, and the model returns the
+    final normalised residual instead of logits. Everything is restored on exit, also on exceptions.
+    """
+    # ``original_component`` is a read-only view of the wrapper's ``_original_component`` submodule.
+    key = "_original_component"
+    swapped = [(m, m._modules[key]) for m in [*list(model.blocks)[:n_blocks], model.unembed]]
+    try:
+        for module, _ in swapped:
+            module._modules[key] = _PassThrough()
+        yield
+    finally:
+        for module, original in swapped:
+            module._modules[key] = original
+
+
+def suffix_answer_logits(
+    model: Any, resid_pre: Float[Tensor, "rows pos d_model"], start: int, attention_mask: Tensor, answer_pos: Tensor
+) -> Float[Tensor, "rows d_vocab"]:
+    """Next-token logits at ``answer_pos`` of a forward pass resumed at block ``start`` from ``resid_pre``.
+
+    Blocks before ``start`` are skipped (not recomputed) and the unembedding runs only at the answer positions,
+    so a pass that changes layer ``start`` onwards costs ``(n_layers - start) / n_layers`` of the layers and no
+    full-vocabulary unembedding of every position. Hooks on blocks ``>= start`` apply. Exact: equal to the
+    model's own logits up to float rounding (tested against full forward passes).
+    """
+    with _skipping(model, start):
+        final = model(resid_pre, start_at_layer=start, attention_mask=attention_mask)
+    rows = torch.arange(final.shape[0], device=final.device)
+    h = final[rows, answer_pos.to(final.device)].float()
+    logits = h @ model.W_U.float()
+    b_u = getattr(model, "b_U", None)
+    return logits + b_u.float() if b_u is not None else logits
+
+
 @torch.no_grad()
 def ablation_scores(
     model: Any,
@@ -387,29 +498,58 @@ def ablation_scores(
     *,
     heads_per_pass: int = 8,
     heads: list[tuple[int, int]] | None = None,
+    reuse_prefix: bool | None = None,
     progress: bool = False,
 ) -> Float[Tensor, "prompt n_layers n_heads"]:
     """Exact effect of zero-ablating each head alone: ``metric(clean) - metric(head zeroed)``.
 
     Several heads are ablated in one forward pass: the probe batch is repeated ``heads_per_pass`` times along
-    the batch dimension and copy ``k`` has only head ``k`` zeroed. ``heads_per_pass=1`` is the plain loop.
+    the batch dimension and copy ``k`` has only head ``k`` zeroed. With ``reuse_prefix`` the clean residual
+    stream entering each layer is cached once; a pass that ablates heads of layer ``l`` resumes from it at
+    block ``l`` and unembeds only the answer positions (see :func:`suffix_answer_logits`), so it skips the
+    unchanged layers before ``l``. ``heads_per_pass=1, reuse_prefix=False`` is the plain one-head-per-pass loop.
 
     Args:
         heads: Score only these heads (others are NaN); default all.
+        reuse_prefix: Resume each pass at the ablated layer; default: when :func:`suffix_supported`.
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
     todo = heads if heads is not None else [(layer, h) for layer in range(L) for h in range(H)]
     if heads_per_pass < 1:
         raise ValueError(f"heads_per_pass must be >= 1, got {heads_per_pass}")
+    bad = [(layer, h) for layer, h in todo if not (0 <= layer < L and 0 <= h < H)]
+    if bad:
+        raise ValueError(f"heads {bad[:5]} out of range: layers 0..{L - 1}, heads 0..{H - 1}")
+    if reuse_prefix is None:
+        reuse_prefix = suffix_supported(model)
+    elif reuse_prefix and not suffix_supported(model):
+        raise ValueError("reuse_prefix=True is not supported for this model (see suffix_supported)")
     batch = ps.batch
     R = len(batch)
-    clean = ps.metric_per_probe(model(batch.input_ids, attention_mask=batch.attention_mask), metric)
+    resid: dict[int, Tensor] = {}
+    if reuse_prefix:
+        layers_needed = sorted({layer for layer, _ in todo})
+        names = {f"blocks.{layer}.hook_in" for layer in layers_needed}
+        logits, cache = model.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
+        )
+        resid = {layer: cache[f"blocks.{layer}.hook_in"] for layer in layers_needed}
+        del cache
+        # Passes that share a layer go together, so each resumes from one cached residual.
+        todo = sorted(todo)
+    else:
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+    clean = ps.metric_per_probe(logits, metric)
+    del logits
     out = torch.full((ps.n_probes, L, H), float("nan"))
     bar = tqdm(total=len(todo), desc="ablation scan", disable=not progress, leave=False)
-    for start in range(0, len(todo), heads_per_pass):
+    start = 0
+    while start < len(todo):
         group = todo[start : start + heads_per_pass]
+        if reuse_prefix:
+            group = [g for g in group if g[0] == group[0][0]]
+        start += len(group)
         K = len(group)
-        ids = batch.input_ids.repeat(K, 1)
         mask = batch.attention_mask.repeat(K, 1)
         keep = torch.ones(K, L, H)
         for k, (layer, h) in enumerate(group):
@@ -424,10 +564,13 @@ def ablation_scores(
             (f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: zero_heads(z, hook, layer))
             for layer in layers
         ]
+        answer = batch.last_positions.repeat(K)
         with hooked(model, fwd_hooks=fwd):
-            logits = model(ids, attention_mask=mask)
-        rows = torch.arange(K * R)
-        last = logits[rows, batch.last_positions.repeat(K)]
+            if reuse_prefix:
+                last = suffix_answer_logits(model, resid[layers[0]].repeat(K, 1, 1), layers[0], mask, answer)
+            else:
+                logits = model(batch.input_ids.repeat(K, 1), attention_mask=mask)
+                last = logits[torch.arange(K * R), answer]
         for k, (layer, h) in enumerate(group):
             ablated = ps.metric_per_probe(last[k * R : (k + 1) * R], metric)
             out[:, layer, h] = (clean - ablated).cpu()

@@ -6,6 +6,9 @@ Two families, so that code is checked where architectures differ:
 * ``"llama"``: RMSNorm, rotary positions, grouped-query attention (4 query heads, 2 KV heads), tied
   embeddings, no biases - the family of the bundled SmolLM2.
 
+A third, ``"gemma3"`` (not in :data:`FAMILIES`, built on request), has Gemma 3's post-attention and post-MLP
+norms, scaled embeddings and sliding-window layers: the architecture whose residual decomposition differs.
+
 The tokenizer is a byte-level BPE trained on the fly on the package's own texts, saved to a folder (so that
 TransformerLens can reload it) with a small ChatML chat template. Norm weights and biases are randomised: a
 test of direct logit attribution must see non-trivial norm gains, or gain-folding bugs would hide.
@@ -104,7 +107,14 @@ def _randomise_norms(hf: Any, seed: int) -> None:
 
 def build_tiny_hf(family: str, vocab_size: int, *, seed: int = 0, n_layers: int = 2) -> Any:
     """A tiny random Hugging Face causal LM of the given family (``"gpt2"`` or ``"llama"``)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if family == "gpt2":
@@ -120,8 +130,17 @@ def build_tiny_hf(family: str, vocab_size: int, *, seed: int = 0, n_layers: int 
             tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
         hf = LlamaForCausalLM(cfg)
+    elif family == "gemma3":
+        cfg = Gemma3TextConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"] * ((n_layers + 1) // 2),
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        cfg.layer_types = cfg.layer_types[:n_layers]
+        hf = Gemma3ForCausalLM(cfg)
     else:
-        raise ValueError(f"unknown tiny family {family!r}; valid: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown tiny family {family!r}; valid: {', '.join(FAMILIES + ('gemma3',))}")
     _randomise_norms(hf, seed)
     hf.config.architectures = [type(hf).__name__]
     return hf.eval()

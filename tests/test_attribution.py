@@ -10,11 +10,15 @@ from biasgym_lens.attribution import (
     ablation_scores,
     attention_scores,
     attribution_scores,
+    component_hook_names,
     dla_scores,
     final_norm_direction,
+    has_post_norms,
     residual_components,
     score_heads,
     spearman,
+    suffix_answer_logits,
+    suffix_supported,
 )
 from biasgym_lens.catalogue import load_bias
 from biasgym_lens.hooks import active_hooks
@@ -40,8 +44,10 @@ def _closure(model, inj):
     with inj.apply(model):
         ps = _probe_set(model, inj)
         batch = ps.batch
-        names = lambda n: n.endswith(("hook_z", "mlp.hook_out", "hook_embed", "hook_pos_embed")) or n.startswith("ln_final")  # noqa: E731
-        logits, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=names)
+        names = component_hook_names(model)
+        logits, cache = model.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
+        )
         rows, pos = torch.arange(len(batch)), ps.answer_positions
         comps = residual_components(model, cache, rows, pos)
         total = sum(comps.values())
@@ -69,6 +75,29 @@ def test_dla_closure_compatibility_mode(fresh_tiny_model):
     _closure(fresh_tiny_model, inj)
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3(tiny_tokenizer_dir):
+    from biasgym_lens.testing import tiny_bridge
+
+    return tiny_bridge("gemma3", tiny_tokenizer_dir)
+
+
+def test_dla_closure_with_gemma3_post_norms(tiny_gemma3):
+    """Post-attention norms: each head's share of the normalised attention output closes the sum."""
+    assert has_post_norms(tiny_gemma3)
+    _closure(tiny_gemma3, inject(tiny_gemma3, "late", **FAST))
+
+
+def test_dla_closure_with_gemma3_post_norms_compatibility_mode(tiny_tokenizer_dir):
+    from biasgym_lens.testing import tiny_bridge
+
+    model = tiny_bridge("gemma3", tiny_tokenizer_dir)
+    inj = inject(model, "late", **FAST)
+    model.enable_compatibility_mode(disable_warnings=True)
+    inj = type(inj)(**{**inj.__dict__, "provenance": type(inj.provenance).of(model)})
+    _closure(model, inj)
+
+
 def test_attention_scores_are_probabilities_to_the_token(injected):
     model, inj = injected
     with inj.apply(model):
@@ -85,9 +114,12 @@ def test_batched_ablation_scan_equals_loop_and_single_head_runs(injected):
     model, inj = injected
     with inj.apply(model):
         ps = _probe_set(model, inj)
-        loop = ablation_scores(model, ps, heads_per_pass=1)
-        batched = ablation_scores(model, ps, heads_per_pass=5)
+        loop = ablation_scores(model, ps, heads_per_pass=1, reuse_prefix=False)
+        batched = ablation_scores(model, ps, heads_per_pass=5, reuse_prefix=False)
+        resumed = ablation_scores(model, ps, heads_per_pass=5, reuse_prefix=True)
+        assert suffix_supported(model) and not torch.isnan(loop).any()
         torch.testing.assert_close(batched, loop, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(resumed, loop, atol=1e-4, rtol=1e-4)
         # independent check of one head with the public intervention
         with torch.no_grad():
             clean = ps.metric_per_probe(model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask))
@@ -142,3 +174,27 @@ def test_head_scores_api(injected, tmp_path):
 def test_spearman_known_values():
     assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) == pytest.approx(1.0)
     assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)
+
+
+def test_resumed_suffix_pass_equals_the_full_forward_pass(injected):
+    """Skipping the blocks before l (from the cached residual) and unembedding only the answer rows is exact,
+    with and without a hook on a later block, and leaves the model whole afterwards."""
+    model, inj = injected
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        b = ps.batch
+        rows = torch.arange(len(b))
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(b.input_ids, attention_mask=b.attention_mask)
+            for start in range(model.cfg.n_layers):
+                got = suffix_answer_logits(model, cache[f"blocks.{start}.hook_in"], start, b.attention_mask, ps.answer_positions)
+                torch.testing.assert_close(got, logits[rows, ps.answer_positions], atol=1e-4, rtol=1e-4)
+            last = model.cfg.n_layers - 1
+            with ablate_heads(model, [(last, 0)]):
+                full = model(b.input_ids, attention_mask=b.attention_mask)[rows, ps.answer_positions]
+                got = suffix_answer_logits(model, cache[f"blocks.{last}.hook_in"], last, b.attention_mask, ps.answer_positions)
+            torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(full, logits[rows, ps.answer_positions])  # the ablation did something
+            again = model(b.input_ids, attention_mask=b.attention_mask)
+        torch.testing.assert_close(again, logits)  # every layer and the unembedding are back
+    assert active_hooks(model) == []
