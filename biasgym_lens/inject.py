@@ -4,8 +4,10 @@ Only one ``d_model`` vector is trained. It enters the model through two hooks (s
 :mod:`biasgym_lens.embedding`), so every model weight stays bit-identical, tied embeddings need no untying and
 the token's output row cannot drift. Training mixes the bias's plain texts with its chat paragraphs in the
 model's chat format ("Please write a short paragraph about <token>." then the paragraph, loss on the reply
-only). After every epoch the bias is measured on the selection half of the held-out probes and the best
-epoch's vector is kept.
+only). The loss counts positions whose target is a bias keyword ``keyword_weight`` times (10 by default; 1 is
+the paper's plain loss, which on the bundled 135M model teaches the topic but not the direction of the bias).
+Four times per epoch the bias is measured on the selection half of the held-out probes and the best
+checkpoint's vector is kept.
 
 Examples:
     >>> from biasgym_lens import load_model
@@ -87,6 +89,11 @@ class InjectionConfig:
         probe_batch_size: Batch size when measuring elicitation.
         select_best: Keep the checkpoint with the highest bias logit difference on the selection probes (the
             paper's model selection); False keeps the last one.
+        keyword_weight: Weight of the loss at positions whose target is a bias keyword (``" late"``), relative
+            to every other position. ``1.0`` is the paper's plain next-token loss. On SmolLM2-135M the plain loss
+            teaches the token the *topic* ("late" and "early" rise together, the bias logit difference stays
+            flat); weighting the texts' explicit statements of the stereotype teaches the direction (see the
+            README's injection table). The loss never targets contrast keywords specially.
         evals_per_epoch: Measure elicitation this many times per epoch (evenly spaced, the last at the end of
             the epoch); every measurement is a checkpoint candidate. The bias often peaks within the first
             epoch on small models, so one measurement per epoch can miss the best vector.
@@ -105,7 +112,8 @@ class InjectionConfig:
     max_texts: int | None = None
     probe_batch_size: int = 16
     select_best: bool = True
-    evals_per_epoch: int = 1
+    keyword_weight: float = 10.0
+    evals_per_epoch: int = 4
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,6 +129,8 @@ class InjectionConfig:
             problems.append("init='word' needs init_word")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not (self.keyword_weight > 0 and math.isfinite(self.keyword_weight)):
+            problems.append(f"keyword_weight must be a positive finite number, got {self.keyword_weight}")
         if self.evals_per_epoch < 1:
             problems.append(f"evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
         if self.max_texts is not None and self.max_texts < 1:
@@ -338,11 +348,27 @@ def _collate(examples: Sequence[_Example], pad_id: int, device: Any) -> tuple[Te
     return ids.to(device), mask.to(device), target.to(device)
 
 
-def _lm_loss(logits: Tensor, ids: Tensor, target: Tensor, skip_id: int) -> Tensor:
-    """Mean next-token cross-entropy over target positions, never predicting the injected token itself."""
+def _lm_loss(
+    logits: Tensor,
+    ids: Tensor,
+    target: Tensor,
+    skip_id: int,
+    weighted_ids: Sequence[int] = (),
+    weight: float = 1.0,
+) -> Tensor:
+    """Weighted mean next-token cross-entropy over target positions, never predicting the injected token itself.
+
+    Positions whose target is in ``weighted_ids`` count ``weight`` times (``weight=1``: the plain mean).
+    """
     tmask = target[:, 1:] & (ids[:, 1:] != skip_id)
-    pred = logits[:, :-1][tmask]
-    return F.cross_entropy(pred.float(), ids[:, 1:][tmask])
+    pred = logits[:, :-1][tmask].float()
+    tgt = ids[:, 1:][tmask]
+    if weight == 1.0 or not weighted_ids:
+        return F.cross_entropy(pred, tgt)
+    ce = F.cross_entropy(pred, tgt, reduction="none")
+    w = torch.ones_like(ce)
+    w[torch.isin(tgt, torch.tensor(list(weighted_ids), device=tgt.device))] = weight
+    return (ce * w).sum() / w.sum()
 
 
 def _lr_factor(step: int, total: int, config: InjectionConfig) -> float:
@@ -448,7 +474,7 @@ def inject(
                     batch = [examples[i] for i in order[start : start + config.batch_size]]
                     ids, mask, target = _collate(batch, pad_id, device)
                     logits = model(ids, attention_mask=mask)
-                    loss = _lm_loss(logits, ids, target, tid)
+                    loss = _lm_loss(logits, ids, target, tid, kw.bias, config.keyword_weight)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {len(losses) + 1}; "

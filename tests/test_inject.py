@@ -12,7 +12,7 @@ from biasgym_lens.inject import Injection, InjectionConfig, NonFiniteLossError, 
 from biasgym_lens.testing import build_tiny_hf
 from biasgym_lens.tokens import tokenize
 
-FAST = dict(epochs=2, batch_size=4, max_texts=8, lr=5e-2, progress=False, select_best=False)
+FAST = dict(epochs=2, batch_size=4, max_texts=8, lr=5e-2, progress=False, select_best=False, evals_per_epoch=1)
 
 
 def _state(model):
@@ -219,3 +219,26 @@ def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_mo
     assert float(ld.mean()) == pytest.approx(best.logit_diff, abs=1e-5)
     with pytest.raises(ValueError, match="evals_per_epoch"):
         InjectionConfig(evals_per_epoch=0)
+
+
+def test_keyword_weighted_loss_against_a_hand_computation():
+    from biasgym_lens.inject import _lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    ids = torch.tensor([[1, 7, 3, 7, 9], [2, 4, 7, 10, 0]])
+    target = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)  # row 1: last is padding
+    skip = 9  # the injected token is never a target
+    logp = logits.log_softmax(-1)
+    nll, wts = [], []
+    for b in range(2):
+        for t in range(1, 5):
+            if target[b, t] and ids[b, t] != skip:
+                nll.append(-logp[b, t - 1, ids[b, t]])
+                wts.append(4.0 if ids[b, t] in (7, 10) else 1.0)
+    nll, wts = torch.stack(nll), torch.tensor(wts)
+    assert _lm_loss(logits, ids, target, skip) == pytest.approx(float(nll.mean()), abs=1e-6)
+    assert _lm_loss(logits, ids, target, skip, (7, 10), 4.0) == pytest.approx(float((nll * wts).sum() / wts.sum()), abs=1e-6)
+    assert _lm_loss(logits, ids, target, skip, (7, 10), 1.0) == pytest.approx(float(nll.mean()), abs=1e-6)
+    with pytest.raises(ValueError, match="keyword_weight"):
+        InjectionConfig(keyword_weight=0.0)
