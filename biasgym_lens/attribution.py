@@ -496,7 +496,7 @@ def ablation_scores(
     ps: ProbeSet,
     metric: str = "excess",
     *,
-    heads_per_pass: int = 8,
+    heads_per_pass: int | None = None,
     heads: list[tuple[int, int]] | None = None,
     reuse_prefix: bool | None = None,
     progress: bool = False,
@@ -510,11 +510,13 @@ def ablation_scores(
     unchanged layers before ``l``. ``heads_per_pass=1, reuse_prefix=False`` is the plain one-head-per-pass loop.
 
     Args:
+        heads_per_pass: Copies of the batch per pass; default ``n_heads`` (one pass per layer when resuming).
         heads: Score only these heads (others are NaN); default all.
         reuse_prefix: Resume each pass at the ablated layer; default: when :func:`suffix_supported`.
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
     todo = heads if heads is not None else [(layer, h) for layer in range(L) for h in range(H)]
+    heads_per_pass = H if heads_per_pass is None else heads_per_pass
     if heads_per_pass < 1:
         raise ValueError(f"heads_per_pass must be >= 1, got {heads_per_pass}")
     bad = [(layer, h) for layer, h in todo if not (0 <= layer < L and 0 <= h < H)]
@@ -589,7 +591,7 @@ def score_heads(
     probes: str = "select",
     controls: list[str] | None = None,
     max_probes: int | None = None,
-    heads_per_pass: int = 8,
+    heads_per_pass: int | None = None,
     progress: bool = False,
 ) -> HeadScores:
     """Score every attention head for how much it carries the injected bias.
@@ -598,7 +600,8 @@ def score_heads(
         model: The model the injection was trained in.
         injection: A :class:`~biasgym_lens.inject.Injection`.
         method: ``"dla"``, ``"attention"``, ``"attribution"`` (default; attribution patching) or
-            ``"ablation"`` (exact single-head zero ablation, one batched pass per ``heads_per_pass`` heads).
+            ``"ablation"`` (exact single-head zero ablation, one batched pass per ``heads_per_pass`` heads of
+            a layer, resumed at that layer; default ``n_heads``).
         metric: ``"excess"`` (token minus control groups, default) or ``"token"``.
         ablation: For ``"attribution"``: ``"zero"`` or ``"counterfactual"``.
         probes: Which probes (``"select"`` by default; keep ``"eval"`` for measuring).

@@ -48,7 +48,7 @@ PRESETS: dict[str, StudyPreset] = {
     "quick": StudyPreset(
         InjectionConfig(epochs=1, max_texts=24),
         ScopeConfig(
-            ablation_probes=4, ablation_controls=1, heads_per_pass=16, ks=(1, 2, 3, 5), random_draws=2,
+            ablation_probes=4, ablation_controls=1, ks=(1, 2, 3, 5), random_draws=2,
             curve_passages=4, final_passages=8, mc_items=20, steer_alphas=(1.0,), curve_probes=8, curve_controls=2,
         ),
         control_max_texts=12,

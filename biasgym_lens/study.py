@@ -48,7 +48,7 @@ class ScopeConfig:
         methods: Head-scoring methods to run.
         ablation_probes: Probes for the exact ablation scan (it costs one pass per ``heads_per_pass`` heads).
         ablation_controls: Control groups in the exact scan.
-        heads_per_pass: Heads ablated per forward pass in the exact scan.
+        heads_per_pass: Heads ablated per forward pass in the exact scan (None: all heads of a layer).
         damage_weight: Weight of the estimated neutral-loss damage in the specific score.
         ks: Points of the faithfulness curve.
         random_draws: Random head sets per point.
@@ -66,7 +66,7 @@ class ScopeConfig:
     methods: tuple[str, ...] = ("dla", "attention", "attribution", "ablation")
     ablation_probes: int = 6
     ablation_controls: int = 2
-    heads_per_pass: int = 8
+    heads_per_pass: int | None = None
     damage_weight: float = 1.0
     ks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
     random_draws: int = 3

@@ -242,3 +242,20 @@ def test_keyword_weighted_loss_against_a_hand_computation():
     assert _lm_loss(logits, ids, target, skip, (7, 10), 1.0) == pytest.approx(float(nll.mean()), abs=1e-6)
     with pytest.raises(ValueError, match="keyword_weight"):
         InjectionConfig(keyword_weight=0.0)
+
+
+def test_several_seeds_are_compared(tiny_model):
+    from biasgym_lens.inject import compare_seeds, inject_seeds
+
+    runs = inject_seeds(tiny_model, "late", seeds=(0, 1), init="random", **{**FAST, "select_best": True})
+    assert [r.config.seed for r in runs] == [0, 1] and not torch.equal(runs[0].vector, runs[1].vector)
+    df = compare_seeds(runs)
+    assert list(df.seed) == [0, 1]
+    for row, inj in zip(df.itertuples(), runs):
+        assert row.logit_diff == max(r.logit_diff for r in inj.curve)
+        assert row.excess == pytest.approx(row.logit_diff - inj.control_logit_diff)
+    u0, u1 = (r.vector - r.init_vector for r in runs)
+    cos = float(torch.nn.functional.cosine_similarity(u0, u1, dim=0))
+    assert df.mean_cos_to_others.tolist() == pytest.approx([cos, cos], abs=1e-6)
+    with pytest.raises(ValueError, match="distinct"):
+        inject_seeds(tiny_model, "late", seeds=(1, 1), **FAST)

@@ -8,6 +8,7 @@ import torch
 from biasgym_lens.attribution import (
     ablation_scores,
     attribution_scores,
+    component_hook_names,
     dla_scores,
     final_norm_direction,
     residual_components,
@@ -63,8 +64,10 @@ def test_save_load_apply_is_identical(real, short_injection, tmp_path):
 def test_dla_closure_on_the_real_model(real, short_injection):
     with short_injection.apply(real):
         ps = build_probe_set(real, load_bias("bad_driving"), short_injection.token, controls=["Japan"], max_probes=4)
-        names = lambda n: n.endswith(("hook_z", "mlp.hook_out", "hook_embed")) or n.startswith("ln_final")  # noqa: E731
-        logits, cache = real.run_with_cache(ps.batch.input_ids, attention_mask=ps.batch.attention_mask, names_filter=names)
+        names = component_hook_names(real)
+        logits, cache = real.run_with_cache(
+            ps.batch.input_ids, attention_mask=ps.batch.attention_mask, names_filter=lambda n: n in names
+        )
         rows, pos = torch.arange(len(ps.batch)), ps.answer_positions
         comps = residual_components(real, cache, rows, pos)
         u, const = final_norm_direction(real, ps)
@@ -81,7 +84,9 @@ def test_exact_scan_matches_single_head_runs_and_attribution_tracks_it(real, sho
     heads = [(layer, h) for layer in (0, 14, 21, 29) for h in range(9)]
     with short_injection.apply(real):
         ps = build_probe_set(real, load_bias("bad_driving"), short_injection.token, controls=["Japan"], max_probes=4)
-        exact = ablation_scores(real, ps, heads=heads, heads_per_pass=12)
+        exact = ablation_scores(real, ps, heads=heads, heads_per_pass=9)  # resumed at each layer
+        loop = ablation_scores(real, ps, heads=heads, heads_per_pass=1, reuse_prefix=False)
+        torch.testing.assert_close(exact, loop, atol=1e-4, rtol=1e-4, equal_nan=True)
         with torch.no_grad():
             clean = ps.metric_per_probe(real(ps.batch.input_ids, attention_mask=ps.batch.attention_mask))
             with ablate_heads(real, [(21, 1)]):

@@ -77,3 +77,24 @@ def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model)
     real = generalisation_matrix(tiny_model, {}, heads, target="real")
     assert list(real.columns) == ["late", "math"]
     assert active_hooks(tiny_model) == []
+
+
+def test_stable_heads_counts_top_k_membership_across_runs(result):
+    """Heads in the top k of every run (or of a fraction of runs), against a count done by hand."""
+    from dataclasses import replace as dc_replace
+
+    from biasgym_lens.selection import stable_heads
+
+    base = result[2].scores["attribution"]
+    L, H = base.n_layers, base.n_heads
+    grids = []
+    for top in ([(0, 1), (1, 2), (1, 0)], [(0, 1), (1, 2), (0, 3)], [(0, 1), (1, 3), (1, 0)]):
+        g = torch.zeros(1, L, H)
+        for rank, (layer, h) in enumerate(top):
+            g[0, layer, h] = 10.0 - rank
+        grids.append(dc_replace(base, per_prompt=g))
+    assert stable_heads(grids, k=3) == [(0, 1)]
+    # in at least 2 of 3 runs: (0, 1) three times, then (1, 2) and (1, 0) twice, ordered by mean score
+    assert stable_heads(grids, k=3, min_fraction=2 / 3) == [(0, 1), (1, 2), (1, 0)]
+    with pytest.raises(ValueError, match="no runs"):
+        stable_heads([], k=3)
