@@ -9,8 +9,11 @@ Usage:
    residual with the unembedding only at the answer positions; results must agree within 1e-4.
 2. attribution: attribution patching of every head (one forward + one backward) vs one plain forward.
 3. step: one injection training step (hook-based single vector) vs one forward pass of the same batch, and
-   vs training with a full-vocabulary embedding gradient; with peak memory (tracemalloc of Python-side
-   allocations is not enough for torch, so peak RSS deltas from resource.getrusage are reported).
+   vs training with a full-vocabulary embedding gradient.
+4. memory: the peak growth of the resident set during one forward pass, one vector step and one
+   full-vocabulary step, each in a fresh process (sampled every millisecond from /proc/self/statm).
+5. scaling: the exact scan's time against the number of probes and of heads, and a training step's time against
+   the batch size.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import statistics
 import sys
 import time
@@ -44,10 +46,6 @@ def timeit(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def line(name: str, value: float, target: str) -> None:
@@ -87,7 +85,12 @@ def bench_attribution(model, ps, repeats: int) -> None:
     line("attribution patching cost in forward passes", t_attr / t_fwd, "<= 3 forward passes")
 
 
-def bench_step(model, repeats: int) -> None:
+def _step_setup(model):
+    """The batch and three ways to run it: forward, vector training step, full-vocabulary training step.
+
+    The full-vocabulary way (the alternative to hooking one vector) is built lazily inside its first call, so
+    a memory probe around that call counts its trainable matrix, gradient and optimizer state.
+    """
     spec = load_bias("late")
     cfg = InjectionConfig(max_texts=8)
     tid = add_token(model, cfg.token)
@@ -108,41 +111,133 @@ def bench_step(model, repeats: int) -> None:
             loss.backward()
             opt.step()
 
-    # the alternative: a full trainable embedding matrix (one more row) with a gradient mask
-    W = model.W_E.detach()
-    full = torch.nn.Parameter(torch.cat([W, vec.detach()[None]], 0).clone())
-    opt_full = torch.optim.Adam([full], lr=1e-3)
-    row_mask = torch.zeros(full.shape[0], 1)
-    row_mask[-1] = 1.0
+    state: dict = {}
 
     def step_full():
-        def embed(x, hook):
-            return torch.nn.functional.embedding(state["ids"], full)
-
-        state = {}
+        if "full" not in state:  # a full trainable embedding matrix (one more row) with a gradient mask
+            full = torch.nn.Parameter(torch.cat([model.W_E.detach(), vec.detach()[None]], 0).clone())
+            row_mask = torch.zeros(full.shape[0], 1)
+            row_mask[-1] = 1.0
+            state.update(full=full, opt=torch.optim.Adam([full], lr=1e-3), row_mask=row_mask)
+        full = state["full"]
 
         def grab(i, hook):
             state["ids"] = torch.where(i == tid, torch.full_like(i, full.shape[0] - 1), i)
             return torch.where(i == tid, torch.zeros_like(i), i)
 
+        def embed(x, hook):
+            return torch.nn.functional.embedding(state["ids"], full)
+
         with hooked(model, fwd_hooks=[("embed.hook_in", grab), ("hook_embed", embed)]):
             loss = _lm_loss(model(ids, attention_mask=mask), ids, target, tid)
-            opt_full.zero_grad()
+            state["opt"].zero_grad()
             loss.backward()
-            full.grad.mul_(row_mask)
-            opt_full.step()
+            full.grad.mul_(state["row_mask"])
+            state["opt"].step()
 
+    return ids, {"forward": fwd, "step": step, "full": step_full}
+
+
+def bench_step(model, repeats: int) -> None:
+    ids, ways = _step_setup(model)
     gc.collect()
-    t_fwd = timeit(fwd, repeats)
-    rss0 = peak_rss_mb()
-    t_step = timeit(step, repeats)
-    rss1 = peak_rss_mb()
-    t_full = timeit(step_full, repeats)
-    rss2 = peak_rss_mb()
+    t_fwd = timeit(ways["forward"], repeats)
+    t_step = timeit(ways["step"], repeats)
+    t_full = timeit(ways["full"], repeats)
     print(f"injection step on {tuple(ids.shape)}: forward {t_fwd:.2f}s, step {t_step:.2f}s, full-vocab step {t_full:.2f}s")
-    print(f"  peak RSS growth: vector step +{rss1 - rss0:.0f} MB, full-vocab step +{rss2 - rss1:.0f} MB (process peak {rss2:.0f} MB)")
     line("training step cost in forward passes", t_step / t_fwd, "<= 2.5 forward passes")
     line("full-vocabulary-gradient step vs vector step", t_full / t_step, "> 1 (vector step cheaper)")
+
+
+def bench_scaling(model, spec, repeats: int) -> None:
+    """How the exact scan (resumed, one pass per layer) and a training step grow with prompts and heads."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    every = [(layer, h) for layer in range(L) for h in range(H)]
+    print(f"scaling ({L} layers x {H} heads):")
+    print("  probes  rows  heads  scan s  s per head-row")
+    for n in (2, 4, 8):
+        ps = build_probe_set(model, spec, "<BiasToken>", controls=list(spec.control_groups[:2]), max_probes=n)
+        for frac in (3, 1):
+            heads = every[::frac]
+            t = timeit(lambda heads=heads, ps=ps: ablation_scores(model, ps, heads=heads), 1)
+            print(f"  {n:>6}  {len(ps.batch):>4}  {len(heads):>5}  {t:>6.2f}  {1000 * t / (len(heads) * len(ps.batch)):>9.2f} ms")
+    print("  batch  step s  forward s")
+    cfg = InjectionConfig(max_texts=16)
+    tid = model.tokenizer.convert_tokens_to_ids("<BiasToken>")
+    ex = _examples(model, spec, cfg)
+    vec = torch.nn.Parameter(model.W_E[:100].detach().float().mean(0).clone())
+    opt = torch.optim.Adam([vec], lr=1e-3)
+    for b in (2, 4, 8, 16):
+        ids, mask, target = _collate(ex[:b], 0, model.W_E.device)
+
+        def step(ids=ids, mask=mask, target=target):
+            with hooked(model, fwd_hooks=token_vector_hooks(model, {tid: vec})):
+                loss = _lm_loss(model(ids, attention_mask=mask), ids, target, tid)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+        def fwd(ids=ids, mask=mask):
+            with torch.no_grad(), hooked(model, fwd_hooks=token_vector_hooks(model, {tid: vec})):
+                model(ids, attention_mask=mask)
+
+        print(f"  {b:>5}  {timeit(step, repeats):>6.2f}  {timeit(fwd, repeats):>9.2f}")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRss:
+    """Peak growth of the resident set while the block runs, sampled every millisecond in a thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = _rss_mb()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _rss_mb())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+        self.growth = self.peak - self.base
+
+
+def memory_probe(model_name: str, way: str) -> None:
+    """Run in a fresh process: load, build the batch, then measure one call of ``way``."""
+    model = load_model(model_name, device="cpu")
+    _, ways = _step_setup(model)
+    gc.collect()
+    with PeakRss() as p:
+        ways[way]()
+    print(f"{p.growth:.1f}")
+
+
+def bench_memory(model_name: str, threads: int) -> None:
+    """Each way in its own fresh process (an allocator that kept memory from an earlier call would hide it)."""
+    import subprocess
+
+    growth = {}
+    for way in ("forward", "step", "full"):
+        cmd = [sys.executable, __file__, "--model", model_name, "--threads", str(threads), "--memory-probe", way]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+        growth[way] = float(out[-1])
+    print(
+        f"peak RSS growth of one call (fresh process each): forward +{growth['forward']:.0f} MB, vector step "
+        f"+{growth['step']:.0f} MB, full-vocab step +{growth['full']:.0f} MB"
+    )
+    line("full-vocabulary-gradient step memory vs vector step", growth["full"] / max(growth["step"], 1.0), "> 1 (vector step smaller)")
 
 
 def bench_load(model_name: str) -> None:
@@ -169,10 +264,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heads", type=int, default=0, help="heads in the scan comparison, evenly spaced (all: 0)")
     ap.add_argument("--probes", type=int, default=6)
-    ap.add_argument("--only", default="load,scan,attribution,step")
+    ap.add_argument("--only", default="load,scan,attribution,step,memory,scaling")
+    ap.add_argument("--memory-probe", choices=("forward", "step", "full"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory_probe:
+        memory_probe(args.model, args.memory_probe)
+        return
     if "load" in args.only.split(","):
         bench_load(args.model)
     model = load_model(args.model, device="cpu")
@@ -190,8 +289,12 @@ def main() -> None:
             bench_scan(model, ps, args.repeats, n)
         if "attribution" in only:
             bench_attribution(model, ps, args.repeats)
+    if "scaling" in only:
+        bench_scaling(model, spec, args.repeats)
     if "step" in only:
         bench_step(model, args.repeats)
+    if "memory" in only:
+        bench_memory(args.model, args.threads)
 
 
 if __name__ == "__main__":

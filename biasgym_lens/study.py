@@ -131,7 +131,8 @@ class ScopeResult:
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
-        """One row per intervention: token excess and its cut, real-group gap, cost (loss increase, KL, MC)."""
+        """One row per intervention: token excess and its cut, real-group gap, cost (relative increase of the
+        neutral-text loss and of its perplexity, KL, MC accuracy)."""
         g = self.groups
         base = g[(g.intervention == "none") & (g.kind == "token")]["excess"].item()
         base_real = g[(g.intervention == "none") & (g.kind == "real")]["excess"].mean()
@@ -148,6 +149,7 @@ class ScopeResult:
                     "real_group_gap": real,
                     "real_gap_cut": 1 - real / base_real if base_real else float("nan"),
                     "loss_increase": cap["loss_increase"].item() if len(cap) else float("nan"),
+                    "perplexity_increase": cap["perplexity_increase"].item() if len(cap) else float("nan"),
                     "kl": cap["kl"].item() if len(cap) else float("nan"),
                     "mc_accuracy": cap["mc_accuracy"].item() if len(cap) else float("nan"),
                 }

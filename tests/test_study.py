@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -30,6 +32,11 @@ def test_scope_tables_are_consistent(result):
     summary = res.summary()
     none = summary[summary.intervention == "none"].iloc[0]
     assert none.excess_cut == pytest.approx(0.0, abs=1e-9) and none.loss_increase == pytest.approx(0.0)
+    # perplexity is exp(loss): its relative increase follows from the loss increase and the base loss
+    base_loss = res.capability.query("intervention == 'none'")["neutral_loss"].item()
+    for row in summary.itertuples():
+        expected = math.exp(base_loss * row.loss_increase) - 1
+        assert row.perplexity_increase == pytest.approx(expected, rel=1e-4, abs=1e-6)
     # the curve's k=0 baseline is the same measurement as the 'none' row's token excess
     assert res.curve.baseline_excess == pytest.approx(
         res.groups.query("intervention == 'none' and kind == 'token'")["excess"].item(), abs=1e-4
