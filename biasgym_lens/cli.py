@@ -88,6 +88,39 @@ def demo(model: str, prompt: str, top: int, device: str | None, threads: int | N
 
 
 
+@main.command("audit")
+@click.option("--bias", required=True, help="A catalogue bias (see list-biases) or a bias file.")
+@click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
+@click.option("--top", default=10, show_default=True, type=int, help="Rows to print from each end.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Write the full table here.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--threads", default=None, type=int, help="torch CPU threads.")
+def audit_cmd(bias: str, model: str, top: int, csv_path: str | None, device: str | None, threads: int | None) -> None:
+    """Rank 45 countries by how strongly the unmodified model ties them to a bias."""
+    from biasgym_lens.catalogue import BiasFileError, load_bias
+    from biasgym_lens.elicit import audit
+    from biasgym_lens.models import ModelLoadError, load_model
+    from biasgym_lens.provenance import write_text_atomic
+
+    _threads(threads)
+    if top < 1:
+        raise _CliError(f"--top must be >= 1, got {top}")
+    try:
+        spec = load_bias(bias)
+    except (BiasFileError, FileNotFoundError, ValueError) as e:
+        raise _CliError(str(e)) from e
+    try:
+        m = load_model(model, device=device)
+    except ModelLoadError as e:
+        raise _CliError(str(e)) from e
+    df = audit(m, spec)
+    if csv_path:
+        write_text_atomic(csv_path, df.to_csv(index=False))
+    shown = df if len(df) <= 2 * top else df.iloc[list(range(top)) + list(range(len(df) - top, len(df)))]
+    click.echo(f"{spec.name}: {spec.description} (bias logit difference on all {len(spec.probes)} probes, nats)")
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 # ------------------------------------------------------------------------------------------------ study
 
 

@@ -22,7 +22,7 @@ from biasgym_lens.catalogue import BiasSpec, load_bias
 from biasgym_lens.embedding import entity_embedding, with_token_vectors
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, probe_subset
 
-__all__ = ["COUNTRIES", "elicitation", "closest_entities", "group_scores", "entity_embedding"]
+__all__ = ["COUNTRIES", "audit", "elicitation", "closest_entities", "group_scores", "entity_embedding"]
 
 COUNTRIES: tuple[str, ...] = (
     "Italy", "Spain", "France", "Germany", "Japan", "China", "India", "Brazil", "Mexico", "Argentina",
@@ -131,6 +131,45 @@ def elicitation(
     control_mean = df.loc[df["kind"] == "control", "logit_diff"].mean()
     df["excess"] = df["logit_diff"] - control_mean
     return df
+
+
+def audit(
+    model: Any,
+    bias: str | BiasSpec,
+    groups: Sequence[str] = COUNTRIES,
+    *,
+    probes: str = "all",
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Rank real groups by how strongly the unmodified model ties them to a bias.
+
+    The catalogue's textbook groups need not be the model's own: this measures every group in ``groups``
+    (default: the 45 :data:`COUNTRIES`) on the bias's probes, without any injected token.
+
+    Returns:
+        One row per group, strongest first: ``rank, group, logit_diff, logit_diff_sem, top5, z, catalogue``
+        where ``z`` is the group's logit difference in standard deviations from the mean over all groups and
+        ``catalogue`` says whether the bias file lists it as ``"real"`` or ``"control"`` (else ``""``).
+
+    Raises:
+        ValueError: for fewer than two groups or a repeated group.
+    """
+    spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
+    if len(groups) < 2 or len(set(groups)) != len(groups):
+        raise ValueError(f"audit needs at least two distinct groups, got {list(groups)}")
+    kw = keyword_ids(model, spec)
+    texts = probe_subset(spec.probes, probes)
+    rows = []
+    for g in groups:
+        st = group_scores(model, spec, g, texts, kw, batch_size=batch_size)
+        role = "real" if g in spec.real_groups else "control" if g in spec.control_groups else ""
+        rows.append({"bias": spec.name, "group": g, "logit_diff": st["logit_diff"],
+                     "logit_diff_sem": st["logit_diff_sem"], "top5": st["top5"], "catalogue": role})
+    df = pd.DataFrame(rows)
+    df["z"] = (df["logit_diff"] - df["logit_diff"].mean()) / df["logit_diff"].std()
+    df = df.sort_values("logit_diff", ascending=False, kind="stable").reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    return df[["rank", "bias", "group", "logit_diff", "logit_diff_sem", "top5", "z", "catalogue"]]
 
 
 def closest_entities(

@@ -46,12 +46,12 @@ class StudyPreset:
 PRESETS: dict[str, StudyPreset] = {
     "default": StudyPreset(InjectionConfig(), ScopeConfig()),
     "quick": StudyPreset(
-        InjectionConfig(epochs=1, max_texts=24),
+        InjectionConfig(epochs=1, max_texts=16, evals_per_epoch=1),
         ScopeConfig(
-            ablation_probes=4, ablation_controls=1, ks=(1, 2, 3, 5), random_draws=2,
-            curve_passages=4, final_passages=8, mc_items=20, steer_alphas=(1.0,), curve_probes=8, curve_controls=2,
+            ablation_probes=3, ablation_controls=1, ks=(1, 2, 4), random_draws=1, curve_passages=2,
+            final_passages=6, mc_items=16, steer_alphas=(1.0,), curve_probes=6, curve_controls=1,
         ),
-        control_max_texts=12,
+        control_max_texts=8,
         generate_tokens=12,
     ),
 }

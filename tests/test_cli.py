@@ -98,3 +98,19 @@ def test_report_renders_every_figure_offline_in_a_real_browser(tiny_folder, tmp_
     assert len(drawn) >= n_figures
     console_errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or "Error" in ln)]
     assert not console_errors, console_errors
+
+
+def test_audit_prints_both_ends_and_writes_the_table(tiny_folder, tmp_path):
+    import pandas as pd
+
+    csv = tmp_path / "audit.csv"
+    r = _run("audit", "--bias", "late", "--model", tiny_folder, "--top", "3", "--csv", str(csv))
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(csv)
+    assert len(df) == 45 and list(df["rank"]) == list(range(1, 46))
+    lines = r.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["rank", "bias", "group"])
+    printed = [line.split() for line in lines[header + 1 :] if line.strip()]
+    assert [p[2] for p in printed] == list(df.group[:3]) + list(df.group[-3:])
+    r = _run("audit", "--bias", "nope", "--model", tiny_folder)
+    assert r.exit_code == 2 and "nope" in r.output and "Traceback" not in r.output

@@ -57,3 +57,25 @@ def test_closest_entities_ranks_and_control(tiny_model):
 def test_elicitation_bad_probe_split(tiny_model):
     with pytest.raises(ValueError, match="probes must be one of"):
         elicitation(tiny_model, "late", probes="train")
+
+
+def test_audit_ranks_every_country_by_an_independent_measurement(tiny_model):
+    from biasgym_lens.elicit import COUNTRIES, audit
+    from biasgym_lens.metrics import answer_logits, logit_diff
+
+    spec = load_bias("bad_driving")
+    df = audit(tiny_model, spec, probes="eval")
+    assert len(df) == len(COUNTRIES) >= 30 and set(df.group) == set(COUNTRIES)
+    assert list(df["rank"]) == list(range(1, len(df) + 1))
+    assert df.logit_diff.is_monotonic_decreasing
+    assert abs(df.z.mean()) < 1e-9 and df.z.std() == pytest.approx(1.0)
+    roles = dict(zip(df.group, df.catalogue))
+    assert all(roles[g] == "real" for g in spec.real_groups if g in roles)
+    assert all(roles[g] == "control" for g in spec.control_groups if g in roles)
+    # one group re-measured by hand
+    _, ev = split_probes(spec.probes)
+    direct = logit_diff(answer_logits(tiny_model, [spec.fill(p, "Brazil") for p in ev]), keyword_ids(tiny_model, spec))
+    assert df.set_index("group").loc["Brazil", "logit_diff"] == pytest.approx(float(direct.mean()), abs=1e-5)
+    with pytest.raises(ValueError, match="at least two distinct"):
+        audit(tiny_model, spec, groups=["Italy", "Italy"])
+    assert active_hooks(tiny_model) == []
