@@ -290,8 +290,8 @@ def main() -> None:
             bench_scan(model, ps, args.repeats, n)
         if "attribution" in only:
             bench_attribution(model, ps, args.repeats)
-    if "scaling" in only:
-        bench_scaling(model, spec, args.repeats)
+        if "scaling" in only:
+            bench_scaling(model, spec, args.repeats)
     if "step" in only:
         bench_step(model, args.repeats)
     if "memory" in only:
