@@ -151,7 +151,7 @@ def bench_step(model, repeats: int) -> None:
 
 
 def bench_scaling(model, spec, repeats: int) -> None:
-    """How the exact scan (resumed, one pass per layer) and a training step grow with prompts and heads."""
+    """How the exact scan (resumed, one pass per layer) grows with the numbers of prompts and heads."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     every = [(layer, h) for layer in range(L) for h in range(H)]
     print(f"scaling ({L} layers x {H} heads):")
@@ -162,6 +162,11 @@ def bench_scaling(model, spec, repeats: int) -> None:
             heads = every[::frac]
             t = timeit(lambda heads=heads, ps=ps: ablation_scores(model, ps, heads=heads), 1)
             print(f"  {n:>6}  {len(ps.batch):>4}  {len(heads):>5}  {t:>6.2f}  {1000 * t / (len(heads) * len(ps.batch)):>9.2f} ms")
+
+
+def bench_step_scaling(model, spec, repeats: int) -> None:
+    """A training step's and a forward pass's time against the batch size (no other hook on the token)."""
+    print("scaling of an injection step:")
     print("  batch  step s  forward s")
     cfg = InjectionConfig(max_texts=16)
     tid = model.tokenizer.convert_tokens_to_ids("<BiasToken>")
@@ -294,6 +299,8 @@ def main() -> None:
             bench_scaling(model, spec, args.repeats)
     if "step" in only:
         bench_step(model, args.repeats)
+    if "scaling" in only:
+        bench_step_scaling(model, spec, args.repeats)
     if "memory" in only:
         bench_memory(args.model, args.threads)
 

@@ -173,3 +173,27 @@ def test_bundled_model_is_a_real_language_model(real):
     with torch.no_grad():
         top = real(b.input_ids, attention_mask=b.attention_mask)[0, -1].argmax().item()
     assert real.tokenizer.decode([top]).strip() == "Paris"
+
+
+def test_device_map_reaches_from_pretrained_and_places_the_modules(tmp_path, monkeypatch):
+    """The multi-GPU path (accelerate's device_map) on CPU: the map reaches from_pretrained and the model works."""
+    import transformers
+
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(where, **kwargs):
+        seen.update(kwargs)
+        return original(where, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    folder = save_tiny_pretrained("llama", tmp_path / "m")
+    model = load_model(str(folder), device_map={"": "cpu"})
+    assert seen["device_map"] == {"": "cpu"}
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    batch = tokenize(model, ["people from Italy are"])
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+    reference = load_model(str(folder), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(logits, reference(batch.input_ids, attention_mask=batch.attention_mask))
