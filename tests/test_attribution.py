@@ -198,3 +198,15 @@ def test_resumed_suffix_pass_equals_the_full_forward_pass(injected):
             again = model(b.input_ids, attention_mask=b.attention_mask)
         torch.testing.assert_close(again, logits)  # every layer and the unembedding are back
     assert active_hooks(model) == []
+
+
+def test_score_heads_bad_input(_tiny_models):
+    """Probes without the placeholder and an injection from another model are refused, with nothing left."""
+    gpt2, llama = _tiny_models["gpt2"], _tiny_models["llama"]
+    inj = inject(gpt2, "late", **FAST)
+    with pytest.raises(ValueError, match="was made with model 'tiny-gpt2'"):
+        score_heads(llama, inj, "dla")
+    with inj.apply(gpt2):
+        with pytest.raises(ValueError, match="contains no \\{group\\} placeholder"):
+            build_probe_set(gpt2, load_bias("late"), inj.token, probes=["People from Spain always arrive"])
+    assert active_hooks(gpt2) == [] and active_hooks(llama) == []
