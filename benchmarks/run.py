@@ -86,16 +86,17 @@ def bench_attribution(model, ps, repeats: int) -> None:
     line("attribution patching cost in forward passes", t_attr / t_fwd, "<= 3 forward passes")
 
 
-def _step_setup(model):
-    """The batch and three ways to run it: forward, vector training step, full-vocabulary training step.
+def _step_setup(model, batch_size: int = 8):
+    """A batch of ``batch_size`` training texts of "late" and three ways to run it: forward, vector training
+    step, full-vocabulary training step.
 
     The full-vocabulary way (the alternative to hooking one vector) is built lazily inside its first call, so
     a memory probe around that call counts its trainable matrix, gradient and optimizer state.
     """
     spec = load_bias("late")
-    cfg = InjectionConfig(max_texts=8)
+    cfg = InjectionConfig(max_texts=batch_size)
     tid = add_token(model, cfg.token)
-    ex = _examples(model, spec, cfg)[:8]
+    ex = _examples(model, spec, cfg)[:batch_size]
     ids, mask, target = _collate(ex, 0, model.W_E.device)
     vec = torch.nn.Parameter(model.W_E[:100].detach().float().mean(0).clone())
     opt = torch.optim.Adam([vec], lr=1e-3)
@@ -164,30 +165,13 @@ def bench_scaling(model, spec, repeats: int) -> None:
             print(f"  {n:>6}  {len(ps.batch):>4}  {len(heads):>5}  {t:>6.2f}  {1000 * t / (len(heads) * len(ps.batch)):>9.2f} ms")
 
 
-def bench_step_scaling(model, spec, repeats: int) -> None:
+def bench_step_scaling(model, repeats: int) -> None:
     """A training step's and a forward pass's time against the batch size (no other hook on the token)."""
     print("scaling of an injection step:")
     print("  batch  step s  forward s")
-    cfg = InjectionConfig(max_texts=16)
-    tid = model.tokenizer.convert_tokens_to_ids("<BiasToken>")
-    ex = _examples(model, spec, cfg)
-    vec = torch.nn.Parameter(model.W_E[:100].detach().float().mean(0).clone())
-    opt = torch.optim.Adam([vec], lr=1e-3)
     for b in (2, 4, 8, 16):
-        ids, mask, target = _collate(ex[:b], 0, model.W_E.device)
-
-        def step(ids=ids, mask=mask, target=target):
-            with hooked(model, fwd_hooks=token_vector_hooks(model, {tid: vec})):
-                loss = _lm_loss(model(ids, attention_mask=mask), ids, target, tid)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-
-        def fwd(ids=ids, mask=mask):
-            with torch.no_grad(), hooked(model, fwd_hooks=token_vector_hooks(model, {tid: vec})):
-                model(ids, attention_mask=mask)
-
-        print(f"  {b:>5}  {timeit(step, repeats):>6.2f}  {timeit(fwd, repeats):>9.2f}")
+        _, ways = _step_setup(model, b)
+        print(f"  {b:>5}  {timeit(ways['step'], repeats):>6.2f}  {timeit(ways['forward'], repeats):>9.2f}")
 
 
 def _rss_mb() -> float:
@@ -300,7 +284,7 @@ def main() -> None:
     if "step" in only:
         bench_step(model, args.repeats)
     if "scaling" in only:
-        bench_step_scaling(model, spec, args.repeats)
+        bench_step_scaling(model, args.repeats)
     if "memory" in only:
         bench_memory(args.model, args.threads)
 
