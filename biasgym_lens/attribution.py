@@ -9,9 +9,7 @@ logit difference of the token probes (``"token"``) or its excess over the contro
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 from biasgym_lens.hooks import hooked
 from biasgym_lens.probes import METRICS, ProbeSet
 from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
+from biasgym_lens.unembed import logits_at, skipping_layers, suffix_supported, unembed_at
 
 __all__ = [
     "HeadScores",
@@ -346,8 +345,15 @@ def attention_scores(model: Any, ps: ProbeSet) -> Float[Tensor, "prompt n_layers
     ).cpu()
 
 
-def _z_and_grads(model: Any, batch: Any, metric_fn: Any) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
-    """One forward and one backward pass; returns ``hook_z`` and d(metric)/d(hook_z) of every layer."""
+def _z_and_grads(
+    model: Any, batch: Any, metric_fn: Any, answer_pos: Tensor | None = None
+) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
+    """One forward and one backward pass; returns ``hook_z`` and d(metric)/d(hook_z) of every layer.
+
+    ``metric_fn`` gets the full logits ``[rows, pos, d_vocab]``, or with ``answer_pos`` only the logits at those
+    positions ``[rows, d_vocab]``: then (where :func:`suffix_supported`) the unembedding runs on those rows
+    alone, which saves the full-vocabulary logits of every position and their gradient.
+    """
     L = model.cfg.n_layers
     acts: dict[int, Tensor] = {}
     grads: dict[int, Tensor] = {}
@@ -366,14 +372,17 @@ def _z_and_grads(model: Any, batch: Any, metric_fn: Any) -> tuple[dict[int, Tens
     ]
     bwd = [(f"blocks.{layer}.attn.hook_z", lambda g, hook, layer=layer: save_grad(g, hook, layer)) for layer in range(L)]
     with torch.enable_grad(), hooked(model, fwd_hooks=fwd, bwd_hooks=bwd):
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
-        value = metric_fn(logits)
+        if answer_pos is not None:
+            rows = torch.arange(batch.input_ids.shape[0])
+            value = metric_fn(logits_at(model, batch.input_ids, batch.attention_mask, rows, answer_pos))
+        else:
+            value = metric_fn(model(batch.input_ids, attention_mask=batch.attention_mask))
         value.backward()
     return acts, grads, value.detach()
 
 
 def attribution_scores(
-    model: Any, ps: ProbeSet, metric: str = "excess", ablation: str = "zero"
+    model: Any, ps: ProbeSet, metric: str = "excess", ablation: str = "zero", *, max_tokens: int | None = 1024
 ) -> Float[Tensor, "prompt n_layers n_heads"]:
     """Attribution patching: the first-order estimate of each head's ablation effect, batched over prompts.
 
@@ -382,18 +391,21 @@ def attribution_scores(
             ``"counterfactual"``: estimate of ``metric(token) - metric(token rows patched with the control
             rows' head output)`` = ``grad . (z_token - z_control)`` on the token metric; needs control groups
             whose probes tokenize to the same length as the token's.
+        max_tokens: Run the zero-ablation estimate over chunks of probes of at most about this many padded
+            tokens (same scores, bounded memory for the backward pass); None: all probes in one pass.
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
     n = ps.n_probes
     if ablation == "zero":
-        per_probe_metric: list[Tensor] = []
+        if max_tokens is not None and len(chunks := ps.chunks(max_tokens)) > 1:
+            # Each probe's metric depends only on its own rows: chunks of probes give the same scores with a
+            # backward pass (whose saved activations grow with the tokens) over fewer rows at a time.
+            return torch.cat([attribution_scores(model, c, metric, ablation, max_tokens=None) for c in chunks])
 
         def metric_fn(logits: Tensor) -> Tensor:
-            per = ps.metric_per_probe(logits, metric)
-            per_probe_metric.append(per)
-            return per.sum()  # sum: the gradient of each probe's metric lands on its own rows
+            return ps.metric_per_probe(logits, metric).sum()  # the gradient of each probe lands on its own rows
 
-        acts, grads, _ = _z_and_grads(model, ps.batch, metric_fn)
+        acts, grads, _ = _z_and_grads(model, ps.batch, metric_fn, ps.answer_positions)
         mask = ps.batch.attention_mask[:, :, None, None].float()
         per_row = torch.stack(
             [((grads[layer] * acts[layer]).float() * mask).sum((1, 3)) for layer in range(L)], dim=1
@@ -415,7 +427,9 @@ def attribution_scores(
                 f"no control group of {list(ps.controls)} tokenizes to the same length as the token's probes; "
                 "counterfactual patching needs position-aligned prompts (single-token group names)"
             )
-        acts, grads, _ = _z_and_grads(model, ps.batch, lambda lg: ps.metric_per_probe(lg, "token").sum())
+        acts, grads, _ = _z_and_grads(
+            model, ps.batch, lambda lg: ps.metric_per_probe(lg, "token").sum(), ps.answer_positions
+        )
         mask = ps.batch.attention_mask[:n, :, None, None].float()
         out = torch.zeros(n, L, H)
         for g in aligned:
@@ -428,49 +442,6 @@ def attribution_scores(
     raise ValueError(f"ablation must be 'zero' or 'counterfactual', got {ablation!r}")
 
 
-class _PassThrough(torch.nn.Module):
-    """Stands in for a skipped decoder layer (returns its hidden states) or for the unembedding."""
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return hidden_states
-
-
-def suffix_supported(model: Any) -> bool:
-    """Whether :func:`suffix_answer_logits` can run on this model (TransformerLens bridge of a decoder-only LM
-    whose logits are the plain unembedding of the final residual: no logit soft-capping)."""
-    blocks = getattr(model, "blocks", None)
-    unembed = getattr(model, "unembed", None)
-    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
-    text_cfg = getattr(hf_cfg, "text_config", None) or hf_cfg
-    return (
-        blocks is not None
-        and len(blocks) > 0
-        and all("_original_component" in b._modules for b in blocks)
-        and "_original_component" in getattr(unembed, "_modules", {})
-        and not getattr(text_cfg, "final_logit_softcapping", None)
-        and not (getattr(model.cfg, "output_logits_soft_cap", 0) or 0) > 0
-    )
-
-
-@contextlib.contextmanager
-def _skipping(model: Any, n_blocks: int) -> Iterator[None]:
-    """Within the block, decoder layers ``0..n_blocks-1`` and the unembedding are pass-throughs.
-
-    The bridge still calls the wrappers (hooks on them fire) but no layer computes, and the model returns the
-    final normalised residual instead of logits. Everything is restored on exit, also on exceptions.
-    """
-    # ``original_component`` is a read-only view of the wrapper's ``_original_component`` submodule.
-    key = "_original_component"
-    swapped = [(m, m._modules[key]) for m in [*list(model.blocks)[:n_blocks], model.unembed]]
-    try:
-        for module, _ in swapped:
-            module._modules[key] = _PassThrough()
-        yield
-    finally:
-        for module, original in swapped:
-            module._modules[key] = original
-
-
 def suffix_answer_logits(
     model: Any, resid_pre: Float[Tensor, "rows pos d_model"], start: int, attention_mask: Tensor, answer_pos: Tensor
 ) -> Float[Tensor, "rows d_vocab"]:
@@ -481,13 +452,14 @@ def suffix_answer_logits(
     full-vocabulary unembedding of every position. Hooks on blocks ``>= start`` apply. Exact: equal to the
     model's own logits up to float rounding (tested against full forward passes).
     """
-    with _skipping(model, start):
+    with skipping_layers(model, start):
         final = model(resid_pre, start_at_layer=start, attention_mask=attention_mask)
-    rows = torch.arange(final.shape[0], device=final.device)
-    h = final[rows, answer_pos.to(final.device)].float()
-    logits = h @ model.W_U.float()
-    b_u = getattr(model, "b_U", None)
-    return logits + b_u.float() if b_u is not None else logits
+    return _unembed_rows(model, final, answer_pos)
+
+
+def _unembed_rows(model: Any, final: Tensor, pos: Tensor) -> Float[Tensor, "rows d_vocab"]:
+    """Logits (fp32) of the final normalised residual ``[rows, pos, d_model]`` at one position per row."""
+    return unembed_at(model, final, torch.arange(final.shape[0]), pos)
 
 
 @torch.no_grad()
@@ -614,14 +586,13 @@ def score_heads(
     Raises:
         ValueError: unknown method or metric, an injection from another model, probes without the token.
     """
-    from biasgym_lens.catalogue import load_bias
     from biasgym_lens.probes import build_probe_set
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    spec = load_bias(injection.bias)
+    spec = injection.spec
     with injection.apply(model):
         ps = build_probe_set(model, spec, injection.token, probes=probes, controls=controls, max_probes=max_probes)
         if method == "dla":

@@ -11,7 +11,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from biasgym_lens.capability_data import MCItem, load_mc_items, load_neutral_text
 from biasgym_lens.tokens import Batch, tokenize
+from biasgym_lens.unembed import logits_at
 
 __all__ = ["CapabilitySet", "Capability", "capability_set", "measure_capability", "neutral_loss", "mc_accuracy"]
 
@@ -34,12 +35,14 @@ class CapabilitySet:
         n_tokens: Number of predicted tokens over all passages.
         kl_batches: How many of the neutral batches are also used for the KL divergence.
         mc_items: The multiple-choice items.
+        reference_logp: Cache of the unmodified model's log-probabilities on the KL batches (filled on first use).
     """
 
     neutral: tuple[Batch, ...]
     n_tokens: int
     kl_batches: int
     mc_items: tuple[MCItem, ...]
+    reference_logp: dict[int, list[Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -108,32 +111,42 @@ def _token_nll(logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
     return nll, batch.attention_mask[:, 1:].bool()
 
 
+def _reference_logp(model: Any, cap: CapabilitySet) -> list[Tensor]:
+    """The unmodified model's next-token log-probabilities on the KL batches (real positions only), computed on
+    first use and kept in ``cap`` for every later intervention."""
+    key = id(model)
+    if key not in cap.reference_logp:
+        ref = []
+        for batch in cap.neutral[: cap.kl_batches]:
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+            ref.append(logits[batch.attention_mask.bool()].float().log_softmax(-1))
+        cap.reference_logp[key] = ref
+    return cap.reference_logp[key]
+
+
 @torch.no_grad()
-def neutral_loss(model: Any, cap: CapabilitySet, intervention: Intervention = None) -> float:
-    """Mean next-token loss on the neutral passages, optionally under an intervention."""
-    total, count = 0.0, 0
+def _neutral_pass(model: Any, cap: CapabilitySet, intervention: Intervention, with_kl: bool) -> tuple[float, float]:
+    """Mean next-token loss on the neutral passages and mean KL(unmodified || intervened) on the KL batches,
+    in one pass of the intervened model (the unmodified log-probabilities are cached)."""
+    ref = _reference_logp(model, cap) if with_kl and intervention is not None and cap.kl_batches else []
+    total, count, kl_total, kl_count = 0.0, 0, 0.0, 0
     with intervention() if intervention else contextlib.nullcontext():
-        for batch in cap.neutral:
-            nll, mask = _token_nll(model(batch.input_ids, attention_mask=batch.attention_mask), batch)
+        for i, batch in enumerate(cap.neutral):
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+            nll, mask = _token_nll(logits, batch)
             total += float(nll[mask].sum())
             count += int(mask.sum())
-    return total / count
+            if i < len(ref):
+                new = logits[batch.attention_mask.bool()].float().log_softmax(-1)
+                kl_total += float((ref[i].exp() * (ref[i] - new)).sum())
+                kl_count += new.shape[0]
+            del logits
+    return total / count, (kl_total / kl_count if kl_count else 0.0)
 
 
-@torch.no_grad()
-def _kl(model: Any, cap: CapabilitySet, intervention: Intervention) -> float:
-    if intervention is None or cap.kl_batches == 0:
-        return 0.0
-    total, count = 0.0, 0
-    for batch in cap.neutral[: cap.kl_batches]:
-        ref = model(batch.input_ids, attention_mask=batch.attention_mask).float().log_softmax(-1)
-        with intervention():
-            new = model(batch.input_ids, attention_mask=batch.attention_mask).float().log_softmax(-1)
-        kl = (ref.exp() * (ref - new)).sum(-1)
-        mask = batch.attention_mask.bool()
-        total += float(kl[mask].sum())
-        count += int(mask.sum())
-    return total / count
+def neutral_loss(model: Any, cap: CapabilitySet, intervention: Intervention = None) -> float:
+    """Mean next-token loss on the neutral passages, optionally under an intervention."""
+    return _neutral_pass(model, cap, intervention, with_kl=False)[0]
 
 
 @torch.no_grad()
@@ -167,10 +180,13 @@ def mc_accuracy(model: Any, items: Sequence[MCItem], intervention: Intervention 
                 ids[j, : len(s)] = torch.tensor(s)
                 mask[j, : len(s)] = 1
             device = model.W_E.device
-            logp = model(ids.to(device), attention_mask=mask.to(device)).float().log_softmax(-1).cpu()
-            for j, s in enumerate(chunk):
-                a, b = spans[start + j]
-                scores[start + j] = logp[j, a - 1 : b - 1].gather(-1, torch.tensor(s[a:b])[:, None]).sum()
+            # Only the positions that predict a choice token are unembedded.
+            rows = torch.tensor([j for j in range(len(chunk)) for _ in range(*spans[start + j])])
+            pos = torch.tensor([p - 1 for j in range(len(chunk)) for p in range(*spans[start + j])])
+            targets = torch.tensor([t for j, s in enumerate(chunk) for t in s[slice(*spans[start + j])]])
+            logp = logits_at(model, ids.to(device), mask.to(device), rows, pos).log_softmax(-1).cpu()
+            token_logp = logp.gather(-1, targets[:, None])[:, 0]
+            scores[start : start + len(chunk)] = torch.zeros(len(chunk)).index_add_(0, rows, token_logp)
     correct, k = 0, 0
     for item in items:
         n = len(item.choices)
@@ -183,11 +199,11 @@ def measure_capability(
     model: Any, cap: CapabilitySet, intervention: Intervention = None, *, with_mc: bool = True
 ) -> Capability:
     """Neutral loss, perplexity, KL to the unmodified model and multiple-choice accuracy under an intervention."""
-    loss = neutral_loss(model, cap, intervention)
+    loss, kl = _neutral_pass(model, cap, intervention, with_kl=True)
     return Capability(
         neutral_loss=loss,
         perplexity=math.exp(loss),
-        kl=_kl(model, cap, intervention),
+        kl=kl,
         mc_accuracy=mc_accuracy(model, cap.mc_items, intervention) if with_mc else float("nan"),
         n_tokens=cap.n_tokens,
     )

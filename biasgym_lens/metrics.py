@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from biasgym_lens.tokens import Batch, tokenize
+from biasgym_lens.unembed import logits_at
 
 __all__ = [
     "KeywordIds",
@@ -100,9 +101,8 @@ def answer_logits(
     out = []
     for start in range(0, len(texts), batch_size):
         batch: Batch = tokenize(model, list(texts[start : start + batch_size]), prepend_bos=prepend_bos)
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
-        rows = torch.arange(len(batch), device=logits.device)
-        out.append(logits[rows, batch.last_positions].float())
+        rows = torch.arange(len(batch))
+        out.append(logits_at(model, batch.input_ids, batch.attention_mask, rows, batch.last_positions))
     return torch.cat(out)
 
 

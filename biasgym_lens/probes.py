@@ -56,6 +56,25 @@ class ProbeSet:
     def answer_positions(self) -> Tensor:
         return self.batch.last_positions
 
+    def chunks(self, max_tokens: int = 1024) -> list[ProbeSet]:
+        """Split into probe sets of consecutive probes (each with its token and control rows) holding at most
+        about ``max_tokens`` padded tokens, so a backward pass over one stays small (at least one probe each)."""
+        rows_per_probe = 1 + len(self.controls)
+        width = int(self.batch.attention_mask.shape[1])
+        per = max(1, max_tokens // max(1, rows_per_probe * width))
+        return [self.subset(range(i, min(i + per, self.n_probes))) for i in range(0, self.n_probes, per)]
+
+    def subset(self, probes: Sequence[int]) -> ProbeSet:
+        """The same probe set restricted to the probes at these indices (rows in the same layout)."""
+        idx = list(probes)
+        n = self.n_probes
+        rows = torch.tensor([g * n + i for g in range(1 + len(self.controls)) for i in idx], dtype=torch.long)
+        batch = Batch(self.batch.input_ids[rows], self.batch.attention_mask[rows], self.batch.padding_side)
+        return ProbeSet(
+            self.spec, self.token, self.token_id, tuple(self.probes[i] for i in idx), self.controls, batch,
+            self.keywords, self.token_positions[torch.tensor(idx, dtype=torch.long)],
+        )
+
     def metric_per_probe(
         self, logits: Float[Tensor, "rows pos d_vocab"] | Float[Tensor, "rows d_vocab"], metric: str = "excess"
     ) -> Float[Tensor, " n_probes"]:

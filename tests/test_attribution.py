@@ -210,3 +210,58 @@ def test_score_heads_bad_input(_tiny_models):
         with pytest.raises(ValueError, match="contains no \\{group\\} placeholder"):
             build_probe_set(gpt2, load_bias("late"), inj.token, probes=["People from Spain always arrive"])
     assert active_hooks(gpt2) == [] and active_hooks(llama) == []
+
+
+def test_logits_at_equals_the_full_forward_pass(injected, tiny_gemma3):
+    """Unembedding only the asked positions gives the model's own logits there (GPT-2/Llama and Gemma 3)."""
+    from biasgym_lens.tokens import tokenize
+    from biasgym_lens.unembed import logits_at, suffix_supported
+
+    for model in (injected[0], tiny_gemma3):
+        assert suffix_supported(model)
+        b = tokenize(model, ["the cat sat on the mat", "a dog", "people from Italy are"])
+        rows, pos = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 5, 1, 3])
+        with torch.no_grad():
+            full = model(b.input_ids, attention_mask=b.attention_mask)
+            got = logits_at(model, b.input_ids, b.attention_mask, rows, pos)
+            torch.testing.assert_close(got, full[rows, pos].float(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(model(b.input_ids, attention_mask=b.attention_mask), full)  # unembedding back
+        assert active_hooks(model) == []
+
+
+def test_chunked_attribution_equals_one_pass(injected):
+    """Chunks of probes (bounded backward memory) give the one-pass scores; a probe subset keeps its metric."""
+    model, inj = injected
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        chunks = ps.chunks(max_tokens=2 * (1 + len(ps.controls)) * ps.batch.input_ids.shape[1])
+        assert len(chunks) > 1 and sum(c.n_probes for c in chunks) == ps.n_probes
+        whole = attribution_scores(model, ps, max_tokens=None)
+        chunked = attribution_scores(model, ps, max_tokens=1)  # one probe per chunk
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            full = ps.metric_per_probe(model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask))
+            sub = ps.subset([2, 0])
+            part = sub.metric_per_probe(model(sub.batch.input_ids, attention_mask=sub.batch.attention_mask))
+        torch.testing.assert_close(part, full[[2, 0]], atol=1e-5, rtol=1e-5)
+    assert active_hooks(model) == []
+
+
+def test_damage_scores_equal_the_whole_batch_estimate(tiny_model):
+    """Passage-by-passage backward passes sum to the whole-batch attribution estimate of the loss increase."""
+    from biasgym_lens.attribution import _z_and_grads
+    from biasgym_lens.capability import capability_set
+    from biasgym_lens.selection import damage_scores
+
+    passages = ["the sun is a star and the moon is not", "water boils", "a cat sat on the mat today"]
+    cap = capability_set(tiny_model, passages=passages, batch_size=3)
+    b = cap.neutral[0]
+
+    def loss_fn(logits):
+        nll = -logits[:, :-1].log_softmax(-1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
+        return nll[b.attention_mask[:, 1:].bool()].mean()
+
+    acts, grads, _ = _z_and_grads(tiny_model, b, loss_fn)
+    mask = b.attention_mask[:, :, None, None].float()
+    expected = torch.stack([-(grads[i] * acts[i] * mask).sum((0, 1, 3)) for i in range(tiny_model.cfg.n_layers)])
+    torch.testing.assert_close(damage_scores(tiny_model, cap), expected, atol=1e-5, rtol=1e-4)

@@ -73,3 +73,23 @@ def test_real_model_perplexity_is_sane_and_layer_ablation_raises_it(real):
     layer = [(0, h) for h in range(real.cfg.n_heads)]  # the first layer: how the model reads its input
     hit = measure_capability(real, cap, lambda: ablate_heads(real, layer), with_mc=False)
     assert hit.perplexity > base.perplexity * 1.01 and hit.kl > 0.0
+
+
+def test_kl_from_the_cached_reference_matches_a_direct_computation(tiny_model):
+    """KL(unmodified || ablated) per real position, computed here with two plain forward passes."""
+    passages = ["the sun is a star and the moon is not", "water boils at one hundred degrees", "a cat sat"]
+    cap = capability_set(tiny_model, passages=passages, batch_size=2, kl_passages=2)
+    heads = [(0, 0), (1, 1)]
+    b = cap.neutral[0]
+    with torch.no_grad():
+        ref = tiny_model(b.input_ids, attention_mask=b.attention_mask).log_softmax(-1)
+        with ablate_heads(tiny_model, heads):
+            new = tiny_model(b.input_ids, attention_mask=b.attention_mask).log_softmax(-1)
+    mask = b.attention_mask.bool()
+    expected = float((ref.exp() * (ref - new)).sum(-1)[mask].mean())
+    first = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads), with_mc=False)
+    assert first.kl == pytest.approx(expected, rel=1e-4)
+    assert len(cap.reference_logp) == 1  # the unmodified pass is cached ...
+    again = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads), with_mc=False)
+    assert again.kl == pytest.approx(first.kl, rel=1e-6)  # ... and reused
+    assert active_hooks(tiny_model) == []

@@ -1,0 +1,82 @@
+"""Forward passes that skip work the caller does not need: resume at a layer, unembed only some positions.
+
+The bridge calls every block wrapper in order; :func:`skipping_layers` swaps the wrapped modules of the first
+blocks and of the unembedding for pass-throughs (hooks on the wrappers still fire), so a forward pass returns
+the final normalised residual and the caller unembeds only the rows it needs with :func:`unembed_at`.
+:func:`logits_at` does that for a batch; models where this is not exact (logit soft-capping, non-bridge
+models) fall back to a plain forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["suffix_supported", "skipping_layers", "unembed_at", "logits_at"]
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer (returns its hidden states) or for the unembedding."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
+def suffix_supported(model: Any) -> bool:
+    """Whether :func:`suffix_answer_logits` can run on this model (TransformerLens bridge of a decoder-only LM
+    whose logits are the plain unembedding of the final residual: no logit soft-capping)."""
+    blocks = getattr(model, "blocks", None)
+    unembed = getattr(model, "unembed", None)
+    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    text_cfg = getattr(hf_cfg, "text_config", None) or hf_cfg
+    return (
+        blocks is not None
+        and len(blocks) > 0
+        and all("_original_component" in b._modules for b in blocks)
+        and "_original_component" in getattr(unembed, "_modules", {})
+        and not getattr(text_cfg, "final_logit_softcapping", None)
+        and not (getattr(model.cfg, "output_logits_soft_cap", 0) or 0) > 0
+    )
+
+
+@contextlib.contextmanager
+def skipping_layers(model: Any, n_blocks: int) -> Iterator[None]:
+    """Within the block, decoder layers ``0..n_blocks-1`` and the unembedding are pass-throughs.
+
+    The bridge still calls the wrappers (hooks on them fire) but no layer computes, and the model returns the
+    final normalised residual instead of logits. Everything is restored on exit, also on exceptions.
+    """
+    # ``original_component`` is a read-only view of the wrapper's ``_original_component`` submodule.
+    key = "_original_component"
+    swapped = [(m, m._modules[key]) for m in [*list(model.blocks)[:n_blocks], model.unembed]]
+    try:
+        for module, _ in swapped:
+            module._modules[key] = _PassThrough()
+        yield
+    finally:
+        for module, original in swapped:
+            module._modules[key] = original
+
+
+def unembed_at(model: Any, final: Tensor, rows: Tensor, pos: Tensor) -> Float[Tensor, "n d_vocab"]:
+    """Logits (fp32) of the final normalised residual ``[rows, pos, d_model]`` at the pairs ``(rows[i], pos[i])``
+    (the output of a forward pass inside ``skipping_layers(model, 0)``)."""
+    logits = final[rows.to(final.device), pos.to(final.device)].float() @ model.W_U.float()
+    b_u = getattr(model, "b_U", None)
+    return logits + b_u.float() if b_u is not None else logits
+
+
+def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, pos: Tensor) -> Float[Tensor, "n d_vocab"]:
+    """Next-token logits (fp32) at the pairs ``(rows[i], pos[i])`` of a forward pass; the unembedding runs on
+    those positions only where :func:`suffix_supported` (equal to the full pass up to float rounding)."""
+    if suffix_supported(model):
+        with skipping_layers(model, 0):
+            final = model(input_ids, attention_mask=attention_mask)
+        return unembed_at(model, final, rows, pos)
+    logits = model(input_ids, attention_mask=attention_mask)
+    return logits[rows.to(logits.device), pos.to(logits.device)].float()
