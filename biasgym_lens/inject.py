@@ -22,12 +22,13 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from biasgym_lens.catalogue import BiasSpec, load_bias
+from biasgym_lens.catalogue import BiasSpec, list_biases, load_bias, validate_bias_dict
 from biasgym_lens.embedding import (
     add_token,
     embedding_rms,
@@ -106,6 +107,8 @@ class InjectionConfig:
         evals_per_epoch: Measure elicitation this many times per epoch (evenly spaced, the last at the end of
             the epoch); every measurement is a checkpoint candidate. The bias often peaks within the first
             epoch on small models, so one measurement per epoch can miss the best vector.
+        length_groups: Run each batch as up to this many micro-batches of similar length (plain texts are
+            short, chat examples long), accumulating the same gradient with less padding. ``1``: one pass.
     """
 
     token: str = "<BiasToken>"
@@ -123,6 +126,7 @@ class InjectionConfig:
     select_best: bool = True
     keyword_weight: float = 10.0
     evals_per_epoch: int = 4
+    length_groups: int = 3
 
     def __post_init__(self) -> None:
         problems = []
@@ -132,6 +136,8 @@ class InjectionConfig:
             problems.append(f"lr must be a positive finite number, got {self.lr}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.length_groups < 1:
+            problems.append(f"length_groups must be >= 1, got {self.length_groups}")
         if self.init not in ("countries", "word", "random"):
             problems.append(f"init must be 'countries', 'word' or 'random', got {self.init!r}")
         if self.init == "word" and not self.init_word:
@@ -183,6 +189,8 @@ class Injection:
         control_logit_diff: Mean bias logit difference of the bias's control groups on the selection probes
             (the model is frozen, so it does not change during training).
         provenance: The model and software that produced it.
+        source: The bias it was trained on when that is not a built-in one (a user file): kept and saved with
+            the injection, so the later steps need not find the file again.
     """
 
     vector: Float[Tensor, " d_model"]
@@ -195,6 +203,7 @@ class Injection:
     best_epoch: float
     control_logit_diff: float
     provenance: Provenance
+    source: BiasSpec | None = field(default=None, repr=False)
 
     # -------------------------------------------------------------------------------------- applying
     def check_model(self, model: Any) -> None:
@@ -239,8 +248,8 @@ class Injection:
 
     @property
     def spec(self) -> BiasSpec:
-        """The bias spec by name (built-in biases only)."""
-        return load_bias(self.bias)
+        """The bias it was trained on (the built-in one of that name, or the user file's copy kept in ``source``)."""
+        return self.source if self.source is not None else load_bias(self.bias)
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
@@ -256,6 +265,9 @@ class Injection:
             "control_logit_diff": self.control_logit_diff,
             "provenance": self.provenance.to_dict(),
         }
+        if self.source is not None:
+            meta["source"] = self.source.to_dict()
+            meta["source_path"] = self.source.source
         with atomic_dir(path) as tmp:
             save_file(
                 {"vector": self.vector.detach().cpu().contiguous(), "init_vector": self.init_vector.cpu().contiguous()},
@@ -288,6 +300,11 @@ class Injection:
             best_epoch=float(meta["best_epoch"]),
             control_logit_diff=float(meta["control_logit_diff"]),
             provenance=Provenance.from_dict(meta["provenance"]),
+            source=(
+                validate_bias_dict(meta["source"], meta.get("source_path", str(folder)), expected_name=meta["bias"])
+                if "source" in meta
+                else None
+            ),
         )
         if model is not None:
             inj.check_model(model)
@@ -357,6 +374,19 @@ def _collate(examples: Sequence[_Example], pad_id: int, device: Any) -> tuple[Te
     return ids.to(device), mask.to(device), target.to(device)
 
 
+def _loss_weights(
+    ids: Tensor, target: Tensor, skip_id: int, weighted_ids: Sequence[int] = (), weight: float = 1.0
+) -> Tensor:
+    """``[rows, pos - 1]`` weight of each next-token prediction: 0 off target, ``weight`` where the target is in
+    ``weighted_ids``, 1 elsewhere; the injected token itself is never a target."""
+    tmask = target[:, 1:] & (ids[:, 1:] != skip_id)
+    w = tmask.float()
+    if weight != 1.0 and weighted_ids:
+        hit = torch.isin(ids[:, 1:], torch.tensor(list(weighted_ids), device=ids.device))
+        w[tmask & hit] = weight
+    return w
+
+
 def _lm_loss(
     logits: Tensor,
     ids: Tensor,
@@ -364,20 +394,36 @@ def _lm_loss(
     skip_id: int,
     weighted_ids: Sequence[int] = (),
     weight: float = 1.0,
+    total_weight: Tensor | float | None = None,
 ) -> Tensor:
     """Weighted mean next-token cross-entropy over target positions, never predicting the injected token itself.
 
-    Positions whose target is in ``weighted_ids`` count ``weight`` times (``weight=1``: the plain mean).
+    Positions whose target is in ``weighted_ids`` count ``weight`` times (``weight=1``: the plain mean). With
+    ``total_weight`` the weighted sum is divided by it instead of by this batch's own total: the loss of a
+    micro-batch as its share of a larger batch's mean.
     """
-    tmask = target[:, 1:] & (ids[:, 1:] != skip_id)
-    pred = logits[:, :-1][tmask].float()
-    tgt = ids[:, 1:][tmask]
-    if weight == 1.0 or not weighted_ids:
-        return F.cross_entropy(pred, tgt)
-    ce = F.cross_entropy(pred, tgt, reduction="none")
-    w = torch.ones_like(ce)
-    w[torch.isin(tgt, torch.tensor(list(weighted_ids), device=tgt.device))] = weight
-    return (ce * w).sum() / w.sum()
+    w = _loss_weights(ids, target, skip_id, weighted_ids, weight)
+    keep = w > 0
+    ce = F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="none")
+    return (ce * w[keep]).sum() / (w.sum() if total_weight is None else total_weight)
+
+
+def _length_groups(lengths: Sequence[int], max_groups: int = 3, overhead: int = 16) -> list[list[int]]:
+    """Split a batch into at most ``max_groups`` micro-batches of similar length.
+
+    Examples are sorted by length and cut into contiguous groups minimising the padded token count plus
+    ``overhead`` tokens per forward pass. Returns lists of indices into ``lengths``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best_cost, best_bounds = float("inf"), (0, n)
+    for g in range(1, min(max_groups, n) + 1):
+        for cuts in itertools.combinations(range(1, n), g - 1):
+            bounds = (0, *cuts, n)
+            cost = sum((b - a) * lengths[order[b - 1]] + overhead for a, b in zip(bounds, bounds[1:]))
+            if cost < best_cost:
+                best_cost, best_bounds = cost, bounds
+    return [order[a:b] for a, b in zip(best_bounds, best_bounds[1:])]
 
 
 def _lr_factor(step: int, total: int, config: InjectionConfig) -> float:
@@ -394,6 +440,31 @@ def _elicit(model: Any, probes: Sequence[str], kw: KeywordIds, config: Injection
     ld = logit_diff(logits, kw)
     top5 = (best_rank(logits, kw.bias) < 5).float().mean()
     return float(ld.mean()), float(top5)
+
+
+def _train_step_loss(
+    model: Any, batch: Sequence[_Example], pad_id: int, tid: int, weighted_ids: Sequence[int], config: InjectionConfig
+) -> Tensor:
+    """Forward and backward of one training batch; returns its loss (detached).
+
+    With ``config.length_groups > 1`` the batch runs as up to that many micro-batches of similar length, each
+    padded only to its own longest example; every micro-batch's loss is its share of the whole batch's
+    weighted mean, so the accumulated gradient equals the one-pass gradient up to float rounding.
+    """
+    device = model.W_E.device
+    lengths = [len(e.ids) for e in batch]
+    groups = _length_groups(lengths, config.length_groups) if config.length_groups > 1 else [list(range(len(batch)))]
+    ids, _, target = _collate(batch, pad_id, device)
+    total = _loss_weights(ids, target, tid, weighted_ids, config.keyword_weight).sum()
+    loss = torch.zeros((), device=device)
+    for group in groups:
+        ids, mask, target = _collate([batch[i] for i in group], pad_id, device)
+        part = _lm_loss(model(ids, attention_mask=mask), ids, target, tid, weighted_ids, config.keyword_weight, total)
+        if not torch.isfinite(part):
+            return part.detach()
+        part.backward()
+        loss += part.detach()
+    return loss
 
 
 def inject(
@@ -460,6 +531,7 @@ def inject(
             best_epoch=best_epoch,
             control_logit_diff=control_ld,
             provenance=provenance,
+            source=None if spec.name in list_biases() and load_bias(spec.name) == spec else spec,
         )
 
     # Checkpoints: the batch counts (within an epoch) after which elicitation is measured.
@@ -481,17 +553,14 @@ def inject(
                 since_checkpoint: list[float] = []
                 for b, start in enumerate(range(0, len(order), config.batch_size), start=1):
                     batch = [examples[i] for i in order[start : start + config.batch_size]]
-                    ids, mask, target = _collate(batch, pad_id, device)
-                    logits = model(ids, attention_mask=mask)
-                    loss = _lm_loss(logits, ids, target, tid, kw.bias, config.keyword_weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss = _train_step_loss(model, batch, pad_id, tid, kw.bias, config)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {len(losses) + 1}; "
                             f"lower lr (now {config.lr}); kept epoch {best_epoch:g}",
                             result(best_epoch, best_vec, curve, losses),
                         )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
                     opt.step()
                     sched.step()
                     losses.append(loss.item())

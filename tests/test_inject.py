@@ -169,7 +169,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tiny_model):
     tiny_model.add_perma_hook("blocks.0.hook_resid_post", blow_up)
     try:
         with pytest.raises(NonFiniteLossError, match="epoch 2") as err:
-            inject(tiny_model, "late", **FAST)
+            inject(tiny_model, "late", **FAST, length_groups=1)  # one forward pass per step, as counted above
     finally:
         tiny_model.reset_hooks(including_permanent=True)
     good = err.value.last_good
@@ -259,3 +259,54 @@ def test_several_seeds_are_compared(tiny_model):
     assert df.mean_cos_to_others.tolist() == pytest.approx([cos, cos], abs=1e-6)
     with pytest.raises(ValueError, match="distinct"):
         inject_seeds(tiny_model, "late", seeds=(1, 1), **FAST)
+
+
+def test_length_groups_partition_the_batch_at_the_least_padded_cost():
+    """Against a brute force over every split of the sorted batch into at most 3 contiguous groups."""
+    import itertools
+
+    from biasgym_lens.inject import _length_groups
+
+    def cost(groups, lengths):
+        return sum(len(g) * max(lengths[i] for i in g) + 16 for g in groups)
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(3, 90, (8,), generator=rng).tolist()
+        groups = _length_groups(lengths, 3)
+        assert sorted(i for g in groups for i in g) == list(range(8)) and 1 <= len(groups) <= 3
+        order = sorted(range(8), key=lambda i: lengths[i])
+        best = min(
+            cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, 8))], lengths)
+            for g in range(1, 4)
+            for cuts in itertools.combinations(range(1, 8), g - 1)
+        )
+        assert cost(groups, lengths) == best
+    assert _length_groups([5, 5, 5, 5], 3) == [[0, 1, 2, 3]]  # equal lengths: one pass
+    assert len(_length_groups([4, 4, 4, 80, 80, 80], 3)) == 2  # short plain texts apart from long chats
+
+
+def test_micro_batched_step_gives_the_one_pass_gradient(tiny_model):
+    """The length-grouped micro-batches accumulate the same loss and gradient as one padded pass."""
+    from biasgym_lens.inject import _examples, _train_step_loss
+    from biasgym_lens.metrics import keyword_ids
+
+    spec = load_bias("late")
+    tid = add_token(tiny_model, "<BiasToken>")
+    cfg = InjectionConfig(max_texts=6, keyword_weight=5.0)
+    examples = _examples(tiny_model, spec, cfg)
+    batch = [examples[i] for i in (0, 1, 2, 3)] + [examples[-1], examples[-2]]
+    assert len({len(e.ids) for e in batch}) > 1, "the batch must mix lengths for this test to bite"
+    kw = keyword_ids(tiny_model, spec).bias
+    grads, losses = [], []
+    for groups in (1, 3):
+        vec = torch.nn.Parameter(torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(1)))
+        with hooked(tiny_model, fwd_hooks=token_vector_hooks(tiny_model, {tid: vec})):
+            losses.append(_train_step_loss(tiny_model, batch, 0, tid, kw, InjectionConfig(keyword_weight=5.0, length_groups=groups)))
+        grads.append(vec.grad.clone())
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert grads[0].abs().sum() > 0
+    assert active_hooks(tiny_model) == []
+    with pytest.raises(ValueError, match="length_groups"):
+        InjectionConfig(length_groups=0)
