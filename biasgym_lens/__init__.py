@@ -39,6 +39,7 @@ _LAZY = {
     "ScopeResult": "biasgym_lens.study",
     "scope": "biasgym_lens.study",
     "generalisation_matrix": "biasgym_lens.study",
+    "generalisation_table": "biasgym_lens.study",
 }
 
 __all__ = [

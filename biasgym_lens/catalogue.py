@@ -141,8 +141,9 @@ class Minimums:
 STRICT_MINIMUMS = Minimums(training=200, paragraphs=40, probes=40, real_groups=3, control_groups=4)
 """Minimums for the built-in catalogue (``strict=True``)."""
 
-LENIENT_MINIMUMS = Minimums(training=20, paragraphs=0, probes=4, real_groups=1, control_groups=1)
-"""Minimums for user files (``strict=False``)."""
+LENIENT_MINIMUMS = Minimums(training=20, paragraphs=0, probes=4, real_groups=0, control_groups=1)
+"""Minimums for user files (``strict=False``). A user bias may name no real groups: it can still be injected and
+scoped, and the transfer to real groups is skipped with a message."""
 
 
 def _as_tuple(values: Iterable[str]) -> tuple[str, ...]:

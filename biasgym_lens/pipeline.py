@@ -39,7 +39,7 @@ class StudyPreset:
 
     injection: InjectionConfig
     scope: ScopeConfig
-    control_max_texts: int | None = 60
+    control_max_texts: int | None = 30
     generate_tokens: int = 40
 
 

@@ -174,15 +174,18 @@ def closest_entities_bar(df: pd.DataFrame, *, top: int = 12, title: str = "Close
 
 
 def faithfulness_plot(curve: Any, *, title: str | None = None) -> go.Figure:
-    """Excess and neutral-loss increase against the number of ablated heads; random heads as a min-max band."""
+    """Excess and the budgeted neutral-text cost (perplexity or loss increase) against the number of ablated
+    heads; random heads as a min-max band."""
     t = curve.table
+    on = getattr(curve, "budget_on", "loss")
+    cost = f"{on}_increase"
     top = t[t.selection == "top"].sort_values("k")
     rnd = t[t.selection == "random"].groupby("k").agg(
         lo=("excess", "min"), hi=("excess", "max"), mean=("excess", "mean"),
-        loss_lo=("loss_increase", "min"), loss_hi=("loss_increase", "max"),
+        loss_lo=(cost, "min"), loss_hi=(cost, "max"),
     ).reset_index()
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("token excess over controls", "neutral-text loss increase"))
-    for col, (y, lo, hi) in enumerate((("excess", "lo", "hi"), ("loss_increase", "loss_lo", "loss_hi")), start=1):
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("token excess over controls", f"neutral-text {on} increase"))
+    for col, (y, lo, hi) in enumerate((("excess", "lo", "hi"), (cost, "loss_lo", "loss_hi")), start=1):
         fig.add_trace(
             go.Scatter(
                 x=list(rnd["k"]) + list(rnd["k"])[::-1], y=list(rnd[hi]) + list(rnd[lo])[::-1], fill="toself",
@@ -196,8 +199,10 @@ def faithfulness_plot(curve: Any, *, title: str | None = None) -> go.Figure:
     fig.add_hline(y=curve.baseline_excess, line_dash="dot", row=1, col=1)
     fig.add_hline(y=curve.budget, line_dash="dash", line_color="red", row=1, col=2)
     fig.update_yaxes(title_text="excess (nats)", row=1, col=1)
-    fig.update_yaxes(title_text="relative loss increase", tickformat=".1%", row=1, col=2)
-    fig.update_layout(title=title or f"Faithfulness curve (chosen k = {curve.chosen_k()}, budget {curve.budget:.0%})")
+    fig.update_yaxes(title_text=f"relative {on} increase", tickformat=".1%", row=1, col=2)
+    fig.update_layout(
+        title=title or f"Faithfulness curve (best k on the curve = {curve.chosen_k()}, {on} budget {curve.budget:.0%})"
+    )
     return fig
 
 

@@ -9,9 +9,10 @@ token's excess over the control groups and the neutral-text loss, beside k rando
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from biasgym_lens.attribution import HeadScores, _z_and_grads
 from biasgym_lens.capability import CapabilitySet, neutral_loss
 from biasgym_lens.interventions import Head, ablate_heads
 from biasgym_lens.probes import ProbeSet
+from biasgym_lens.tokens import Batch
+from biasgym_lens.unembed import logits_at
 
 __all__ = [
     "damage_scores",
@@ -32,6 +35,10 @@ __all__ = [
     "FaithfulnessCurve",
     "faithfulness_curve",
     "pick_k",
+    "budget_candidates",
+    "first_within_budget",
+    "relative_increase",
+    "BUDGET_MEASURES",
 ]
 
 
@@ -45,17 +52,22 @@ def damage_scores(model: Any, cap: CapabilitySet, *, max_batches: int = 2) -> Te
     total = torch.zeros(L, H)
     batches = cap.neutral[:max_batches]
     for batch in batches:
+        n_predicted = batch.attention_mask[:, 1:].sum()
+        # One passage at a time (the backward pass's saved activations grow with the tokens); the batch's mean
+        # loss is the sum of each passage's summed loss over the batch's token count, so the estimate is the same.
+        for row in range(len(batch)):
+            real = batch.attention_mask[row].bool()
+            one = Batch(batch.input_ids[row : row + 1, real], batch.attention_mask[row : row + 1, real])
 
-        def loss_fn(logits: Tensor, batch: Any = batch) -> Tensor:
-            logp = logits[:, :-1].float().log_softmax(-1)
-            nll = -logp.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-            mask = batch.attention_mask[:, 1:].bool()
-            return nll[mask].mean()
+            def loss_fn(logits: Tensor, one: Batch = one, n: Tensor = n_predicted) -> Tensor:
+                logp = logits[:, :-1].float().log_softmax(-1)
+                nll = -logp.gather(-1, one.input_ids[:, 1:, None])[..., 0]
+                return nll.sum() / n
 
-        acts, grads, _ = _z_and_grads(model, batch, loss_fn)
-        for layer in range(L):
-            # loss(ablated) - loss(clean) ~ grad . (0 - z)
-            total[layer] += -(grads[layer] * acts[layer]).float().sum((0, 1, 3)).cpu()
+            acts, grads, _ = _z_and_grads(model, one, loss_fn)
+            for layer in range(L):
+                # loss(ablated) - loss(clean) ~ grad . (0 - z)
+                total[layer] += -(grads[layer] * acts[layer]).float().sum((0, 1, 3)).cpu()
     return total / len(batches)
 
 
@@ -89,11 +101,12 @@ class FaithfulnessCurve:
 
     Attributes:
         table: Long table with ``k, selection ("top"|"random"), draw, excess, token_logit_diff,
-            neutral_loss, loss_increase``.
+            neutral_loss, loss_increase, perplexity_increase, excess_cut``.
         baseline_excess: The token's excess with nothing ablated.
         baseline_loss: Neutral loss with nothing ablated.
         heads: The ranked heads the curve ablates (first k of them at point k).
-        budget: The allowed relative loss increase used by :meth:`chosen`.
+        budget: The allowed relative increase used by :meth:`chosen_k`.
+        budget_on: What the budget limits: ``"perplexity"`` or ``"loss"`` of the neutral text.
     """
 
     table: pd.DataFrame
@@ -102,29 +115,74 @@ class FaithfulnessCurve:
     heads: tuple[Head, ...]
     budget: float = 0.05
     settings: dict[str, Any] = field(default_factory=dict)
+    budget_on: str = "perplexity"
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.table.copy()
 
     def chosen_k(self) -> int:
         """The k with the lowest excess among points within the budget (0 if none is)."""
-        return pick_k(self.table, self.budget)
+        return pick_k(self.table, self.budget, self.budget_on)
 
     def chosen_heads(self) -> list[Head]:
         return list(self.heads[: self.chosen_k()])
 
+    def candidates(self) -> list[int]:
+        """Every k within the budget, lowest excess first (the fallbacks if the chosen k fails a check)."""
+        return budget_candidates(self.table, self.budget, self.budget_on)
 
-def pick_k(table: pd.DataFrame, budget: float = 0.05) -> int:
-    """The k of the ``"top"`` rows with the lowest excess whose neutral-loss increase is within ``budget``."""
-    top = table[(table["selection"] == "top") & (table["loss_increase"] <= budget)]
-    if top.empty:
-        return 0
-    return int(top.sort_values(["excess", "k"]).iloc[0]["k"])
+
+BUDGET_MEASURES = ("perplexity", "loss")
+
+
+def _cost_column(on: str) -> str:
+    if on not in BUDGET_MEASURES:
+        raise ValueError(f"the budget applies to one of {', '.join(BUDGET_MEASURES)}, got {on!r}")
+    return f"{on}_increase"
+
+
+def budget_candidates(table: pd.DataFrame, budget: float = 0.05, on: str = "perplexity") -> list[int]:
+    """The k of the ``"top"`` rows whose relative ``on`` increase is within ``budget``, lowest excess first."""
+    col = _cost_column(on)
+    top = table[(table["selection"] == "top") & (table[col] <= budget)]
+    return [int(k) for k in top.sort_values(["excess", "k"])["k"]]
+
+
+def relative_increase(loss: float, base_loss: float, on: str = "perplexity") -> float:
+    """Relative increase of the perplexity (``exp(loss - base) - 1``) or of the loss (``loss / base - 1``)."""
+    _cost_column(on)
+    return math.exp(loss - base_loss) - 1.0 if on == "perplexity" else loss / base_loss - 1.0
+
+
+def first_within_budget(
+    candidates: Sequence[Any], final_cost: Callable[[Any], float], curve_cost: Callable[[Any], float], budget: float
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The first candidate (a number of heads, a steering multiplier) whose ``final_cost`` is within ``budget``
+    (0 if none is), and every check made.
+
+    The curve estimates each candidate's cost on a few passages; this confirms it on the final passages,
+    falling back to the next candidate when the estimate was optimistic.
+    """
+    checks: list[dict[str, Any]] = []
+    for cand in candidates:
+        cost = float(final_cost(cand))
+        checks.append({"candidate": cand, "curve_cost": float(curve_cost(cand)), "final_cost": cost})
+        if cost <= budget:
+            return cand, checks
+    return 0, checks
+
+
+def pick_k(table: pd.DataFrame, budget: float = 0.05, on: str = "perplexity") -> int:
+    """The k of the ``"top"`` rows with the lowest excess whose relative neutral-text perplexity (or loss,
+    ``on="loss"``) increase is within ``budget``; 0 if none is."""
+    found = budget_candidates(table, budget, on)
+    return found[0] if found else 0
 
 
 @torch.no_grad()
 def _excess(model: Any, ps: ProbeSet) -> tuple[float, float]:
-    logits = model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask)
+    rows = torch.arange(len(ps.batch))
+    logits = logits_at(model, ps.batch.input_ids, ps.batch.attention_mask, rows, ps.answer_positions)
     return float(ps.metric_per_probe(logits, "excess").mean()), float(ps.metric_per_probe(logits, "token").mean())
 
 
@@ -138,6 +196,7 @@ def faithfulness_curve(
     random_draws: int = 3,
     kind: str = "zero",
     budget: float = 0.05,
+    budget_on: str = "perplexity",
     seed: int = 0,
     reference: Any = None,
     progress: bool = False,
@@ -152,8 +211,11 @@ def faithfulness_curve(
         ks: Numbers of heads (values above ``len(ranked_heads)`` are dropped).
         random_draws: Random head sets per k (the baseline band).
         kind: Ablation kind (see :func:`~biasgym_lens.interventions.ablate_heads`).
-        budget: Allowed relative increase of the neutral loss for :meth:`FaithfulnessCurve.chosen_k`.
+        budget: Allowed relative increase of the neutral-text perplexity (or loss) for
+            :meth:`FaithfulnessCurve.chosen_k`.
+        budget_on: ``"perplexity"`` (default) or ``"loss"``.
     """
+    _cost_column(budget_on)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     all_heads = [(layer, h) for layer in range(L) for h in range(H)]
     ks = sorted({int(k) for k in ks if 1 <= int(k) <= len(ranked_heads)})
@@ -176,7 +238,8 @@ def faithfulness_curve(
                 "excess": ex,
                 "token_logit_diff": tok,
                 "neutral_loss": loss,
-                "loss_increase": loss / base_loss - 1.0,
+                "loss_increase": relative_increase(loss, base_loss, "loss"),
+                "perplexity_increase": relative_increase(loss, base_loss, "perplexity"),
                 "excess_cut": 1.0 - ex / base_excess if base_excess != 0 else float("nan"),
             }
         )
@@ -193,4 +256,5 @@ def faithfulness_curve(
     return FaithfulnessCurve(
         table, base_excess, base_loss, tuple(ranked_heads[: max(ks)]), budget,
         {"kind": kind, "random_draws": random_draws, "seed": seed, "base_token_logit_diff": base_token},
+        budget_on,
     )

@@ -14,7 +14,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +22,39 @@ import pandas as pd
 import torch
 
 from biasgym_lens.attribution import HeadScores, score_heads
-from biasgym_lens.capability import Capability, capability_set, measure_capability
+from biasgym_lens.capability import Capability, capability_set, mc_accuracy, measure_capability, neutral_loss
 from biasgym_lens.catalogue import BiasSpec, load_bias
 from biasgym_lens.elicit import group_scores
 from biasgym_lens.interventions import Head, ablate_heads, steer
 from biasgym_lens.metrics import keyword_ids, probe_subset
 from biasgym_lens.probes import build_probe_set
 from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
-from biasgym_lens.selection import FaithfulnessCurve, damage_scores, faithfulness_curve, specific_scores
+from biasgym_lens.selection import (
+    BUDGET_MEASURES,
+    FaithfulnessCurve,
+    damage_scores,
+    faithfulness_curve,
+    first_within_budget,
+    relative_increase,
+    specific_scores,
+)
 from biasgym_lens.steering import bias_direction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScopeConfig", "ScopeResult", "scope", "measure_groups", "generalisation_matrix", "DEBIAS_PREFIX"]
+__all__ = [
+    "ScopeConfig",
+    "ScopeResult",
+    "scope",
+    "measure_groups",
+    "generalisation_table",
+    "generalisation_matrix",
+    "DEBIAS_PREFIX",
+]
 
 DEBIAS_PREFIX = "Treat every nationality the same and do not rely on stereotypes. "
-_FORMAT = 1
+NO_REAL_GROUPS = "bias %r names no real groups: the transfer to real groups is skipped (its columns are NaN)"
+_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -52,14 +69,18 @@ class ScopeConfig:
         damage_weight: Weight of the estimated neutral-loss damage in the specific score.
         ks: Points of the faithfulness curve.
         random_draws: Random head sets per point.
-        budget: Allowed relative increase of neutral-text loss.
+        budget: Allowed relative increase of the neutral-text cost measure (``budget_on``) for the chosen heads
+            and the steering baseline. The curve's few passages pick the candidates; the chosen k must also
+            stay within the budget on the final passages (else the next candidate is taken).
+        budget_on: ``"perplexity"`` (default) or ``"loss"`` of the neutral text.
         kind: Ablation kind for the chosen heads.
         curve_passages: Neutral passages for the curve (fast); ``final_passages`` for the final measures.
         curve_probes: Evaluation probes used by the curve (None: all).
         curve_controls: Control groups used by the curve (None: all); the final measures use all of them.
         mc_items: Multiple-choice items in the final measures.
         steer_layer: Layer of the steering baseline (default: two thirds of the depth).
-        steer_alphas: Multipliers tried for subtracting the bias direction (the largest within budget is used).
+        steer_alphas: Multipliers tried for subtracting the bias direction: the largest within the budget on the
+            curve's passages, confirmed on the final passages (else the next smaller one), is used.
         seed: Seeds the random baselines.
     """
 
@@ -68,9 +89,10 @@ class ScopeConfig:
     ablation_controls: int = 2
     heads_per_pass: int | None = None
     damage_weight: float = 1.0
-    ks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
-    random_draws: int = 3
+    ks: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    random_draws: int = 2
     budget: float = 0.05
+    budget_on: str = "perplexity"
     kind: str = "zero"
     curve_passages: int = 8
     curve_probes: int | None = None
@@ -78,7 +100,7 @@ class ScopeConfig:
     final_passages: int = 70
     mc_items: int = 137
     steer_layer: int | None = None
-    steer_alphas: tuple[float, ...] = (1.0, 2.0)
+    steer_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,7 +108,9 @@ class ScopeConfig:
         if bad:
             raise ValueError(f"unknown methods {bad}; valid: dla, attention, attribution, ablation")
         if not 0 <= self.budget < 10:
-            raise ValueError(f"budget must be a relative loss increase in [0, 10), got {self.budget}")
+            raise ValueError(f"budget must be a relative increase in [0, 10), got {self.budget}")
+        if self.budget_on not in BUDGET_MEASURES:
+            raise ValueError(f"budget_on must be one of {', '.join(BUDGET_MEASURES)}, got {self.budget_on!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,7 +156,7 @@ class ScopeResult:
 
     def summary(self) -> pd.DataFrame:
         """One row per intervention: token excess and its cut, real-group gap, cost (relative increase of the
-        neutral-text loss and of its perplexity, KL, MC accuracy)."""
+        neutral-text loss and of its perplexity, KL, MC accuracy) and whether that cost is within the budget."""
         g = self.groups
         base = g[(g.intervention == "none") & (g.kind == "token")]["excess"].item()
         base_real = g[(g.intervention == "none") & (g.kind == "real")]["excess"].mean()
@@ -154,7 +178,9 @@ class ScopeResult:
                     "mc_accuracy": cap["mc_accuracy"].item() if len(cap) else float("nan"),
                 }
             )
-        return pd.DataFrame(rows)
+        out = pd.DataFrame(rows)
+        out["within_budget"] = out[f"{self.config.budget_on}_increase"] <= self.config.budget
+        return out
 
     def to_dataframe(self, view: str = "summary") -> pd.DataFrame:
         """A tidy view: ``"summary"``, ``"groups"``, ``"capability"``, ``"curve"``, ``"scores"``, ``"agreement"``."""
@@ -186,6 +212,7 @@ class ScopeResult:
                 "baseline_loss": self.curve.baseline_loss,
                 "heads": [list(h) for h in self.curve.heads],
                 "budget": self.curve.budget,
+                "budget_on": self.curve.budget_on,
                 "settings": self.curve.settings,
             },
             "extra": self.extra,
@@ -210,7 +237,7 @@ class ScopeResult:
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
         curve = FaithfulnessCurve(
             pd.read_csv(folder / "curve.csv"), c["baseline_excess"], c["baseline_loss"],
-            tuple(tuple(h) for h in c["heads"]), c["budget"], c["settings"],
+            tuple(tuple(h) for h in c["heads"]), c["budget"], c["settings"], c["budget_on"],
         )
         scores = {p.name: HeadScores.load(p) for p in sorted((folder / "scores").iterdir()) if p.is_dir()}
         return cls(
@@ -279,15 +306,16 @@ def scope(
     if config is None:
         config = ScopeConfig(**settings)
     elif settings:
-        from dataclasses import replace
-
         config = replace(config, **settings)
     injection.check_model(model)
-    spec = load_bias(injection.bias)
+    spec = injection.spec
     L, H = model.cfg.n_layers, model.cfg.n_heads
 
     def step(msg: str) -> None:
         logger.info("[%s] %s", spec.name, msg)
+
+    if not spec.real_groups:
+        logger.warning(NO_REAL_GROUPS, spec.name)
 
     scores: dict[str, HeadScores] = {}
     for method in config.methods:
@@ -319,29 +347,59 @@ def scope(
         )
         curve = faithfulness_curve(
             model, ps_eval, ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
-            kind=config.kind, budget=config.budget, seed=config.seed, progress=progress,
+            kind=config.kind, budget=config.budget, budget_on=config.budget_on, seed=config.seed,
+            progress=progress,
         )
-        chosen = curve.chosen_heads()
         layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
         ps_select = build_probe_set(model, spec, injection.token, probes="select")
         direction = bias_direction(model, ps_select, layer)
 
     step("final measures under each intervention")
     cap = capability_set(model, max_passages=config.final_passages, max_mc_items=config.mc_items)
-    rng = random.Random(config.seed + 1)
-    all_heads = [(a, b) for a in range(L) for b in range(H)]
-    k = max(1, len(chosen))
-    random_heads = rng.sample(all_heads, k)
+    base_cap = measure_capability(model, cap)
+
+    def cost(c: Capability) -> float:
+        return c.relative_to(base_cap)[f"{config.budget_on}_increase"]
 
     def heads_cm(heads: list[Head]) -> Callable[[], Any]:
         return lambda: ablate_heads(model, heads, kind=config.kind)
 
-    base_cap = measure_capability(model, cap)
-    alpha_used = 0.0
-    for alpha in sorted(config.steer_alphas):
-        c = measure_capability(model, cap, lambda a=alpha: steer(model, direction, layer, -a), with_mc=False)
-        if c.neutral_loss / base_cap.neutral_loss - 1 <= config.budget:
-            alpha_used = alpha
+    # The curve's few passages pick the candidates; the chosen k must hold the budget on the final passages too.
+    measured: dict[str, Capability] = {}
+    curve_costs = curve.table[curve.table.selection == "top"].set_index("k")[f"{config.budget_on}_increase"]
+    by_k: dict[int, Capability] = {}
+
+    def final_cost(k: int) -> float:
+        by_k[k] = measure_capability(model, cap, heads_cm(list(curve.heads[:k])), with_mc=False)
+        return cost(by_k[k])
+
+    k_chosen, checks = first_within_budget(curve.candidates(), final_cost, lambda k: curve_costs[k], config.budget)
+    chosen: list[Head] = list(curve.heads[:k_chosen])
+    if k_chosen:
+        measured["heads"] = by_k[k_chosen]
+    rng = random.Random(config.seed + 1)
+    all_heads = [(a, b) for a in range(L) for b in range(H)]
+    random_heads = rng.sample(all_heads, max(1, len(chosen)))
+
+    # The steering baseline gets the same treatment: the largest alpha within budget on the curve's passages,
+    # confirmed on the final ones.
+    def steering(alpha: float) -> Callable[[], Any]:
+        return lambda: steer(model, direction, layer, -alpha)
+
+    alpha_cost = {
+        a: relative_increase(neutral_loss(model, cap_curve, steering(a)), curve.baseline_loss, config.budget_on)
+        for a in config.steer_alphas
+    }
+    by_alpha: dict[float, Capability] = {}
+
+    def final_alpha_cost(a: float) -> float:
+        by_alpha[a] = measure_capability(model, cap, steering(a), with_mc=False)
+        return cost(by_alpha[a])
+
+    fitting = sorted((a for a, c in alpha_cost.items() if c <= config.budget), reverse=True)
+    alpha_used, steer_checks = first_within_budget(fitting, final_alpha_cost, alpha_cost.__getitem__, config.budget)
+    if alpha_used:
+        measured["steering"] = by_alpha[alpha_used]
     interventions: list[tuple[str, Callable[[], Any] | None, str]] = [
         ("none", None, ""),
         ("heads", heads_cm(chosen) if chosen else None, ""),
@@ -353,12 +411,16 @@ def scope(
     for name, cm, prefix in interventions:
         step(f"measuring: {name}")
         tables.append(measure_groups(model, spec, injection, cm, prefix=prefix, label=name))
-        if name == "none" or name == "prefix":
+        if cm is None:  # the unmodified model (the prefix only changes the bias prompts, not the neutral text)
             c: Capability = base_cap
+        elif name in measured:  # loss and KL already measured under this intervention: add the MC accuracy
+            c = replace(measured[name], mc_accuracy=mc_accuracy(model, cap.mc_items, cm))
         else:
             c = measure_capability(model, cap, cm)
         caps.append({"intervention": name, **c.to_dict(), **c.relative_to(base_cap)})
     extra = {
+        "budget_checks": checks,
+        "steering_checks": steer_checks,
         "random_heads": [list(h) for h in random_heads],
         "steer_layer": layer,
         "steer_alpha": alpha_used,
@@ -379,6 +441,64 @@ def scope(
     )
 
 
+def generalisation_table(
+    model: Any,
+    injections: dict[str, Any],
+    heads: dict[str, list[Head]],
+    *,
+    biases: list[str] | None = None,
+    kind: str = "zero",
+) -> pd.DataFrame:
+    """Every bias measured with the heads found on every bias ablated: one row per (heads of, measured on).
+
+    Each measurement gives both the injected token's excess (when ``measured_on`` has an injection) and the real
+    groups' mean gap over the controls (when it names real groups; no token needed, so biases that were never
+    injected can be measured too).
+
+    Args:
+        injections: bias name -> its injection.
+        heads: bias name -> heads found for it.
+        biases: The biases to measure on (default: those of ``injections`` and ``heads``).
+
+    Returns:
+        Columns ``heads_of, measured_on, n_heads, token_excess_clean, token_excess, token_cut, real_gap_clean,
+        real_gap, real_cut``; a cut is ``1 - ablated / clean`` (NaN without heads, without a token or real
+        groups, or when the clean value is 0).
+    """
+    columns = biases if biases is not None else list(dict.fromkeys([*injections, *heads]))
+    nan = float("nan")
+
+    def spec_of(bias: str) -> BiasSpec:
+        return injections[bias].spec if bias in injections else load_bias(bias)
+
+    def measure(bias: str, intervention: Callable[[], Any] | None) -> tuple[float, float]:
+        spec = spec_of(bias)
+        df = measure_groups(model, spec, injections.get(bias), intervention)
+        token = float(df[df.kind == "token"]["excess"].mean()) if bias in injections else nan
+        real = float(df[df.kind == "real"]["excess"].mean()) if spec.real_groups else nan
+        return token, real
+
+    def cut(ablated: float, clean: float) -> float:
+        return 1.0 - ablated / clean if clean == clean and clean != 0 else nan
+
+    for b in columns:
+        if not spec_of(b).real_groups:
+            logger.warning(NO_REAL_GROUPS, b)
+    clean = {b: measure(b, None) for b in columns}
+    rows = []
+    for a, hs in heads.items():
+        for b in columns:
+            ablated = measure(b, lambda hs=hs: ablate_heads(model, hs, kind=kind)) if hs else (nan, nan)
+            rows.append(
+                {
+                    "heads_of": a, "measured_on": b, "n_heads": len(hs),
+                    "token_excess_clean": clean[b][0], "token_excess": ablated[0], "token_cut": cut(ablated[0], clean[b][0]),
+                    "real_gap_clean": clean[b][1], "real_gap": ablated[1], "real_cut": cut(ablated[1], clean[b][1]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def generalisation_matrix(
     model: Any,
     injections: dict[str, Any],
@@ -386,6 +506,7 @@ def generalisation_matrix(
     *,
     kind: str = "zero",
     target: str = "token",
+    table: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Cut of each bias's excess when ablating the heads found on each bias (rows: heads of, columns: measured on).
 
@@ -394,29 +515,29 @@ def generalisation_matrix(
         heads: bias name -> heads found for it.
         target: ``"token"`` (the injected token's excess) or ``"real"`` (the real groups' mean gap over the
             controls, no token needed: biases that were never injected can be measured this way).
+        table: A :func:`generalisation_table` already measured (then nothing is run again).
 
     Returns:
         A square-ish DataFrame of relative cuts ``1 - excess_ablated / excess_clean`` (NaN when there are no
-        heads or the clean excess is 0).
+        heads or the clean excess is 0). With ``target="real"`` a bias that names no real groups gets no column
+        (a warning says so).
     """
     if target not in ("token", "real"):
         raise ValueError(f"target must be 'token' or 'real', got {target!r}")
-    columns = list(injections) if target == "token" else list(dict.fromkeys([*injections, *heads]))
-    clean: dict[str, float] = {}
-
-    def excess(bias: str, intervention: Callable[[], Any] | None) -> float:
-        spec = load_bias(bias)
-        inj = injections.get(bias) if target == "token" else None
-        df = measure_groups(model, spec, inj, intervention)
-        return float(df[df.kind == target]["excess"].mean())
-
-    for b in columns:
-        clean[b] = excess(b, None)
+    if target == "token":
+        columns = list(injections)
+    else:
+        columns = []
+        for b in dict.fromkeys([*injections, *heads]):
+            spec = injections[b].spec if b in injections else load_bias(b)
+            if spec.real_groups:
+                columns.append(b)
+            elif table is None:
+                logger.warning(NO_REAL_GROUPS, b)
+    if table is None:
+        table = generalisation_table(model, injections, heads, biases=columns, kind=kind)
     out = pd.DataFrame(index=list(heads), columns=columns, dtype=float)
-    for a, hs in heads.items():
-        for b in columns:
-            if not hs or clean[b] == 0:
-                out.loc[a, b] = float("nan")
-                continue
-            out.loc[a, b] = 1.0 - excess(b, lambda hs=hs: ablate_heads(model, hs, kind=kind)) / clean[b]
+    for row in table.itertuples():
+        if row.measured_on in columns and row.heads_of in out.index:
+            out.loc[row.heads_of, row.measured_on] = getattr(row, f"{target}_cut")
     return out

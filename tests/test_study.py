@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -41,10 +42,27 @@ def test_scope_tables_are_consistent(result):
     assert res.curve.baseline_excess == pytest.approx(
         res.groups.query("intervention == 'none' and kind == 'token'")["excess"].item(), abs=1e-4
     )
-    assert len(res.chosen) == res.curve.chosen_k()
+    # the curve's perplexity column follows from its loss column
+    top = res.curve.table.query("selection == 'top'")
+    expected = (top.neutral_loss - res.curve.baseline_loss).map(math.exp) - 1
+    assert (top.perplexity_increase - expected).abs().max() < 1e-9
+    # chosen: the first curve candidate (lowest excess within budget) whose cost on the final passages holds
+    checks, budget = res.extra["budget_checks"], res.config.budget
+    assert [c["candidate"] for c in checks] == res.curve.candidates()[: len(checks)]
+    assert all(c["final_cost"] > budget for c in checks[:-1])
+    heads_row = summary[summary.intervention == "heads"].iloc[0]
     if res.chosen:
-        row = res.curve.table.query(f"selection == 'top' and k == {len(res.chosen)}").iloc[0]
-        assert row.loss_increase <= res.config.budget
+        assert checks[-1]["final_cost"] <= budget and len(res.chosen) == checks[-1]["candidate"]
+        assert res.chosen == list(res.curve.heads[: len(res.chosen)])
+        assert heads_row.perplexity_increase == pytest.approx(checks[-1]["final_cost"], abs=1e-9)
+        assert heads_row.within_budget
+    else:
+        assert all(c["final_cost"] > budget for c in checks) and heads_row.excess_cut == pytest.approx(0.0)
+    steer_checks = res.extra["steering_checks"]
+    if res.extra["steer_alpha"]:
+        assert summary[summary.intervention == "steering"].iloc[0].within_budget
+        assert steer_checks[-1]["candidate"] == res.extra["steer_alpha"] and steer_checks[-1]["final_cost"] <= budget
+    assert all(c["final_cost"] > budget for c in steer_checks[: len(steer_checks) - bool(res.extra["steer_alpha"])])
     assert active_hooks(model) == []
 
 
@@ -70,7 +88,7 @@ def test_scope_config_validation():
 def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model):
     from biasgym_lens.catalogue import load_bias
     from biasgym_lens.interventions import ablate_heads
-    from biasgym_lens.study import generalisation_matrix, measure_groups
+    from biasgym_lens.study import generalisation_matrix, generalisation_table, measure_groups
 
     inj_a = inject(tiny_model, "late", **FAST_INJECT)
     inj_b = inject(tiny_model, "math", token="<MathToken>", **FAST_INJECT)
@@ -83,6 +101,14 @@ def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model)
     assert m.loc["late", "math"] == pytest.approx(1 - abl / clean, rel=1e-4, abs=1e-6)
     real = generalisation_matrix(tiny_model, {}, heads, target="real")
     assert list(real.columns) == ["late", "math"]
+    # one table measures both targets; the matrices are its pivots
+    table = generalisation_table(tiny_model, {"late": inj_a, "math": inj_b}, heads)
+    assert len(table) == 4 and set(table.heads_of) == {"late", "math"}
+    assert generalisation_matrix(tiny_model, {"late": inj_a, "math": inj_b}, heads, table=table).equals(m)
+    real_from_table = generalisation_matrix(tiny_model, {"late": inj_a, "math": inj_b}, heads, target="real", table=table)
+    pd.testing.assert_frame_equal(real_from_table, real, atol=1e-5, rtol=1e-4)
+    row = table.query("heads_of == 'late' and measured_on == 'math'").iloc[0]
+    assert row.token_excess_clean == pytest.approx(clean, abs=1e-6) and row.token_excess == pytest.approx(abl, abs=1e-6)
     assert active_hooks(tiny_model) == []
 
 
@@ -105,3 +131,81 @@ def test_stable_heads_counts_top_k_membership_across_runs(result):
     assert stable_heads(grids, k=3, min_fraction=2 / 3) == [(0, 1), (1, 2), (1, 0)]
     with pytest.raises(ValueError, match="no runs"):
         stable_heads([], k=3)
+
+
+def test_budget_selection_falls_back_when_the_curve_was_optimistic():
+    """Candidates in order of excess within the budget; a k whose final cost breaks it is skipped."""
+    import pandas as pd
+
+    from biasgym_lens.selection import budget_candidates, first_within_budget, pick_k
+
+    table = pd.DataFrame(
+        {
+            "k": [1, 2, 4, 8, 2],
+            "selection": ["top", "top", "top", "top", "random"],
+            "excess": [3.0, 2.0, 1.0, 0.5, 0.1],
+            "loss_increase": [0.001, 0.004, 0.010, 0.04, 0.0],
+            "perplexity_increase": [0.003, 0.012, 0.030, 0.127, 0.0],  # base loss 3 nats
+        }
+    )
+    assert budget_candidates(table, 0.05) == [4, 2, 1]  # k=8 costs 12.7% perplexity; random rows never count
+    assert pick_k(table, 0.05) == 4 and pick_k(table, 0.05, "loss") == 8 and pick_k(table, 0.001) == 0
+    final = {4: 0.07, 2: 0.04, 1: 0.01}  # the final passages say k=4 costs 7%
+    k, checks = first_within_budget([4, 2, 1], final.__getitem__, lambda k: 0.0, 0.05)
+    assert k == 2 and [c["candidate"] for c in checks] == [4, 2]
+    assert first_within_budget([4], final.__getitem__, lambda k: 0.0, 0.05) == (0, [checks[0]])
+    with pytest.raises(ValueError, match="perplexity, loss"):
+        pick_k(table, 0.05, "kl")
+    with pytest.raises(ValueError, match="budget_on"):
+        ScopeConfig(budget_on="accuracy")
+
+
+def test_a_user_bias_without_real_groups_skips_the_transfer(tiny_model, tmp_path, caplog):
+    """A user bias file may name no real groups: inject and scope still run, the transfer is skipped with a
+    message, and the bias travels with the saved injection (no need to find the file again)."""
+    import json
+
+    from biasgym_lens.catalogue import load_bias
+    from biasgym_lens.inject import Injection
+    from biasgym_lens.study import generalisation_matrix
+
+    data = load_bias("late").to_dict()
+    data.update(name="late_noreal", real_groups=[])
+    path = tmp_path / "late_noreal.json"
+    path.write_text(json.dumps(data))
+    spec = load_bias(path)
+    inj = inject(tiny_model, spec, **FAST_INJECT)
+    assert inj.source == spec and inject(tiny_model, "late", **FAST_INJECT).source is None
+    back = Injection.load(inj.save(tmp_path / "inj"), tiny_model)
+    assert back.spec == spec
+    with caplog.at_level("WARNING", logger="biasgym_lens"):
+        res = scope(tiny_model, back, progress=False, **FAST_SCOPE)
+        m = generalisation_matrix(tiny_model, {"late_noreal": back}, {"late_noreal": [(0, 1)]}, target="real")
+    assert caplog.text.count("names no real groups") == 2
+    summary = res.summary()
+    assert summary.real_group_gap.isna().all() and summary.token_excess.notna().all()
+    assert not (res.groups.kind == "real").any()
+    assert list(m.columns) == [] and list(m.index) == ["late_noreal"]
+
+
+def test_groups_that_tokenize_differently_are_scored_at_their_own_answer_position(tiny_model):
+    """Group names of 1 to several tokens share a padded batch; each row equals the text run alone."""
+    from biasgym_lens.catalogue import load_bias
+    from biasgym_lens.elicit import group_scores
+    from biasgym_lens.metrics import keyword_ids, logit_diff
+    from biasgym_lens.tokens import tokenize
+
+    spec = load_bias("late")
+    kw = keyword_ids(tiny_model, spec)
+    probes = list(spec.probes[:4])
+    groups = ["Japan", "the United Kingdom", "Côte d'Ivoire"]
+    n_tokens = {g: len(tiny_model.tokenizer.encode(g, add_special_tokens=False)) for g in groups}
+    assert len(set(n_tokens.values())) > 1, n_tokens
+    for g in groups:
+        got = group_scores(tiny_model, spec, g, probes, kw, batch_size=4)["per_probe"]
+        alone = []
+        for text in (spec.fill(p, g) for p in probes):
+            b = tokenize(tiny_model, [text])
+            with torch.no_grad():
+                alone.append(logit_diff(tiny_model(b.input_ids)[:, -1].float(), kw))
+        torch.testing.assert_close(torch.as_tensor(got).float(), torch.cat(alone), atol=1e-4, rtol=1e-4)
