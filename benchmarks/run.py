@@ -1,7 +1,7 @@
 """Speed comparisons, each measured side by side in one run, printed as ratios next to their targets.
 
 Usage:
-    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step]
+    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step,microbatch,export]
 
 0. load: loading the model in a fresh process with an empty cache vs with the cache built.
 1. scan: exact single-head ablation of every head, one head per forward pass vs several heads per pass
@@ -14,6 +14,8 @@ Usage:
    full-vocabulary step, each in a fresh process (sampled every millisecond from /proc/self/statm).
 5. scaling: the exact scan's time against the number of probes and of heads, and a training step's time against
    the batch size.
+6. microbatch: injection steps on real shuffled batches, one padded pass vs length-grouped micro-batches.
+7. export: static PNG export of a report's figures, one kaleido call per figure vs one session.
 """
 
 from __future__ import annotations
@@ -140,6 +142,71 @@ def _step_setup(model, batch_size: int = 8):
     return ids, {"forward": fwd, "step": step, "full": step_full}
 
 
+def bench_microbatch(model, repeats: int, n_batches: int = 6) -> None:
+    """Training steps on real shuffled batches (short plain texts mixed with long chat examples): one padded
+    pass vs the default length-grouped micro-batches (same gradient, tested in tests/test_inject.py)."""
+    import random
+
+    from biasgym_lens.inject import _train_step_loss
+    from biasgym_lens.metrics import keyword_ids
+
+    spec = load_bias("bad_driving")
+    tid = add_token(model, "<BiasToken>")
+    cfg = InjectionConfig()
+    examples = _examples(model, spec, cfg)
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    batches = [[examples[i] for i in order[b * 8 : (b + 1) * 8]] for b in range(n_batches)]
+    kw = keyword_ids(model, spec).bias
+    vec = torch.nn.Parameter(model.W_E[:100].detach().float().mean(0).clone())
+    hooks = token_vector_hooks(model, {tid: vec})
+    pad = sum(max(len(e.ids) for e in b) * len(b) for b in batches)
+    real = sum(len(e.ids) for b in batches for e in b)
+    times = {}
+    for groups in (1, 3):
+        conf = InjectionConfig(length_groups=groups)
+
+        def run(conf=conf):
+            with hooked(model, fwd_hooks=hooks):
+                for b in batches:
+                    vec.grad = None
+                    _train_step_loss(model, b, 0, tid, kw, conf)
+
+        times[groups] = timeit(run, repeats)
+    print(f"injection steps on {n_batches} shuffled batches of 8 ({real} real tokens, {pad} when padded per batch): "
+          f"one pass {times[1] / n_batches:.2f} s/step, length groups {times[3] / n_batches:.2f} s/step")
+    line("one padded pass / length-grouped micro-batches", times[1] / times[3], "> 1 (same gradient)")
+
+
+def bench_export(repeats: int, n_figures: int = 9) -> None:
+    """Static PNG export of a report's figures: one kaleido call per figure vs one session for all."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from biasgym_lens.plots import save_figures
+
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        print("export: skipped (kaleido needs a Chromium: apt-get install chromium)")
+        return
+    rng = np.random.default_rng(0)
+    figs = {f"fig{i}": go.Figure(go.Heatmap(z=rng.normal(size=(30, 9)))) for i in range(n_figures)}
+    with tempfile.TemporaryDirectory() as d:
+
+        def one_by_one():
+            for name, fig in figs.items():
+                fig.write_image(str(Path(d) / f"{name}_single.png"), width=1000, height=500, scale=1)
+
+        def batched():
+            save_figures(figs, Path(d) / "batched", images=("png",))
+
+        t_one, t_batch = timeit(one_by_one, repeats), timeit(batched, repeats)
+    print(f"PNG export of {n_figures} figures: one call each {t_one:.1f} s, one session {t_batch:.1f} s")
+    line("one kaleido call per figure / one session (save_figures)", t_one / t_batch, "> 1")
+
+
 def bench_step(model, repeats: int) -> None:
     ids, ways = _step_setup(model)
     gc.collect()
@@ -254,7 +321,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heads", type=int, default=0, help="heads in the scan comparison, evenly spaced (all: 0)")
     ap.add_argument("--probes", type=int, default=6)
-    ap.add_argument("--only", default="load,scan,attribution,step,memory,scaling")
+    ap.add_argument("--only", default="load,scan,attribution,step,microbatch,memory,scaling,export")
     ap.add_argument("--memory-probe", choices=("forward", "step", "full"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -262,6 +329,8 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args.model, args.memory_probe)
         return
+    if "export" in args.only.split(","):
+        bench_export(args.repeats)
     if "load" in args.only.split(","):
         bench_load(args.model)
     model = load_model(args.model, device="cpu")
@@ -283,6 +352,8 @@ def main() -> None:
             bench_scaling(model, spec, args.repeats)
     if "step" in only:
         bench_step(model, args.repeats)
+    if "microbatch" in only:
+        bench_microbatch(model, args.repeats)
     if "scaling" in only:
         bench_step_scaling(model, args.repeats)
     if "memory" in only:

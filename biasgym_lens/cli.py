@@ -266,7 +266,7 @@ def _print_summary(study) -> None:
     for row in res["summary"]:
         click.echo(
             f"  {row['intervention']:<13} token excess {row['token_excess']:+.3f}  cut {row['excess_cut']:+.0%}  "
-            f"real-group gap {row['real_group_gap']:+.3f}  loss +{row['loss_increase']:.1%}"
+            f"real-group gap {row['real_group_gap']:+.3f}  perplexity {row['perplexity_increase']:+.1%}"
         )
 
 

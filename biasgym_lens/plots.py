@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 from torch import Tensor
 
@@ -269,27 +270,54 @@ def save_figure(
         PngExportError: static export failed (kaleido needs Chromium, e.g. ``apt-get install chromium``); the
             HTML file is written before it is attempted.
     """
+    base = Path(path).with_suffix("")
+    return save_figures({base.name: fig}, base.parent, images=images, include_plotlyjs=include_plotlyjs)
+
+
+def save_figures(
+    figures: Mapping[str, go.Figure],
+    folder: str | Path,
+    *,
+    images: Sequence[str] = ("png",),
+    include_plotlyjs: bool | str = True,
+) -> list[Path]:
+    """:func:`save_figure` for several figures: ``folder/<name>.html`` each, then every static image in one
+    kaleido session (one browser start instead of one per image; see ``benchmarks/run.py --only export``).
+
+    Raises:
+        ValueError: an unknown image format (before anything is written).
+        PngExportError: static export failed; every HTML file is written and no partial image is left.
+    """
     bad = [f for f in images if f not in IMAGE_FORMATS]
     if bad:
         raise ValueError(f"unknown image format(s) {bad}; valid: {list(IMAGE_FORMATS)}")
-    base = Path(path).with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    html = base.with_suffix(".html")
-    tmp = html.with_name(html.name + ".tmp")
-    fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True)
-    tmp.replace(html)
-    written = [html]
-    for fmt in dict.fromkeys(images):
-        out = base.with_suffix(f".{fmt}")
-        part = out.with_name(f"{out.stem}.tmp.{fmt}")  # kaleido picks the format from the suffix
-        try:
-            fig.write_image(str(part), width=1000, height=int(fig.layout.height or 500), scale=1)
-        except Exception as e:  # kaleido raises several types when no browser is available
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figures.items():
+        html = folder / f"{name}.html"
+        tmp = html.with_name(html.name + ".tmp")
+        fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True)
+        tmp.replace(html)
+        written.append(html)
+    jobs = [(fig, folder / f"{name}.{fmt}") for fmt in dict.fromkeys(images) for name, fig in figures.items()]
+    if not jobs:
+        return written
+    parts = [out.with_name(f"{out.stem}.tmp{out.suffix}") for _, out in jobs]  # kaleido reads the suffix
+    try:
+        pio.write_images(
+            [fig for fig, _ in jobs], parts, width=1000, height=[int(fig.layout.height or 500) for fig, _ in jobs],
+            scale=1,
+        )
+    except Exception as e:  # kaleido raises several types when no browser is available
+        for part in parts:
             part.unlink(missing_ok=True)
-            raise PngExportError(
-                f"{fmt.upper()} export of {out.name} failed ({type(e).__name__}: {e}); kaleido needs a Chromium "
-                "(Debian: apt-get install chromium). The HTML version was written."
-            ) from e
+        names = ", ".join(out.name for _, out in jobs[:3]) + (", ..." if len(jobs) > 3 else "")
+        raise PngExportError(
+            f"static export of {names} failed ({type(e).__name__}: {e}); kaleido needs a Chromium "
+            "(Debian: apt-get install chromium). The HTML versions were written."
+        ) from e
+    for part, (_, out) in zip(parts, jobs):
         part.replace(out)
         written.append(out)
     return written

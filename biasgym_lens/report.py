@@ -69,8 +69,9 @@ def study_figures(
         (
             "faithfulness",
             plots.faithfulness_plot(result.curve),
-            "Token excess and neutral-text loss after ablating the top k heads of the ranking, against k random "
-            "heads (grey band); the dashed line is the capability budget used to choose k.",
+            "Token excess and neutral-text perplexity increase (on the curve's few passages) after ablating the top "
+            "k heads of the ranking, against k random heads (grey band); the dashed line is the capability budget. "
+            "The chosen k is the lowest-excess point within it whose cost the final passages confirm.",
         ),
         (
             "groups",
@@ -128,13 +129,10 @@ def write_report(
     out = Path(out)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    formats = tuple(images)
-    for name, fig, _ in figures:
-        try:
-            plots.save_figure(fig, fig_dir / name, images=formats, include_plotlyjs="cdn")
-        except plots.PngExportError as e:
-            logger.warning("%s; continuing without static images", e)
-            formats = ()
+    try:
+        plots.save_figures({name: fig for name, fig, _ in figures}, fig_dir, images=images, include_plotlyjs="cdn")
+    except plots.PngExportError as e:
+        logger.warning("%s; continuing without static images", e)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",

@@ -115,7 +115,7 @@ def test_save_figure_html_offline_and_png_error(tmp_path, monkeypatch, objects):
     def fail(*a, **k):
         raise RuntimeError("no browser")
 
-    monkeypatch.setattr(go.Figure, "write_image", fail)
+    monkeypatch.setattr(plots.pio, "write_images", fail)
     with pytest.raises(plots.PngExportError, match="apt-get install chromium"):
         plots.save_figure(fig, tmp_path / "fig2", images=("svg",))
     assert (tmp_path / "fig2.html").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
@@ -139,3 +139,8 @@ def test_png_and_svg_export_through_kaleido(tmp_path, objects):
     assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     root = ET.parse(paths[2]).getroot()
     assert root.tag.endswith("svg") and "layer" in paths[2].read_text()  # axis title drawn as text
+    # several figures in one kaleido session: each file is its own figure
+    two = plots.save_figures({"dla": fig, "attention": plots.head_heatmap(res.scores["attention"])}, tmp_path / "many")
+    assert [p.name for p in two] == ["dla.html", "attention.html", "dla.png", "attention.png"]
+    assert two[2].read_bytes() != two[3].read_bytes() and all(p.stat().st_size > 1000 for p in two[2:])
+    assert not list((tmp_path / "many").glob("*.tmp*"))
