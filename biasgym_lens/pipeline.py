@@ -48,8 +48,8 @@ PRESETS: dict[str, StudyPreset] = {
     "quick": StudyPreset(
         InjectionConfig(epochs=1, max_texts=16, evals_per_epoch=1),
         ScopeConfig(
-            ablation_probes=3, ablation_controls=1, ks=(1, 2, 4), random_draws=1, curve_passages=2,
-            final_passages=6, mc_items=16, steer_alphas=(1.0,), curve_probes=6, curve_controls=1,
+            score_probes=6, ablation_probes=2, ablation_controls=1, ks=(1, 2, 4), random_draws=1, curve_passages=2,
+            final_passages=6, mc_items=16, final_probes=6, steer_alphas=(1.0,), curve_probes=6, curve_controls=1,
         ),
         control_max_texts=8,
         generate_tokens=12,

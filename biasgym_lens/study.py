@@ -63,6 +63,7 @@ class ScopeConfig:
 
     Attributes:
         methods: Head-scoring methods to run.
+        score_probes: Selection probes for DLA, attention and attribution patching (None: all).
         ablation_probes: Probes for the exact ablation scan (it costs one pass per ``heads_per_pass`` heads).
         ablation_controls: Control groups in the exact scan.
         heads_per_pass: Heads ablated per forward pass in the exact scan (None: all heads of a layer).
@@ -78,6 +79,7 @@ class ScopeConfig:
         curve_probes: Evaluation probes used by the curve (None: all).
         curve_controls: Control groups used by the curve (None: all); the final measures use all of them.
         mc_items: Multiple-choice items in the final measures.
+        final_probes: Evaluation probes per group in the final measures (None: all; fewer only for smoke tests).
         steer_layer: Layer of the steering baseline (default: two thirds of the depth).
         steer_alphas: Multipliers tried for subtracting the bias direction: the largest within the budget on the
             curve's passages, confirmed on the final passages (else the next smaller one), is used.
@@ -85,6 +87,7 @@ class ScopeConfig:
     """
 
     methods: tuple[str, ...] = ("dla", "attention", "attribution", "ablation")
+    score_probes: int | None = None
     ablation_probes: int = 6
     ablation_controls: int = 2
     heads_per_pass: int | None = None
@@ -99,6 +102,7 @@ class ScopeConfig:
     curve_controls: int | None = 3
     final_passages: int = 70
     mc_items: int = 137
+    final_probes: int | None = None
     steer_layer: int | None = None
     steer_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     seed: int = 0
@@ -262,13 +266,14 @@ def measure_groups(
     intervention: Callable[[], Any] | None = None,
     *,
     probes: str = "eval",
+    max_probes: int | None = None,
     prefix: str = "",
     label: str = "none",
 ) -> pd.DataFrame:
     """Bias logit difference for the token (if any), the real groups and the control groups, under an
-    intervention, with each group's excess over the control mean."""
+    intervention, with each group's excess over the control mean (on at most ``max_probes`` probes)."""
     kw = keyword_ids(model, spec)
-    texts = [prefix + t for t in probe_subset(spec.probes, probes)]
+    texts = [prefix + t for t in probe_subset(spec.probes, probes)[:max_probes]]
     rows = []
     with intervention() if intervention else contextlib.nullcontext():
         if injection is not None:
@@ -320,7 +325,7 @@ def scope(
     scores: dict[str, HeadScores] = {}
     for method in config.methods:
         step(f"scoring heads: {method}")
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"max_probes": config.score_probes}
         if method == "ablation":
             kw = dict(
                 max_probes=config.ablation_probes,
@@ -330,7 +335,7 @@ def scope(
             )
         scores[method] = score_heads(model, injection, method, **kw)
     if "attribution" not in scores:
-        scores["attribution"] = score_heads(model, injection, "attribution")
+        scores["attribution"] = score_heads(model, injection, "attribution", max_probes=config.score_probes)
 
     step("estimating each head's damage to neutral text")
     cap_curve = capability_set(model, max_passages=config.curve_passages, mc_items=[])
@@ -410,7 +415,9 @@ def scope(
     tables, caps = [], []
     for name, cm, prefix in interventions:
         step(f"measuring: {name}")
-        tables.append(measure_groups(model, spec, injection, cm, prefix=prefix, label=name))
+        tables.append(
+            measure_groups(model, spec, injection, cm, max_probes=config.final_probes, prefix=prefix, label=name)
+        )
         if cm is None:  # the unmodified model (the prefix only changes the bias prompts, not the neutral text)
             c: Capability = base_cap
         elif name in measured:  # loss and KL already measured under this intervention: add the MC accuracy

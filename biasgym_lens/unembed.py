@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["suffix_supported", "skipping_layers", "unembed_at", "logits_at"]
+__all__ = ["suffix_supported", "skipping_layers", "unembed_at", "logits_at", "resumed_logits", "clean_residuals"]
 
 
 class _PassThrough(torch.nn.Module):
@@ -45,15 +45,18 @@ def suffix_supported(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def skipping_layers(model: Any, n_blocks: int) -> Iterator[None]:
-    """Within the block, decoder layers ``0..n_blocks-1`` and the unembedding are pass-throughs.
+def skipping_layers(model: Any, n_blocks: int, *, unembed: bool = False) -> Iterator[None]:
+    """Within the block, decoder layers ``0..n_blocks-1`` and (unless ``unembed``) the unembedding are
+    pass-throughs.
 
-    The bridge still calls the wrappers (hooks on them fire) but no layer computes, and the model returns the
-    final normalised residual instead of logits. Everything is restored on exit, also on exceptions.
+    The bridge still calls the wrappers (hooks on them fire) but no skipped layer computes; without ``unembed``
+    the model returns the final normalised residual instead of logits. Everything is restored on exit, also on
+    exceptions.
     """
     # ``original_component`` is a read-only view of the wrapper's ``_original_component`` submodule.
     key = "_original_component"
-    swapped = [(m, m._modules[key]) for m in [*list(model.blocks)[:n_blocks], model.unembed]]
+    modules = list(model.blocks)[:n_blocks] + ([] if unembed else [model.unembed])
+    swapped = [(m, m._modules[key]) for m in modules]
     try:
         for module, _ in swapped:
             module._modules[key] = _PassThrough()
@@ -80,3 +83,17 @@ def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tenso
         return unembed_at(model, final, rows, pos)
     logits = model(input_ids, attention_mask=attention_mask)
     return logits[rows.to(logits.device), pos.to(logits.device)].float()
+
+
+def resumed_logits(model: Any, resid_pre: Tensor, start: int, attention_mask: Tensor) -> Tensor:
+    """Full logits of a forward pass resumed at block ``start`` from the residual stream entering it (blocks
+    before ``start`` are not recomputed; hooks on later blocks apply). Needs :func:`suffix_supported`."""
+    with skipping_layers(model, start, unembed=True):
+        return model(resid_pre, start_at_layer=start, attention_mask=attention_mask)
+
+
+def clean_residuals(model: Any, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+    """The residual stream entering every block (``blocks.{l}.hook_in``) of one clean forward pass."""
+    names = {f"blocks.{layer}.hook_in" for layer in range(model.cfg.n_layers)}
+    _, cache = model.run_with_cache(input_ids, attention_mask=attention_mask, names_filter=lambda n: n in names)
+    return [cache[f"blocks.{layer}.hook_in"] for layer in range(model.cfg.n_layers)]

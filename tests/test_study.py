@@ -209,3 +209,25 @@ def test_groups_that_tokenize_differently_are_scored_at_their_own_answer_positio
             with torch.no_grad():
                 alone.append(logit_diff(tiny_model(b.input_ids)[:, -1].float(), kw))
         torch.testing.assert_close(torch.as_tensor(got).float(), torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_resumed_faithfulness_curve_equals_full_passes(tiny_model, monkeypatch):
+    """Each curve point resumes at its earliest ablated layer; the plain full passes give the same table."""
+    from biasgym_lens import selection
+    from biasgym_lens.capability import capability_set
+    from biasgym_lens.catalogue import load_bias
+    from biasgym_lens.probes import build_probe_set
+
+    inj = inject(tiny_model, "late", **FAST_INJECT)
+    cap = capability_set(tiny_model, max_passages=5, batch_size=2)
+    L, H = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
+    ranked = [(L - 1, 0), (1, 2), (0, 1), (L - 1, 3)]
+    with inj.apply(tiny_model):
+        ps = build_probe_set(tiny_model, load_bias("late"), inj.token, probes="eval", max_probes=5)
+        fast = selection.faithfulness_curve(tiny_model, ps, ranked, cap, ks=(1, 2, 3, 4), random_draws=2, seed=3)
+        monkeypatch.setattr(selection, "suffix_supported", lambda model: False)
+        slow = selection.faithfulness_curve(tiny_model, ps, ranked, cap, ks=(1, 2, 3, 4), random_draws=2, seed=3)
+    cols = ["excess", "token_logit_diff", "neutral_loss", "perplexity_increase"]
+    assert (fast.table[cols] - slow.table[cols]).abs().max().max() < 1e-4
+    assert fast.table["excess"].nunique() > 3  # the points differ: the ablations did something
+    assert active_hooks(tiny_model) == []
