@@ -74,7 +74,9 @@ class ScopeConfig:
             and the steering baseline. The curve's few passages pick the candidates; the chosen k must also
             stay within the budget on the final passages (else the next candidate is taken).
         budget_on: ``"perplexity"`` (default) or ``"loss"`` of the neutral text.
-        kind: Ablation kind for the chosen heads.
+        kind: Ablation kind for the curve, the chosen and the random heads: ``"zero"`` (default) or ``"mean"``
+            (each head's mean output over the curve's neutral passages). The head scores that rank the heads
+            estimate zero ablation either way.
         curve_passages: Neutral passages for the curve (fast); ``final_passages`` for the final measures.
         curve_probes: Evaluation probes used by the curve (None: all).
         curve_controls: Control groups used by the curve (None: all); the final measures use all of them.
@@ -113,6 +115,8 @@ class ScopeConfig:
             raise ValueError(f"unknown methods {bad}; valid: dla, attention, attribution, ablation")
         if not 0 <= self.budget < 10:
             raise ValueError(f"budget must be a relative increase in [0, 10), got {self.budget}")
+        if self.kind not in ("zero", "mean"):
+            raise ValueError(f"kind must be 'zero' or 'mean', got {self.kind!r}")
         if self.budget_on not in BUDGET_MEASURES:
             raise ValueError(f"budget_on must be one of {', '.join(BUDGET_MEASURES)}, got {self.budget_on!r}")
 
@@ -344,6 +348,7 @@ def scope(
     scores["specific"] = specific
     ranked = specific.top(min(max(config.ks), L * H))
 
+    reference = cap_curve.neutral[0] if config.kind == "mean" else None
     step("faithfulness curve")
     with injection.apply(model):
         curve_controls = None if config.curve_controls is None else list(spec.control_groups[: config.curve_controls])
@@ -352,7 +357,7 @@ def scope(
         )
         curve = faithfulness_curve(
             model, ps_eval, ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
-            kind=config.kind, budget=config.budget, budget_on=config.budget_on, seed=config.seed,
+            kind=config.kind, budget=config.budget, budget_on=config.budget_on, seed=config.seed, reference=reference,
             progress=progress,
         )
         layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
@@ -367,7 +372,7 @@ def scope(
         return c.relative_to(base_cap)[f"{config.budget_on}_increase"]
 
     def heads_cm(heads: list[Head]) -> Callable[[], Any]:
-        return lambda: ablate_heads(model, heads, kind=config.kind)
+        return lambda: ablate_heads(model, heads, kind=config.kind, reference=reference)
 
     # The curve's few passages pick the candidates; the chosen k must hold the budget on the final passages too.
     measured: dict[str, Capability] = {}

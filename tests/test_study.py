@@ -83,6 +83,24 @@ def test_scope_result_round_trips(result, tmp_path):
 def test_scope_config_validation():
     with pytest.raises(ValueError, match="unknown methods"):
         ScopeConfig(methods=("dla", "gradcam"))
+    with pytest.raises(ValueError, match="kind must be 'zero' or 'mean'"):
+        ScopeConfig(kind="resample")
+
+
+def test_scope_with_mean_ablation_uses_the_neutral_mean(tiny_model):
+    """kind='mean': the chosen heads' measured cost is that of mean ablation over the curve's passages."""
+    from biasgym_lens.capability import capability_set, measure_capability
+    from biasgym_lens.interventions import ablate_heads
+
+    inj = inject(tiny_model, "late", **FAST_INJECT)
+    res = scope(tiny_model, inj, progress=False, **{**FAST_SCOPE, "kind": "mean", "methods": ("attribution",)})
+    heads = res.chosen
+    assert heads, "the tiny model's heads cost little: the budget admits some"
+    cap = capability_set(tiny_model, max_passages=FAST_SCOPE["final_passages"], max_mc_items=0)
+    ref = capability_set(tiny_model, max_passages=FAST_SCOPE["curve_passages"], mc_items=[]).neutral[0]
+    mean_loss = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads, kind="mean", reference=ref), with_mc=False).neutral_loss
+    assert res.capability.query("intervention == 'heads'")["neutral_loss"].item() == pytest.approx(mean_loss, rel=1e-5)
+    assert active_hooks(tiny_model) == []
 
 
 def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model):
@@ -220,7 +238,7 @@ def test_resumed_faithfulness_curve_equals_full_passes(tiny_model, monkeypatch):
 
     inj = inject(tiny_model, "late", **FAST_INJECT)
     cap = capability_set(tiny_model, max_passages=5, batch_size=2)
-    L, H = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
+    L = tiny_model.cfg.n_layers
     ranked = [(L - 1, 0), (1, 2), (0, 1), (L - 1, 3)]
     with inj.apply(tiny_model):
         ps = build_probe_set(tiny_model, load_bias("late"), inj.token, probes="eval", max_probes=5)
