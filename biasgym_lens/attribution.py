@@ -382,7 +382,13 @@ def _z_and_grads(
 
 
 def attribution_scores(
-    model: Any, ps: ProbeSet, metric: str = "excess", ablation: str = "zero", *, max_tokens: int | None = 1024
+    model: Any,
+    ps: ProbeSet,
+    metric: str = "excess",
+    ablation: str = "zero",
+    *,
+    max_tokens: int | None = 1024,
+    baseline: dict[int, Tensor] | None = None,
 ) -> Float[Tensor, "prompt n_layers n_heads"]:
     """Attribution patching: the first-order estimate of each head's ablation effect, batched over prompts.
 
@@ -393,6 +399,9 @@ def attribution_scores(
             whose probes tokenize to the same length as the token's.
         max_tokens: Run the zero-ablation estimate over chunks of probes of at most about this many padded
             tokens (same scores, bounded memory for the backward pass); None: all probes in one pass.
+        baseline: With ``ablation="zero"``: estimate replacing each head's output by this value instead of 0
+            (layer -> ``[n_heads, d_head]``, e.g. :func:`~biasgym_lens.interventions.head_means` for mean
+            ablation): ``grad . (z - baseline)``.
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
     n = ps.n_probes
@@ -400,13 +409,17 @@ def attribution_scores(
         if max_tokens is not None and len(chunks := ps.chunks(max_tokens)) > 1:
             # Each probe's metric depends only on its own rows: chunks of probes give the same scores with a
             # backward pass (whose saved activations grow with the tokens) over fewer rows at a time.
-            return torch.cat([attribution_scores(model, c, metric, ablation, max_tokens=None) for c in chunks])
+            return torch.cat(
+                [attribution_scores(model, c, metric, ablation, max_tokens=None, baseline=baseline) for c in chunks]
+            )
 
         def metric_fn(logits: Tensor) -> Tensor:
             return ps.metric_per_probe(logits, metric).sum()  # the gradient of each probe lands on its own rows
 
         acts, grads, _ = _z_and_grads(model, ps.batch, metric_fn, ps.answer_positions)
         mask = ps.batch.attention_mask[:, :, None, None].float()
+        if baseline is not None:
+            acts = {layer: z - baseline[layer].to(z.device, z.dtype) for layer, z in acts.items()}
         per_row = torch.stack(
             [((grads[layer] * acts[layer]).float() * mask).sum((1, 3)) for layer in range(L)], dim=1
         )  # [rows, L, H]
@@ -564,6 +577,7 @@ def score_heads(
     controls: list[str] | None = None,
     max_probes: int | None = None,
     heads_per_pass: int | None = None,
+    baseline: dict[int, Tensor] | None = None,
     progress: bool = False,
 ) -> HeadScores:
     """Score every attention head for how much it carries the injected bias.
@@ -579,6 +593,8 @@ def score_heads(
         probes: Which probes (``"select"`` by default; keep ``"eval"`` for measuring).
         controls: Control groups (default: the bias's).
         max_probes: Use at most this many probes.
+        baseline: For ``"attribution"`` with ``ablation="zero"``: estimate replacing each head's output by
+            this value (e.g. head means for mean ablation) instead of zero; recorded as ``ablation="mean"``.
 
     Returns:
         :class:`HeadScores` with per-prompt ``[n_probes, n_layers, n_heads]`` scores.
@@ -600,7 +616,8 @@ def score_heads(
         elif method == "attention":
             per, abl, metric = attention_scores(model, ps), "none", "attention"
         elif method == "attribution":
-            per, abl = attribution_scores(model, ps, metric, ablation), ablation
+            per = attribution_scores(model, ps, metric, ablation, baseline=baseline)
+            abl = "mean" if baseline is not None and ablation == "zero" else ablation
             if ablation == "counterfactual":
                 metric = "token"
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "ablate_heads",
     "head_ablation_hooks",
     "reference_z",
+    "head_means",
     "steer",
     "generate_greedy",
 ]
@@ -75,13 +76,18 @@ def reference_z(model: Any, reference: Sequence[str] | Batch, layers: Sequence[i
     return {layer: cache[f"blocks.{layer}.attn.hook_z"][real].float() for layer in layers}
 
 
+def head_means(model: Any, reference: Sequence[str] | Batch) -> dict[int, Tensor]:
+    """Each head's mean output (``hook_z``) over the reference set's real positions: layer -> ``[n_heads, d_head]``."""
+    return {layer: z.mean(0) for layer, z in reference_z(model, reference, range(model.cfg.n_layers)).items()}
+
+
 def head_ablation_hooks(
     model: Any,
     heads: Sequence[Head],
     *,
     kind: str = "zero",
     scale: float = 0.0,
-    reference: Sequence[str] | Batch | None = None,
+    reference: Sequence[str] | Batch | Mapping[int, Tensor] | None = None,
     seed: int = 0,
 ) -> list[HookSpec]:
     """The hooks behind :func:`ablate_heads` (one per affected layer), for use with ``run_with_hooks``."""
@@ -93,10 +99,20 @@ def head_ablation_hooks(
         if head not in by_layer[layer]:
             by_layer[layer].append(head)
     ref: dict[int, Tensor] = {}
+    means: Mapping[int, Tensor] = {}
     if kind in ("mean", "resample"):
         if reference is None:
             raise ValueError(f"kind={kind!r} needs a reference set (texts or a Batch)")
-        ref = reference_z(model, reference, sorted(by_layer))
+        if isinstance(reference, Mapping):
+            if kind != "mean":
+                raise ValueError("precomputed head means (a mapping) only serve kind='mean'")
+            missing = sorted(set(by_layer) - set(reference))
+            if missing:
+                raise ValueError(f"the precomputed head means lack layers {missing}")
+            means = reference
+        else:
+            ref = reference_z(model, reference, sorted(by_layer))
+            means = {layer: z.mean(0) for layer, z in ref.items()}
     gen = torch.Generator().manual_seed(seed)
     hooks: list[HookSpec] = []
     for layer, hs in by_layer.items():
@@ -110,7 +126,7 @@ def head_ablation_hooks(
             elif kind == "scale":
                 z[:, :, i] = z[:, :, i] * scale
             elif kind == "mean":
-                z[:, :, i] = ref[layer].mean(0)[i].to(z.dtype)
+                z[:, :, i] = means[layer][i].to(z.device, z.dtype)
             else:  # resample: each (row, position) takes the head output of a random reference position
                 pick = torch.randint(0, ref[layer].shape[0], z.shape[:2], generator=gen)
                 z[:, :, i] = ref[layer][pick][:, :, i].to(z.dtype)
@@ -127,7 +143,7 @@ def ablate_heads(
     kind: str = "zero",
     scale: float = 0.0,
     *,
-    reference: Sequence[str] | Batch | None = None,
+    reference: Sequence[str] | Batch | Mapping[int, Tensor] | None = None,
     seed: int = 0,
 ) -> Iterator[Any]:
     """Within the block, the given heads are ablated (or scaled) in every forward pass.
@@ -139,7 +155,9 @@ def ablate_heads(
             ``"resample"`` (the output at a random reference position, seeded), or ``"scale"`` (output times
             ``scale``; the paper's steering, ``scale=0`` is zero ablation).
         scale: Factor for ``kind="scale"``.
-        reference: Texts or a Batch for mean/resample ablation (e.g. neutral text or control-group probes).
+        reference: Texts or a Batch for mean/resample ablation (e.g. neutral text or control-group probes), or
+            for ``kind="mean"`` the means already computed: layer -> ``[n_heads, d_head]`` (see
+            :func:`head_means`), so repeated ablations do not rerun the reference set.
         seed: Seed of the resampling.
 
     Yields:

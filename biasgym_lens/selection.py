@@ -42,8 +42,11 @@ __all__ = [
 ]
 
 
-def damage_scores(model: Any, cap: CapabilitySet, *, max_batches: int = 2) -> Tensor:
-    """Attribution-patching estimate of how much zero-ablating each head raises the neutral-text loss.
+def damage_scores(
+    model: Any, cap: CapabilitySet, *, max_batches: int = 2, baseline: dict[int, Tensor] | None = None
+) -> Tensor:
+    """Attribution-patching estimate of how much zero-ablating each head raises the neutral-text loss (with
+    ``baseline``, layer -> ``[n_heads, d_head]``: replacing each head's output by it, e.g. mean ablation).
 
     Returns:
         ``[n_layers, n_heads]`` estimated increase of the mean next-token loss (nats).
@@ -66,8 +69,9 @@ def damage_scores(model: Any, cap: CapabilitySet, *, max_batches: int = 2) -> Te
 
             acts, grads, _ = _z_and_grads(model, one, loss_fn)
             for layer in range(L):
-                # loss(ablated) - loss(clean) ~ grad . (0 - z)
-                total[layer] += -(grads[layer] * acts[layer]).float().sum((0, 1, 3)).cpu()
+                # loss(ablated) - loss(clean) ~ grad . (baseline - z), baseline 0 for zero ablation
+                z = acts[layer] if baseline is None else acts[layer] - baseline[layer].to(acts[layer].device)
+                total[layer] += -(grads[layer] * z).float().sum((0, 1, 3)).cpu()
     return total / len(batches)
 
 

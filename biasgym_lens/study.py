@@ -25,7 +25,7 @@ from biasgym_lens.attribution import HeadScores, score_heads
 from biasgym_lens.capability import Capability, capability_set, mc_accuracy, measure_capability, neutral_loss
 from biasgym_lens.catalogue import BiasSpec, load_bias
 from biasgym_lens.elicit import group_scores
-from biasgym_lens.interventions import Head, ablate_heads, steer
+from biasgym_lens.interventions import Head, ablate_heads, head_means, steer
 from biasgym_lens.metrics import keyword_ids, probe_subset
 from biasgym_lens.probes import build_probe_set
 from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
@@ -75,8 +75,8 @@ class ScopeConfig:
             stay within the budget on the final passages (else the next candidate is taken).
         budget_on: ``"perplexity"`` (default) or ``"loss"`` of the neutral text.
         kind: Ablation kind for the curve, the chosen and the random heads: ``"zero"`` (default) or ``"mean"``
-            (each head's mean output over the curve's neutral passages). The head scores that rank the heads
-            estimate zero ablation either way.
+            (each head's mean output over the curve's neutral passages; the ranking's attribution and damage
+            estimates then use those means too). The four reported head scores estimate zero ablation.
         curve_passages: Neutral passages for the curve (fast); ``final_passages`` for the final measures.
         curve_probes: Evaluation probes used by the curve (None: all).
         curve_controls: Control groups used by the curve (None: all); the final measures use all of them.
@@ -343,12 +343,17 @@ def scope(
 
     step("estimating each head's damage to neutral text")
     cap_curve = capability_set(model, max_passages=config.curve_passages, mc_items=[])
-    damage = damage_scores(model, cap_curve)
-    specific = specific_scores(scores["attribution"], damage, config.damage_weight)
+    # Mean ablation replaces a head's output by its mean over the curve's neutral passages; the ranking then
+    # estimates that replacement (attribution and damage against the means) instead of zeroing.
+    reference = head_means(model, cap_curve.neutral[0]) if config.kind == "mean" else None
+    damage = damage_scores(model, cap_curve, baseline=reference)
+    effect = scores["attribution"]
+    if reference is not None:
+        effect = score_heads(model, injection, "attribution", max_probes=config.score_probes, baseline=reference)
+    specific = specific_scores(effect, damage, config.damage_weight)
     scores["specific"] = specific
     ranked = specific.top(min(max(config.ks), L * H))
 
-    reference = cap_curve.neutral[0] if config.kind == "mean" else None
     step("faithfulness curve")
     with injection.apply(model):
         curve_controls = None if config.curve_controls is None else list(spec.control_groups[: config.curve_controls])

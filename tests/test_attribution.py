@@ -265,3 +265,33 @@ def test_damage_scores_equal_the_whole_batch_estimate(tiny_model):
     mask = b.attention_mask[:, :, None, None].float()
     expected = torch.stack([-(grads[i] * acts[i] * mask).sum((0, 1, 3)) for i in range(tiny_model.cfg.n_layers)])
     torch.testing.assert_close(damage_scores(tiny_model, cap), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attribution_against_head_means_is_the_finite_difference_toward_the_means(injected):
+    """With a baseline (mean ablation), a head's score is the first-order effect of moving its output toward the
+    baseline: checked by nudging one head a small step toward its mean in a real forward pass."""
+    from biasgym_lens.hooks import hooked
+    from biasgym_lens.interventions import head_means
+
+    model, inj = injected
+    means = head_means(model, ["the sun is a star and the moon is not", "water boils at one hundred degrees"])
+    zeros = {layer: torch.zeros_like(m) for layer, m in means.items()}
+    eps = 1e-3
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        plain = attribution_scores(model, ps, "token")
+        torch.testing.assert_close(attribution_scores(model, ps, "token", baseline=zeros), plain)
+        scores = attribution_scores(model, ps, "token", baseline=means)
+        with torch.no_grad():
+            clean = ps.metric_per_probe(model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask), "token")
+            for layer, head in [(0, 1), (model.cfg.n_layers - 1, 2)]:
+
+                def nudge(z, hook, layer=layer, head=head):
+                    z = z.clone()
+                    z[:, :, head] += eps * (means[layer][head] - z[:, :, head])
+                    return z
+
+                with hooked(model, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", nudge)]):
+                    moved = ps.metric_per_probe(model(ps.batch.input_ids, attention_mask=ps.batch.attention_mask), "token")
+                torch.testing.assert_close((clean - moved) / eps, scores[:, layer, head], atol=2e-3, rtol=2e-2)
+    assert active_hooks(model) == []

@@ -49,6 +49,15 @@ def test_mean_and_resample_use_the_reference_set(tiny_model):
         _, c = _run(tiny_model, batch, {"blocks.1.attn.hook_z"})
     z = c["blocks.1.attn.hook_z"][:, :, 0]
     torch.testing.assert_close(z, ref.mean(0)[0].expand_as(z))
+    from biasgym_lens.interventions import head_means
+
+    means = head_means(tiny_model, ref_texts)  # precomputed means: the same ablation without rerunning the set
+    with ablate_heads(tiny_model, [(1, 0)], kind="mean", reference=means):
+        _, c2 = _run(tiny_model, batch, {"blocks.1.attn.hook_z"})
+    torch.testing.assert_close(c2["blocks.1.attn.hook_z"], c["blocks.1.attn.hook_z"])
+    with pytest.raises(ValueError, match="only serve kind='mean'"):
+        with ablate_heads(tiny_model, [(1, 0)], kind="resample", reference=means):
+            pass
     with ablate_heads(tiny_model, [(1, 0)], kind="resample", reference=ref_texts, seed=1):
         _, c = _run(tiny_model, batch, {"blocks.1.attn.hook_z"})
     got = c["blocks.1.attn.hook_z"][:, :, 0].reshape(-1, ref.shape[-1])
