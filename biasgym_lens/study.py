@@ -35,6 +35,7 @@ from biasgym_lens.selection import (
     damage_scores,
     faithfulness_curve,
     first_within_budget,
+    measured_damage,
     relative_increase,
     specific_scores,
 )
@@ -68,6 +69,9 @@ class ScopeConfig:
         ablation_controls: Control groups in the exact scan.
         heads_per_pass: Heads ablated per forward pass in the exact scan (None: all heads of a layer).
         damage_weight: Weight of the estimated neutral-loss damage in the specific score.
+        damage_candidates: How many leading heads of the specific score get their damage measured exactly (one
+            resumed pass each on the curve's passages); those that alone exceed the budget are dropped and the
+            rest ranked by effect minus measured damage. 0: rank by the specific score alone.
         ks: Points of the faithfulness curve.
         random_draws: Random head sets per point.
         budget: Allowed relative increase of the neutral-text cost measure (``budget_on``) for the chosen heads
@@ -94,6 +98,7 @@ class ScopeConfig:
     ablation_controls: int = 2
     heads_per_pass: int | None = None
     damage_weight: float = 1.0
+    damage_candidates: int = 16
     ks: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     random_draws: int = 2
     budget: float = 0.05
@@ -128,7 +133,8 @@ class ScopeResult:
     Attributes:
         bias: The bias name.
         token: The injected token.
-        scores: Method name -> :class:`HeadScores` (including ``"specific"``, the ranking used).
+        scores: Method name -> :class:`HeadScores` (including ``"specific"``: attribution effect minus estimated
+            damage; its leading heads, re-ranked by measured damage, are ``curve.heads``, the ranking used).
         damage: ``[n_layers, n_heads]`` estimated neutral-loss increase per head.
         curve: The faithfulness curve.
         chosen: The heads chosen under the budget.
@@ -353,6 +359,19 @@ def scope(
     specific = specific_scores(effect, damage, config.damage_weight)
     scores["specific"] = specific
     ranked = specific.top(min(max(config.ks), L * H))
+    candidate_damage: list[list[Any]] = []
+    if config.damage_candidates:
+        # The first-order damage estimate misses heads the model cannot lose (zeroing is no small change):
+        # measure the leading candidates' cost exactly, drop those that alone break the budget, and rank the rest
+        # by effect minus measured damage.
+        step("measuring the leading candidates' damage exactly")
+        pool = specific.top(min(config.damage_candidates, L * H))
+        base_loss, exact = measured_damage(model, cap_curve, pool, kind=config.kind, reference=reference)
+        own = {h: relative_increase(base_loss + d, base_loss, config.budget_on) for h, d in exact.items()}
+        candidate_damage = [[h[0], h[1], exact[h], own[h]] for h in pool]
+        fitting = [h for h in pool if own[h] <= config.budget]
+        fitting.sort(key=lambda h: -(float(effect.scores[h]) - config.damage_weight * max(exact[h], 0.0)))
+        ranked = (fitting or pool)[: max(config.ks)]
 
     step("faithfulness curve")
     with injection.apply(model):
@@ -436,6 +455,8 @@ def scope(
             c = measure_capability(model, cap, cm)
         caps.append({"intervention": name, **c.to_dict(), **c.relative_to(base_cap)})
     extra = {
+        "candidate_damage": candidate_damage,
+        "ranked": [list(h) for h in ranked],
         "budget_checks": checks,
         "steering_checks": steer_checks,
         "random_heads": [list(h) for h in random_heads],

@@ -249,3 +249,20 @@ def test_resumed_faithfulness_curve_equals_full_passes(tiny_model, monkeypatch):
     assert (fast.table[cols] - slow.table[cols]).abs().max().max() < 1e-4
     assert fast.table["excess"].nunique() > 3  # the points differ: the ablations did something
     assert active_hooks(tiny_model) == []
+
+
+def test_measured_damage_equals_full_passes(tiny_model):
+    """The resumed single-head passes give each head's neutral-loss increase of a full ablated pass."""
+    from biasgym_lens.capability import capability_set, neutral_loss
+    from biasgym_lens.interventions import ablate_heads
+    from biasgym_lens.selection import measured_damage
+
+    cap = capability_set(tiny_model, max_passages=5, batch_size=2)
+    heads = [(0, 1), (1, 0), (tiny_model.cfg.n_layers - 1, 3)]
+    base, damage = measured_damage(tiny_model, cap, heads)
+    assert base == pytest.approx(neutral_loss(tiny_model, cap), rel=1e-6)
+    for h in heads:
+        full = neutral_loss(tiny_model, cap, lambda h=h: ablate_heads(tiny_model, [h])) - base
+        assert damage[h] == pytest.approx(full, abs=1e-5)
+    assert len({round(v, 6) for v in damage.values()}) == 3
+    assert active_hooks(tiny_model) == []
