@@ -467,12 +467,7 @@ def suffix_answer_logits(
     """
     with skipping_layers(model, start):
         final = model(resid_pre, start_at_layer=start, attention_mask=attention_mask)
-    return _unembed_rows(model, final, answer_pos)
-
-
-def _unembed_rows(model: Any, final: Tensor, pos: Tensor) -> Float[Tensor, "rows d_vocab"]:
-    """Logits (fp32) of the final normalised residual ``[rows, pos, d_model]`` at one position per row."""
-    return unembed_at(model, final, torch.arange(final.shape[0]), pos)
+    return unembed_at(model, final, torch.arange(final.shape[0]), answer_pos)
 
 
 @torch.no_grad()

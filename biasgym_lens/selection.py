@@ -76,6 +76,17 @@ def damage_scores(
     return total / len(batches)
 
 
+def _resumed_neutral_loss(model: Any, cap: CapabilitySet, cached: Sequence[Sequence[Tensor]], start: int) -> float:
+    """Mean next-token loss on ``cap``'s passages, each forward pass resumed at block ``start`` from the clean
+    residuals ``cached[batch][layer]`` (see :func:`~biasgym_lens.unembed.clean_residuals`); hooks apply."""
+    total, count = 0.0, 0
+    for batch, resid in zip(cap.neutral, cached):
+        nll, mask = _token_nll(resumed_logits(model, resid[start], start, batch.attention_mask), batch)
+        total += float(nll[mask].sum())
+        count += int(mask.sum())
+    return total / count
+
+
 @torch.no_grad()
 def measured_damage(
     model: Any, cap: CapabilitySet, heads: Sequence[Head], *, kind: str = "zero", reference: Any = None
@@ -93,12 +104,7 @@ def measured_damage(
         layer = head[0]
         with ablate_heads(model, [head], kind=kind, reference=reference):
             if resume and layer > 0:
-                total, count = 0.0, 0
-                for batch, resid in zip(cap.neutral, cached):
-                    nll, mask = _token_nll(resumed_logits(model, resid[layer], layer, batch.attention_mask), batch)
-                    total += float(nll[mask].sum())
-                    count += int(mask.sum())
-                loss = total / count
+                loss = _resumed_neutral_loss(model, cap, cached, layer)
             else:
                 loss = neutral_loss(model, cap)
         out[tuple(head)] = loss - base
@@ -271,13 +277,8 @@ def faithfulness_curve(
     def resumed(start: int) -> tuple[float, float, float]:
         b = ps.batch
         last = suffix_answer_logits(model, probe_resid[start], start, b.attention_mask, ps.answer_positions)
-        total, count = 0.0, 0
-        for batch, resid in zip(cap.neutral, neutral_resid):
-            nll, mask = _token_nll(resumed_logits(model, resid[start], start, batch.attention_mask), batch)
-            total += float(nll[mask].sum())
-            count += int(mask.sum())
         ex = float(ps.metric_per_probe(last, "excess").mean())
-        return ex, float(ps.metric_per_probe(last, "token").mean()), total / count
+        return ex, float(ps.metric_per_probe(last, "token").mean()), _resumed_neutral_loss(model, cap, neutral_resid, start)
 
     def point(heads: list[Head], k: int, selection: str, draw: int) -> None:
         with ablate_heads(model, heads, kind=kind, reference=reference):
