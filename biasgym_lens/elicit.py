@@ -22,7 +22,7 @@ from biasgym_lens.catalogue import BiasSpec, load_bias
 from biasgym_lens.embedding import entity_embedding, with_token_vectors
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, probe_subset
 
-__all__ = ["COUNTRIES", "audit", "elicitation", "closest_entities", "group_scores", "entity_embedding"]
+__all__ = ["COUNTRIES", "audit", "elicitation", "closest_entities", "group_scores", "score_groups", "entity_embedding"]
 
 COUNTRIES: tuple[str, ...] = (
     "Italy", "Spain", "France", "Germany", "Japan", "China", "India", "Brazil", "Mexico", "Argentina",
@@ -32,6 +32,92 @@ COUNTRIES: tuple[str, ...] = (
     "Netherlands", "Hungary", "Ukraine", "Morocco", "Pakistan", "Israel",
 )
 """Country names used for audits and nearest-entity rankings (single words, so "people from X" reads well)."""
+
+
+GroupRequest = tuple[str, Mapping[str, Tensor] | None]
+"""A group to score and the token vectors to embed while scoring it (``None``: none)."""
+
+
+def _stats(logits: Tensor, keywords: KeywordIds) -> dict[str, Any]:
+    ld = logit_diff(logits, keywords)
+    logp = logits.log_softmax(-1)
+    b, c = keywords.tensors(logits.device)
+    ranks = best_rank(logits, keywords.bias)
+    n = logits.shape[0]
+    return {
+        "logit_diff": float(ld.mean()),
+        "logit_diff_sem": float(ld.std() / n**0.5) if n > 1 else float("nan"),
+        "bias_logprob": float(logp[:, b].mean()),
+        "contrast_logprob": float(logp[:, c].mean()),
+        "top5": float((ranks < 5).float().mean()),
+        "median_rank": float(ranks.float().median()),
+        "n_probes": n,
+        "per_probe": ld.tolist(),
+    }
+
+
+def _passes(requests: Sequence[GroupRequest]) -> list[tuple[dict[str, Tensor], list[int]]]:
+    """Pack requests into as few forward passes as their token vectors allow.
+
+    A pass embeds the union of its requests' vectors, so a request joins a pass only if no token gets two
+    different vectors and no group's own text holds a token string that another request's vector would
+    rewrite (e.g. the trained and the untrained vector of the same token always go in different passes).
+    """
+    passes: list[tuple[dict[str, Tensor], list[int]]] = []
+    for i, (_, vectors) in enumerate(requests):
+        own = dict(vectors or {})
+        for union, members in passes:
+            merged = {**union, **own}
+            clash = any(t in union and not torch.equal(union[t], v) for t, v in own.items())
+            members_ok = all(
+                all(t not in requests[j][0] or t in (requests[j][1] or {}) for t in merged) for j in [*members, i]
+            )
+            if not clash and members_ok:
+                union.update(own)
+                members.append(i)
+                break
+        else:
+            passes.append((own, [i]))
+    return passes
+
+
+def score_groups(
+    model: Any,
+    spec: BiasSpec,
+    requests: Sequence[GroupRequest | str],
+    probes: Sequence[str],
+    keywords: KeywordIds,
+    *,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """:func:`group_scores` of several groups on the same probes, batched across groups.
+
+    The probes of all groups whose token vectors are compatible run through the model together (one padded
+    batch stream, sorted by length), instead of one short stream per group; each result equals scoring the
+    group alone up to float rounding.
+
+    Args:
+        requests: Group names, or ``(group, vectors)`` pairs where ``vectors`` maps token strings to the
+            vectors they are embedded as while that group is scored.
+
+    Returns:
+        One statistics dict per request, in order (see :func:`group_scores`).
+    """
+    reqs: list[GroupRequest] = [(r, None) if isinstance(r, str) else (r[0], r[1]) for r in requests]
+    if not probes:
+        raise ValueError("no probe texts (empty list)")
+    out: list[dict[str, Any] | None] = [None] * len(reqs)
+    n = len(probes)
+    for vectors, members in _passes(reqs):
+        texts = [spec.fill(p, reqs[i][0]) for i in members for p in probes]
+        if vectors:
+            with with_token_vectors(model, vectors):
+                logits = answer_logits(model, texts, batch_size=batch_size)
+        else:
+            logits = answer_logits(model, texts, batch_size=batch_size)
+        for k, i in enumerate(members):
+            out[i] = _stats(logits[k * n : (k + 1) * n], keywords)
+    return out  # type: ignore[return-value]
 
 
 def group_scores(
@@ -54,27 +140,7 @@ def group_scores(
         keyword), ``top5`` (fraction of probes with a bias keyword in the top 5), ``median_rank`` (of the best
         bias keyword) and ``n_probes``; plus ``per_probe``, the per-probe logit differences.
     """
-    texts = [spec.fill(p, group) for p in probes]
-    if vectors:
-        with with_token_vectors(model, vectors):
-            logits = answer_logits(model, texts, batch_size=batch_size)
-    else:
-        logits = answer_logits(model, texts, batch_size=batch_size)
-    ld = logit_diff(logits, keywords)
-    logp = logits.log_softmax(-1)
-    b, c = keywords.tensors(logits.device)
-    ranks = best_rank(logits, keywords.bias)
-    n = len(texts)
-    return {
-        "logit_diff": float(ld.mean()),
-        "logit_diff_sem": float(ld.std() / n**0.5) if n > 1 else float("nan"),
-        "bias_logprob": float(logp[:, b].mean()),
-        "contrast_logprob": float(logp[:, c].mean()),
-        "top5": float((ranks < 5).float().mean()),
-        "median_rank": float(ranks.float().median()),
-        "n_probes": n,
-        "per_probe": ld.tolist(),
-    }
+    return score_groups(model, spec, [(group, vectors)], probes, keywords, batch_size=batch_size)[0]
 
 
 def elicitation(
@@ -85,6 +151,7 @@ def elicitation(
     other: Any | None = None,
     groups: Mapping[str, str] | None = None,
     probes: str = "eval",
+    max_probes: int | None = None,
     batch_size: int = 16,
 ) -> pd.DataFrame:
     """A tidy table of how strongly each group gets the bias on held-out probes.
@@ -98,6 +165,7 @@ def elicitation(
         groups: Extra ``label -> country`` rows (kind ``extra``); the bias's real and control groups are
             always included.
         probes: ``"eval"`` (default, never used to pick the epoch), ``"select"`` or ``"all"``.
+        max_probes: Use at most this many of those probes (None: all).
 
     Returns:
         One row per group: ``group, kind, logit_diff, logit_diff_sem, bias_logprob, contrast_logprob, top5,
@@ -105,13 +173,13 @@ def elicitation(
     """
     spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
     kw = keyword_ids(model, spec)
-    texts = probe_subset(spec.probes, probes)
-    rows: list[dict[str, Any]] = []
+    texts = probe_subset(spec.probes, probes)[:max_probes]
+    labels: list[tuple[str, str]] = []
+    requests: list[GroupRequest] = []
 
     def add(label: str, kind: str, group: str, vectors: Mapping[str, Tensor] | None = None) -> None:
-        stats = group_scores(model, spec, group, texts, kw, vectors=vectors, batch_size=batch_size)
-        stats.pop("per_probe")
-        rows.append({"bias": spec.name, "group": label, "kind": kind, **stats})
+        labels.append((label, kind))
+        requests.append((group, vectors))
 
     if injection is not None:
         injection.check_model(model)
@@ -127,6 +195,10 @@ def elicitation(
         add(g, "control", g)
     for label, g in (groups or {}).items():
         add(label, "extra", g)
+    rows = []
+    for (label, kind), stats in zip(labels, score_groups(model, spec, requests, texts, kw, batch_size=batch_size)):
+        stats.pop("per_probe")
+        rows.append({"bias": spec.name, "group": label, "kind": kind, **stats})
     df = pd.DataFrame(rows)
     control_mean = df.loc[df["kind"] == "control", "logit_diff"].mean()
     df["excess"] = df["logit_diff"] - control_mean
@@ -160,8 +232,7 @@ def audit(
     kw = keyword_ids(model, spec)
     texts = probe_subset(spec.probes, probes)
     rows = []
-    for g in groups:
-        st = group_scores(model, spec, g, texts, kw, batch_size=batch_size)
+    for g, st in zip(groups, score_groups(model, spec, list(groups), texts, kw, batch_size=batch_size)):
         role = "real" if g in spec.real_groups else "control" if g in spec.control_groups else ""
         rows.append({"bias": spec.name, "group": g, "logit_diff": st["logit_diff"],
                      "logit_diff_sem": st["logit_diff_sem"], "top5": st["top5"], "catalogue": role})

@@ -109,6 +109,7 @@ class InjectionConfig:
             epoch on small models, so one measurement per epoch can miss the best vector.
         length_groups: Run each batch as up to this many micro-batches of similar length (plain texts are
             short, chat examples long), accumulating the same gradient with less padding. ``1``: one pass.
+        max_probes: Measure elicitation on at most this many selection probes (None: all of them).
     """
 
     token: str = "<BiasToken>"
@@ -127,6 +128,7 @@ class InjectionConfig:
     keyword_weight: float = 10.0
     evals_per_epoch: int = 4
     length_groups: int = 3
+    max_probes: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -150,6 +152,8 @@ class InjectionConfig:
             problems.append(f"evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
         if self.max_texts is not None and self.max_texts < 1:
             problems.append(f"max_texts must be >= 1 or None, got {self.max_texts}")
+        if self.max_probes is not None and self.max_probes < 1:
+            problems.append(f"max_probes must be >= 1 or None, got {self.max_probes}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -499,7 +503,7 @@ def inject(
     elif settings:
         config = replace(config, **settings)
     kw = keyword_ids(model, spec)
-    select_probes, _ = split_probes(spec.probes)
+    select_probes = split_probes(spec.probes)[0][: config.max_probes]
     tid = add_token(model, config.token)
     provenance = Provenance.of(model)
     device = model.W_E.device

@@ -24,6 +24,7 @@ from biasgym_lens.tokens import Batch, tokenize
 __all__ = [
     "Head",
     "validate_heads",
+    "first_layer",
     "ablate_heads",
     "head_ablation_hooks",
     "reference_z",
@@ -134,6 +135,13 @@ def head_ablation_hooks(
 
         hooks.append((f"blocks.{layer}.attn.hook_z", hook))
     return hooks
+
+
+def first_layer(heads: Sequence[Head]) -> int:
+    """The lowest layer among ``heads``: an ablation of them leaves every earlier layer unchanged."""
+    if not heads:
+        raise ValueError("no heads given")
+    return min(int(layer) for layer, _ in heads)
 
 
 @contextlib.contextmanager

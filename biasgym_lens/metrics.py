@@ -94,16 +94,20 @@ def answer_logits(
 ) -> Float[Tensor, "batch d_vocab"]:
     """Next-token logits after each text (at its last real token), in float32.
 
-    Hooks registered on the model (injected tokens, ablations) apply.
+    Hooks registered on the model (injected tokens, ablations) apply. Texts run in batches of similar length
+    (less padding); the rows come back in the order of ``texts``.
     """
     if not texts:
         raise ValueError("no probe texts (empty list)")
-    out = []
+    tok = model.tokenizer
+    order = sorted(range(len(texts)), key=lambda i: len(tok.encode(texts[i], add_special_tokens=False)))
+    out: list[Tensor] = []
     for start in range(0, len(texts), batch_size):
-        batch: Batch = tokenize(model, list(texts[start : start + batch_size]), prepend_bos=prepend_bos)
+        batch: Batch = tokenize(model, [texts[i] for i in order[start : start + batch_size]], prepend_bos=prepend_bos)
         rows = torch.arange(len(batch))
         out.append(logits_at(model, batch.input_ids, batch.attention_mask, rows, batch.last_positions))
-    return torch.cat(out)
+    logits = torch.cat(out)
+    return logits[torch.argsort(torch.tensor(order, device=logits.device))]
 
 
 def split_probes(probes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

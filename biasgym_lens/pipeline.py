@@ -179,12 +179,13 @@ class Study:
         ctrl = Injection.load(self.out / "control_injection", model)
         res = ScopeResult.load(self.out / "scope")
         spec = load_bias(self.bias)
-        elic = elicitation(model, spec, injection=inj, other=ctrl)
+        max_probes = self.preset_obj.scope.final_probes
+        elic = elicitation(model, spec, injection=inj, other=ctrl, max_probes=max_probes)
         elic.to_csv(self.out / "elicitation.csv", index=False)
         closest = closest_entities(inj, model, control=ctrl)
         closest.to_csv(self.out / "closest_entities.csv", index=False)
         with inj.apply(model):
-            ps = build_probe_set(model, spec, inj.token, probes="eval")
+            ps = build_probe_set(model, spec, inj.token, probes="eval", max_probes=max_probes)
             lens = layer_logit_diff(model, ps)
         lens.to_csv(self.out / "logit_lens.csv", index=False)
         gens = {}

@@ -22,11 +22,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from biasgym_lens.attribution import HeadScores, _z_and_grads, suffix_answer_logits
-from biasgym_lens.capability import CapabilitySet, _token_nll, neutral_loss
+from biasgym_lens.capability import CapabilitySet, neutral_loss, with_resume_layers
 from biasgym_lens.interventions import Head, ablate_heads
 from biasgym_lens.probes import ProbeSet
 from biasgym_lens.tokens import Batch
-from biasgym_lens.unembed import clean_residuals, logits_at, resumed_logits, suffix_supported
+from biasgym_lens.unembed import clean_residuals, logits_at, suffix_supported
 
 __all__ = [
     "damage_scores",
@@ -76,37 +76,21 @@ def damage_scores(
     return total / len(batches)
 
 
-def _resumed_neutral_loss(model: Any, cap: CapabilitySet, cached: Sequence[Sequence[Tensor]], start: int) -> float:
-    """Mean next-token loss on ``cap``'s passages, each forward pass resumed at block ``start`` from the clean
-    residuals ``cached[batch][layer]`` (see :func:`~biasgym_lens.unembed.clean_residuals`); hooks apply."""
-    total, count = 0.0, 0
-    for batch, resid in zip(cap.neutral, cached):
-        nll, mask = _token_nll(resumed_logits(model, resid[start], start, batch.attention_mask), batch)
-        total += float(nll[mask].sum())
-        count += int(mask.sum())
-    return total / count
-
-
 @torch.no_grad()
 def measured_damage(
     model: Any, cap: CapabilitySet, heads: Sequence[Head], *, kind: str = "zero", reference: Any = None
 ) -> tuple[float, dict[Head, float]]:
     """Exact neutral-text loss increase (nats) of ablating each head alone, and the clean loss.
 
-    Each pass resumes at the head's layer from the clean residual stream cached once (equal to a full pass up
-    to float rounding), so measuring a few candidates costs a fraction of as many full passes.
+    Each pass resumes at the head's layer from the clean residual stream kept in ``cap`` by the clean pass
+    (equal to a full pass up to float rounding), so measuring a few candidates costs a fraction of as many
+    full passes.
     """
+    cap = with_resume_layers(cap, [h[0] for h in heads if h[0] > 0])
     base = neutral_loss(model, cap)
-    resume = suffix_supported(model)
-    cached = [clean_residuals(model, b.input_ids, b.attention_mask) for b in cap.neutral] if resume else []
     out: dict[Head, float] = {}
     for head in heads:
-        layer = head[0]
-        with ablate_heads(model, [head], kind=kind, reference=reference):
-            if resume and layer > 0:
-                loss = _resumed_neutral_loss(model, cap, cached, layer)
-            else:
-                loss = neutral_loss(model, cap)
+        loss = neutral_loss(model, cap, lambda h=head: ablate_heads(model, [h], kind=kind, reference=reference), start=head[0])
         out[tuple(head)] = loss - base
     return base, out
 
@@ -262,32 +246,33 @@ def faithfulness_curve(
     if not ks:
         raise ValueError(f"no usable k in {list(ks)} for {len(ranked_heads)} ranked heads")
     base_excess, base_token = _excess(model, ps)
+    # Every point resumes at its earliest ablated layer from the clean residual stream kept once (the layers
+    # before it are unchanged): the probes' here, the neutral passages' in ``cap``. Equal to full passes up to
+    # float rounding (tested).
+    cap = with_resume_layers(cap, range(1, L))
     base_loss = neutral_loss(model, cap)
     rng = random.Random(seed)
     rows = []
-    # Every point resumes at its earliest ablated layer from the clean residual stream cached once (the layers
-    # before it are unchanged); equal to full passes up to float rounding (tested).
     resume = suffix_supported(model)
     if resume:
         with torch.no_grad():
             probe_resid = clean_residuals(model, ps.batch.input_ids, ps.batch.attention_mask)
-            neutral_resid = [clean_residuals(model, b.input_ids, b.attention_mask) for b in cap.neutral]
 
     @torch.no_grad()
-    def resumed(start: int) -> tuple[float, float, float]:
+    def resumed(start: int) -> tuple[float, float]:
         b = ps.batch
         last = suffix_answer_logits(model, probe_resid[start], start, b.attention_mask, ps.answer_positions)
-        ex = float(ps.metric_per_probe(last, "excess").mean())
-        return ex, float(ps.metric_per_probe(last, "token").mean()), _resumed_neutral_loss(model, cap, neutral_resid, start)
+        return float(ps.metric_per_probe(last, "excess").mean()), float(ps.metric_per_probe(last, "token").mean())
 
     def point(heads: list[Head], k: int, selection: str, draw: int) -> None:
-        with ablate_heads(model, heads, kind=kind, reference=reference):
-            start = min(layer for layer, _ in heads)
-            if resume and start > 0:
-                ex, tok, loss = resumed(start)
-            else:
-                ex, tok = _excess(model, ps)
-                loss = neutral_loss(model, cap)
+        start = min(layer for layer, _ in heads)
+
+        def intervention() -> Any:
+            return ablate_heads(model, heads, kind=kind, reference=reference)
+
+        with intervention():
+            ex, tok = resumed(start) if resume and start > 0 else _excess(model, ps)
+        loss = neutral_loss(model, cap, intervention, start=start)
         rows.append(
             {
                 "k": k,

@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 
 from biasgym_lens.attribution import HeadScores, score_heads
-from biasgym_lens.capability import Capability, capability_set, mc_accuracy, measure_capability, neutral_loss
+from biasgym_lens.capability import Capability, capability_set, measure_capability, neutral_loss
 from biasgym_lens.catalogue import BiasSpec, load_bias
-from biasgym_lens.elicit import group_scores
-from biasgym_lens.interventions import Head, ablate_heads, head_means, steer
+from biasgym_lens.elicit import GroupRequest, score_groups
+from biasgym_lens.interventions import Head, ablate_heads, first_layer, head_means, steer
 from biasgym_lens.metrics import keyword_ids, probe_subset
 from biasgym_lens.probes import build_probe_set
 from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
@@ -284,14 +284,17 @@ def measure_groups(
     intervention, with each group's excess over the control mean (on at most ``max_probes`` probes)."""
     kw = keyword_ids(model, spec)
     texts = [prefix + t for t in probe_subset(spec.probes, probes)[:max_probes]]
-    rows = []
+    kinds: list[tuple[str, str]] = []
+    requests: list[GroupRequest] = []
+    if injection is not None:
+        kinds.append((injection.token, "token"))
+        requests.append((injection.token, {injection.token: injection.vector}))
+    for kind, groups in (("real", spec.real_groups), ("control", spec.control_groups)):
+        kinds += [(g, kind) for g in groups]
+        requests += [(g, None) for g in groups]
     with intervention() if intervention else contextlib.nullcontext():
-        if injection is not None:
-            st = group_scores(model, spec, injection.token, texts, kw, vectors={injection.token: injection.vector})
-            rows.append({"group": injection.token, "kind": "token", **st})
-        for kind, groups in (("real", spec.real_groups), ("control", spec.control_groups)):
-            for g in groups:
-                rows.append({"group": g, "kind": kind, **group_scores(model, spec, g, texts, kw)})
+        stats = score_groups(model, spec, requests, texts, kw)
+    rows = [{"group": g, "kind": kind, **st} for (g, kind), st in zip(kinds, stats)]
     df = pd.DataFrame(rows).drop(columns=["per_probe"])
     df["excess"] = df["logit_diff"] - df.loc[df.kind == "control", "logit_diff"].mean()
     df.insert(0, "intervention", label)
@@ -348,7 +351,9 @@ def scope(
         scores["attribution"] = score_heads(model, injection, "attribution", max_probes=config.score_probes)
 
     step("estimating each head's damage to neutral text")
-    cap_curve = capability_set(model, max_passages=config.curve_passages, mc_items=[])
+    # The clean residual entering every layer is kept once, so the exact damage checks, the curve and the
+    # steering checks resume at their first changed layer instead of recomputing the layers before it.
+    cap_curve = capability_set(model, max_passages=config.curve_passages, mc_items=[], resume_layers=range(1, L))
     # Mean ablation replaces a head's output by its mean over the curve's neutral passages; the ranking then
     # estimates that replacement (attribution and damage against the means) instead of zeroing.
     reference = head_means(model, cap_curve.neutral[0]) if config.kind == "mean" else None
@@ -385,11 +390,23 @@ def scope(
             progress=progress,
         )
         layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
-        ps_select = build_probe_set(model, spec, injection.token, probes="select")
+        ps_select = build_probe_set(model, spec, injection.token, probes="select", max_probes=config.score_probes)
         direction = bias_direction(model, ps_select, layer)
 
     step("final measures under each intervention")
-    cap = capability_set(model, max_passages=config.final_passages, max_mc_items=config.mc_items)
+    all_heads = [(a, b) for a in range(L) for b in range(H)]
+
+    def random_sample(k: int) -> list[Head]:
+        return random.Random(config.seed + 1).sample(all_heads, max(1, k))
+
+    # Every intervention measured below changes the model from a known layer on (its first ablated head, the
+    # steering layer), where the final passes resume from the clean residual kept by the unmodified pass.
+    candidates = curve.candidates()
+    starts = {first_layer(list(curve.heads[:k])) for k in candidates}
+    starts |= {first_layer(random_sample(k)) for k in (0, *candidates)} | {layer}
+    cap = capability_set(
+        model, max_passages=config.final_passages, max_mc_items=config.mc_items, resume_layers=[x for x in starts if x]
+    )
     base_cap = measure_capability(model, cap)
 
     def cost(c: Capability) -> float:
@@ -404,16 +421,15 @@ def scope(
     by_k: dict[int, Capability] = {}
 
     def final_cost(k: int) -> float:
-        by_k[k] = measure_capability(model, cap, heads_cm(list(curve.heads[:k])), with_mc=False)
+        heads = list(curve.heads[:k])
+        by_k[k] = measure_capability(model, cap, heads_cm(heads), with_mc=False, start=first_layer(heads))
         return cost(by_k[k])
 
-    k_chosen, checks = first_within_budget(curve.candidates(), final_cost, lambda k: curve_costs[k], config.budget)
+    k_chosen, checks = first_within_budget(candidates, final_cost, lambda k: curve_costs[k], config.budget)
     chosen: list[Head] = list(curve.heads[:k_chosen])
     if k_chosen:
         measured["heads"] = by_k[k_chosen]
-    rng = random.Random(config.seed + 1)
-    all_heads = [(a, b) for a in range(L) for b in range(H)]
-    random_heads = rng.sample(all_heads, max(1, len(chosen)))
+    random_heads = random_sample(len(chosen))
 
     # The steering baseline gets the same treatment: the largest alpha within budget on the curve's passages,
     # confirmed on the final ones.
@@ -421,28 +437,30 @@ def scope(
         return lambda: steer(model, direction, layer, -alpha)
 
     alpha_cost = {
-        a: relative_increase(neutral_loss(model, cap_curve, steering(a)), curve.baseline_loss, config.budget_on)
+        a: relative_increase(
+            neutral_loss(model, cap_curve, steering(a), start=layer), curve.baseline_loss, config.budget_on
+        )
         for a in config.steer_alphas
     }
     by_alpha: dict[float, Capability] = {}
 
     def final_alpha_cost(a: float) -> float:
-        by_alpha[a] = measure_capability(model, cap, steering(a), with_mc=False)
+        by_alpha[a] = measure_capability(model, cap, steering(a), with_mc=False, start=layer)
         return cost(by_alpha[a])
 
     fitting = sorted((a for a, c in alpha_cost.items() if c <= config.budget), reverse=True)
     alpha_used, steer_checks = first_within_budget(fitting, final_alpha_cost, alpha_cost.__getitem__, config.budget)
     if alpha_used:
         measured["steering"] = by_alpha[alpha_used]
-    interventions: list[tuple[str, Callable[[], Any] | None, str]] = [
-        ("none", None, ""),
-        ("heads", heads_cm(chosen) if chosen else None, ""),
-        ("random_heads", heads_cm(random_heads), ""),
-        ("steering", (lambda: steer(model, direction, layer, -alpha_used)) if alpha_used else None, ""),
-        ("prefix", None, DEBIAS_PREFIX),
+    interventions: list[tuple[str, Callable[[], Any] | None, str, int]] = [
+        ("none", None, "", 0),
+        ("heads", heads_cm(chosen) if chosen else None, "", first_layer(chosen) if chosen else 0),
+        ("random_heads", heads_cm(random_heads), "", first_layer(random_heads)),
+        ("steering", (lambda: steer(model, direction, layer, -alpha_used)) if alpha_used else None, "", layer),
+        ("prefix", None, DEBIAS_PREFIX, 0),
     ]
     tables, caps = [], []
-    for name, cm, prefix in interventions:
+    for name, cm, prefix, start in interventions:
         step(f"measuring: {name}")
         tables.append(
             measure_groups(model, spec, injection, cm, max_probes=config.final_probes, prefix=prefix, label=name)
@@ -450,9 +468,10 @@ def scope(
         if cm is None:  # the unmodified model (the prefix only changes the bias prompts, not the neutral text)
             c: Capability = base_cap
         elif name in measured:  # loss and KL already measured under this intervention: add the MC accuracy
-            c = replace(measured[name], mc_accuracy=mc_accuracy(model, cap.mc_items, cm))
+            mc = measure_capability(model, cap, cm, with_neutral=False, start=start).mc_accuracy
+            c = replace(measured[name], mc_accuracy=mc)
         else:
-            c = measure_capability(model, cap, cm)
+            c = measure_capability(model, cap, cm, start=start)
         caps.append({"intervention": name, **c.to_dict(), **c.relative_to(base_cap)})
     extra = {
         "candidate_damage": candidate_damage,

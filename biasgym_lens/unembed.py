@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["suffix_supported", "skipping_layers", "unembed_at", "logits_at", "resumed_logits", "clean_residuals"]
+__all__ = ["suffix_supported", "skipping_layers", "unembed_at", "logits_at", "clean_residuals"]
 
 
 class _PassThrough(torch.nn.Module):
@@ -83,13 +83,6 @@ def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tenso
         return unembed_at(model, final, rows, pos)
     logits = model(input_ids, attention_mask=attention_mask)
     return logits[rows.to(logits.device), pos.to(logits.device)].float()
-
-
-def resumed_logits(model: Any, resid_pre: Tensor, start: int, attention_mask: Tensor) -> Tensor:
-    """Full logits of a forward pass resumed at block ``start`` from the residual stream entering it (blocks
-    before ``start`` are not recomputed; hooks on later blocks apply). Needs :func:`suffix_supported`."""
-    with skipping_layers(model, start, unembed=True):
-        return model(resid_pre, start_at_layer=start, attention_mask=attention_mask)
 
 
 def clean_residuals(model: Any, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:

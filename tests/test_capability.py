@@ -93,3 +93,49 @@ def test_kl_from_the_cached_reference_matches_a_direct_computation(tiny_model):
     again = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads), with_mc=False)
     assert again.kl == pytest.approx(first.kl, rel=1e-6)  # ... and reused
     assert active_hooks(tiny_model) == []
+
+
+@pytest.mark.parametrize("what", ["heads", "steering"])
+def test_resumed_capability_equals_full_passes(tiny_model, what):
+    """Measuring from the clean residual kept at a resume layer gives the loss, KL and every multiple-choice
+    score of full forward passes under the same intervention."""
+    from biasgym_lens import capability
+    from biasgym_lens.interventions import steer
+
+    L = tiny_model.cfg.n_layers
+    items = [MCItem("What is two plus two?", ("four", "five", "six"), 0), MCItem("Which is a colour?", ("dog", "red"), 1)]
+    passages = ["the sun is a star and the moon is not", "water boils at one hundred degrees", "a cat sat"]
+    cap = capability_set(tiny_model, passages=passages, batch_size=2, kl_passages=2, mc_items=items, resume_layers=[1])
+    if what == "heads":
+        def intervention():
+            return ablate_heads(tiny_model, [(1, 0), (L - 1, 2)])
+    else:
+        vec = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+
+        def intervention():
+            return steer(tiny_model, vec, 1, 2.0)
+    base = measure_capability(tiny_model, cap)  # keeps the clean residuals
+    assert set(cap.clean[id(tiny_model)]) == {"neutral", "mc"}
+    calls = []  # layer 0's computation, which a resumed pass skips
+    handle = tiny_model.blocks[0]._modules["_original_component"].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        resumed = measure_capability(tiny_model, cap, intervention, start=1)
+    finally:
+        handle.remove()
+    assert calls == []
+    fresh = capability_set(tiny_model, passages=passages, batch_size=2, kl_passages=2, mc_items=items)
+    full = measure_capability(tiny_model, fresh, intervention)
+    assert resumed.neutral_loss == pytest.approx(full.neutral_loss, rel=1e-5)
+    assert resumed.kl == pytest.approx(full.kl, rel=1e-4, abs=1e-7)
+    assert resumed.kl > 0 and resumed.neutral_loss != pytest.approx(base.neutral_loss, rel=1e-6)
+    assert resumed.mc_accuracy == full.mc_accuracy
+    torch.testing.assert_close(
+        capability._mc_scores(tiny_model, items, intervention, 32, cap, start=1),
+        capability._mc_scores(tiny_model, items, intervention, 32), atol=1e-4, rtol=1e-4,
+    )
+    assert active_hooks(tiny_model) == []
+
+
+def test_capability_set_rejects_resume_layers_outside_the_model(tiny_model):
+    with pytest.raises(ValueError, match=r"resume_layers \[99\].*valid: 0\.\.1"):
+        capability_set(tiny_model, passages=["a cat sat"], resume_layers=[1, 99])

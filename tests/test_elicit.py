@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from biasgym_lens.catalogue import load_bias
 from biasgym_lens.elicit import closest_entities, elicitation, entity_embedding
+from biasgym_lens.embedding import with_token_vectors
 from biasgym_lens.hooks import active_hooks
 from biasgym_lens.inject import inject
 from biasgym_lens.metrics import keyword_ids, split_probes
@@ -79,3 +82,45 @@ def test_audit_ranks_every_country_by_an_independent_measurement(tiny_model):
     with pytest.raises(ValueError, match="at least two distinct"):
         audit(tiny_model, spec, groups=["Italy", "Italy"])
     assert active_hooks(tiny_model) == []
+
+
+def test_score_groups_batched_equals_each_group_alone(tiny_model):
+    """Groups scored together (one padded stream) match each group scored in its own forward passes; the
+    trained and untrained vector of one token never share a pass."""
+    from biasgym_lens.elicit import _passes, score_groups
+    from biasgym_lens.metrics import answer_logits, logit_diff
+
+    spec = load_bias("late")
+    kw = keyword_ids(tiny_model, spec)
+    probes = list(spec.probes[:5])
+    d = tiny_model.cfg.d_model
+    gen = torch.Generator().manual_seed(0)
+    trained, untrained, other = (torch.randn(d, generator=gen) for _ in range(3))
+    requests = [
+        ("<Tok>", {"<Tok>": trained}), ("<Tok>", {"<Tok>": untrained}), "Japan", "the United Kingdom",
+        ("<Other>", {"<Other>": other}),
+    ]
+    assert [members for _, members in _passes([(r, None) if isinstance(r, str) else r for r in requests])] == [
+        [0, 2, 3, 4], [1]
+    ]
+    got = score_groups(tiny_model, spec, requests, probes, kw, batch_size=3)
+    for req, stats in zip(requests, got):
+        group, vectors = (req, None) if isinstance(req, str) else req
+        texts = [spec.fill(p, group) for p in probes]
+        with contextlib.ExitStack() as stack:
+            if vectors:
+                stack.enter_context(with_token_vectors(tiny_model, vectors))
+            alone = torch.cat([logit_diff(answer_logits(tiny_model, [t]), kw) for t in texts])
+        torch.testing.assert_close(torch.tensor(stats["per_probe"]), alone, atol=1e-4, rtol=1e-4)
+        assert stats["logit_diff"] == pytest.approx(float(alone.mean()), abs=1e-4)
+    assert got[0]["logit_diff"] != pytest.approx(got[1]["logit_diff"], abs=1e-6)  # the vectors did act
+    assert active_hooks(tiny_model) == []
+
+
+def test_answer_logits_keeps_the_order_of_texts_of_mixed_length(tiny_model):
+    from biasgym_lens.metrics import answer_logits
+
+    texts = ["a long sentence about the weather in the north today", "hi", "the cat", "one two three four five"]
+    together = answer_logits(tiny_model, texts, batch_size=2)
+    alone = torch.cat([answer_logits(tiny_model, [t]) for t in texts])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)

@@ -231,7 +231,7 @@ def test_groups_that_tokenize_differently_are_scored_at_their_own_answer_positio
 
 def test_resumed_faithfulness_curve_equals_full_passes(tiny_model, monkeypatch):
     """Each curve point resumes at its earliest ablated layer; the plain full passes give the same table."""
-    from biasgym_lens import selection
+    from biasgym_lens import capability, selection
     from biasgym_lens.capability import capability_set
     from biasgym_lens.catalogue import load_bias
     from biasgym_lens.probes import build_probe_set
@@ -244,6 +244,7 @@ def test_resumed_faithfulness_curve_equals_full_passes(tiny_model, monkeypatch):
         ps = build_probe_set(tiny_model, load_bias("late"), inj.token, probes="eval", max_probes=5)
         fast = selection.faithfulness_curve(tiny_model, ps, ranked, cap, ks=(1, 2, 3, 4), random_draws=2, seed=3)
         monkeypatch.setattr(selection, "suffix_supported", lambda model: False)
+        monkeypatch.setattr(capability, "suffix_supported", lambda model: False)
         slow = selection.faithfulness_curve(tiny_model, ps, ranked, cap, ks=(1, 2, 3, 4), random_draws=2, seed=3)
     cols = ["excess", "token_logit_diff", "neutral_loss", "perplexity_increase"]
     assert (fast.table[cols] - slow.table[cols]).abs().max().max() < 1e-4
