@@ -178,33 +178,62 @@ def bench_microbatch(model, repeats: int, n_batches: int = 6) -> None:
     line("one padded pass / length-grouped micro-batches", times[1] / times[3], "> 1 (same gradient)")
 
 
+_EXPORT_SNIPPET = """
+import sys, tempfile, time
+from pathlib import Path
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+from biasgym_lens.plots import _kaleido_write, save_figures
+rng = np.random.default_rng(0)
+figs = {  # like a report's figures: a title and axis titles (text that plotly.js may hand to MathJax)
+    f"fig{i}": go.Figure(
+        go.Heatmap(z=rng.normal(size=(30, 9))),
+        layout=dict(title=f"figure {i}", xaxis_title="head", yaxis_title="layer"),
+    )
+    for i in range(int(sys.argv[2]))
+}
+d = Path(tempfile.mkdtemp())
+t = time.perf_counter()
+if sys.argv[1] == "per_figure":
+    for name, fig in figs.items():
+        _kaleido_write([(fig, d / f"{name}.png")])
+elif sys.argv[1] == "plotly":
+    pio.write_images(list(figs.values()), [d / f"{n}.png" for n in figs], width=1000, height=500, scale=1)
+else:
+    save_figures(figs, d, images=("png",))
+print(time.perf_counter() - t)
+"""
+
+
 def bench_export(repeats: int, n_figures: int = 9) -> None:
-    """Static PNG export of a report's figures: one kaleido call per figure vs one session for all."""
+    """Static PNG export of a report's figures, each way timed in a fresh process as ``biasgym report`` runs
+    it (kaleido keeps some state within a process): one kaleido session per figure, plotly's own
+    ``write_images`` (one session, kaleido's defaults: MathJax from its CDN), and ``save_figures`` (one
+    session, MathJax off)."""
     import shutil
-    import tempfile
-
-    import numpy as np
-    import plotly.graph_objects as go
-
-    from biasgym_lens.plots import save_figures
+    import subprocess
 
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
         print("export: skipped (kaleido needs a Chromium: apt-get install chromium)")
         return
-    rng = np.random.default_rng(0)
-    figs = {f"fig{i}": go.Figure(go.Heatmap(z=rng.normal(size=(30, 9)))) for i in range(n_figures)}
-    with tempfile.TemporaryDirectory() as d:
 
-        def one_by_one():
-            for name, fig in figs.items():
-                fig.write_image(str(Path(d) / f"{name}_single.png"), width=1000, height=500, scale=1)
+    def cold(way: str) -> float:
+        runs = [
+            float(subprocess.run(
+                [sys.executable, "-c", _EXPORT_SNIPPET, way, str(n_figures)], check=True, capture_output=True, text=True
+            ).stdout.split()[-1])
+            for _ in range(repeats)
+        ]
+        return statistics.median(runs)
 
-        def batched():
-            save_figures(figs, Path(d) / "batched", images=("png",))
-
-        t_one, t_batch = timeit(one_by_one, repeats), timeit(batched, repeats)
-    print(f"PNG export of {n_figures} figures: one call each {t_one:.1f} s, one session {t_batch:.1f} s")
-    line("one kaleido call per figure / one session (save_figures)", t_one / t_batch, "> 1")
+    t_one, t_plotly, t_batch = cold("per_figure"), cold("plotly"), cold("save_figures")
+    print(
+        f"PNG export of {n_figures} figures (fresh process each): one session per figure {t_one:.1f} s, "
+        f"plotly's write_images {t_plotly:.1f} s, save_figures {t_batch:.1f} s"
+    )
+    line("one kaleido session per figure / one session (save_figures)", t_one / t_batch, "> 1")
+    line("plotly's write_images (MathJax on) / save_figures (MathJax off)", t_plotly / t_batch, "> 1")
 
 
 def bench_step(model, repeats: int) -> None:

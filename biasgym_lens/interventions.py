@@ -20,6 +20,7 @@ from torch import Tensor
 
 from biasgym_lens.hooks import HookSpec, hooked
 from biasgym_lens.tokens import Batch, tokenize
+from biasgym_lens.unembed import logits_at
 
 __all__ = [
     "Head",
@@ -247,8 +248,9 @@ def generate_greedy(
     eos = model.tokenizer.eos_token_id
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(ids)
-        nxt = int(logits[0, -1].argmax())
+        with torch.no_grad():  # only the last position is unembedded
+            last = logits_at(model, ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long), torch.tensor([ids.shape[1] - 1]))
+        nxt = int(last[0].argmax())
         new.append(nxt)
         if stop_at_eos and nxt == eos:
             break

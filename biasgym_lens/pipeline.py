@@ -46,13 +46,14 @@ class StudyPreset:
 PRESETS: dict[str, StudyPreset] = {
     "default": StudyPreset(InjectionConfig(), ScopeConfig()),
     "quick": StudyPreset(
-        InjectionConfig(epochs=1, max_texts=16, evals_per_epoch=1),
+        InjectionConfig(epochs=1, max_texts=16, evals_per_epoch=1, max_probes=8),
         ScopeConfig(
-            score_probes=6, ablation_probes=2, ablation_controls=1, ks=(1, 2, 4), random_draws=1, curve_passages=2,
-            final_passages=6, mc_items=16, final_probes=6, steer_alphas=(1.0,), curve_probes=6, curve_controls=1,
+            score_probes=6, ablation_probes=1, ablation_controls=1, damage_candidates=6, ks=(1, 2, 4), random_draws=1,
+            curve_passages=2, final_passages=4, mc_items=8, final_probes=4, steer_alphas=(1.0,), curve_probes=6,
+            curve_controls=1,
         ),
-        control_max_texts=8,
-        generate_tokens=12,
+        control_max_texts=4,
+        generate_tokens=6,
     ),
 }
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.io as pio
 from plotly.subplots import make_subplots
 from torch import Tensor
 
@@ -274,6 +273,25 @@ def save_figure(
     return save_figures({base.name: fig}, base.parent, images=images, include_plotlyjs=include_plotlyjs)
 
 
+def _kaleido_write(jobs: Sequence[tuple[go.Figure, Path]]) -> None:
+    """Static images (format from each path's suffix), 1000 px wide, in one kaleido (Chromium) session.
+
+    MathJax is off: no figure here uses LaTeX, and kaleido's default loads it from a CDN, which costs about
+    5 s per session (offline, the wait for the network to fail; see ``benchmarks/run.py --only export``).
+    """
+    import kaleido
+
+    specs = [
+        {
+            "fig": fig.to_dict(),
+            "path": path,
+            "opts": {"format": path.suffix[1:], "width": 1000, "height": int(fig.layout.height or 500), "scale": 1},
+        }
+        for fig, path in jobs
+    ]
+    kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False})
+
+
 def save_figures(
     figures: Mapping[str, go.Figure],
     folder: str | Path,
@@ -305,10 +323,7 @@ def save_figures(
         return written
     parts = [out.with_name(f"{out.stem}.tmp{out.suffix}") for _, out in jobs]  # kaleido reads the suffix
     try:
-        pio.write_images(
-            [fig for fig, _ in jobs], parts, width=1000, height=[int(fig.layout.height or 500) for fig, _ in jobs],
-            scale=1,
-        )
+        _kaleido_write([(fig, part) for (fig, _), part in zip(jobs, parts)])
     except Exception as e:  # kaleido raises several types when no browser is available
         for part in parts:
             part.unlink(missing_ok=True)
