@@ -1,7 +1,7 @@
 """Speed comparisons, each measured side by side in one run, printed as ratios next to their targets.
 
 Usage:
-    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step,microbatch,export]
+    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step,final,export]
 
 0. load: loading the model in a fresh process with an empty cache vs with the cache built.
 1. scan: exact single-head ablation of every head, one head per forward pass vs several heads per pass
@@ -15,7 +15,11 @@ Usage:
 5. scaling: the exact scan's time against the number of probes and of heads, and a training step's time against
    the batch size.
 6. microbatch: injection steps on real shuffled batches, one padded pass vs length-grouped micro-batches.
-7. export: static PNG export of a report's figures, one kaleido call per figure vs one session.
+7. export: static PNG export of a report's figures: one kaleido session per figure, plotly's own export
+   (MathJax on) and save_figures (one session, MathJax off), each in a fresh process.
+8. final: the final measures of a study: the capability cost (neutral loss, KL, multiple choice) of ablating
+   late heads with full passes vs resumed at the first ablated layer from the cached clean residual; and the
+   bias score of every group of a bias, one batch stream per group vs all groups batched together.
 """
 
 from __future__ import annotations
@@ -236,6 +240,59 @@ def bench_export(repeats: int, n_figures: int = 9) -> None:
     line("plotly's write_images (MathJax on) / save_figures (MathJax off)", t_plotly / t_batch, "> 1")
 
 
+def bench_final(model, repeats: int) -> None:
+    """Final measures: capability under an ablation, full vs resumed passes; group scores, per group vs batched."""
+    from biasgym_lens.capability import capability_set, measure_capability
+    from biasgym_lens.elicit import group_scores, score_groups
+    from biasgym_lens.interventions import ablate_heads, first_layer
+    from biasgym_lens.metrics import keyword_ids, probe_subset
+
+    L = model.cfg.n_layers
+    heads = [((2 * L) // 3, 1), (L - 5, 6 % model.cfg.n_heads), (L - 7, 1)]  # late heads, as a study picks them
+    start = first_layer(heads)
+    full_cap = capability_set(model, max_passages=24, max_mc_items=40)
+    resumed_cap = capability_set(model, max_passages=24, max_mc_items=40, resume_layers=[start])
+    measure_capability(model, full_cap)
+    measure_capability(model, resumed_cap)  # the unmodified pass every study runs first (keeps the residuals)
+
+    def intervention():
+        return ablate_heads(model, heads)
+
+    got = {}
+
+    def full():
+        got["full"] = measure_capability(model, full_cap, intervention)
+
+    def resumed():
+        got["resumed"] = measure_capability(model, resumed_cap, intervention, start=start)
+
+    t_full, t_resumed = timeit(full, repeats), timeit(resumed, repeats)
+    a, b = got["full"], got["resumed"]
+    diff = max(abs(a.neutral_loss - b.neutral_loss), abs(a.kl - b.kl), abs(a.mc_accuracy - b.mc_accuracy))
+    print(
+        f"capability under {len(heads)} ablated heads (from layer {start}; 24 passages, 40 MC items): "
+        f"full {t_full:.2f}s, resumed {t_resumed:.2f}s"
+    )
+    line(f"full passes vs resumed at layer {start} (max |diff| {diff:.1e})", t_full / t_resumed, "> 1")
+
+    spec = load_bias("bad_driving")
+    kw = keyword_ids(model, spec)
+    probes = probe_subset(spec.probes, "eval")
+    groups = [*spec.real_groups, *spec.control_groups]
+    out = {}
+
+    def per_group():
+        out["one"] = [group_scores(model, spec, g, probes, kw)["per_probe"] for g in groups]
+
+    def batched():
+        out["all"] = [st["per_probe"] for st in score_groups(model, spec, groups, probes, kw)]
+
+    t_one, t_all = timeit(per_group, repeats), timeit(batched, repeats)
+    diff = max(abs(x - y) for p, q in zip(out["one"], out["all"]) for x, y in zip(p, q))
+    print(f"scores of {len(groups)} groups x {len(probes)} probes: per group {t_one:.2f}s, batched {t_all:.2f}s")
+    line(f"one stream per group vs all groups batched (max |diff| {diff:.1e})", t_one / t_all, "> 1")
+
+
 def bench_step(model, repeats: int) -> None:
     ids, ways = _step_setup(model)
     gc.collect()
@@ -350,7 +407,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heads", type=int, default=0, help="heads in the scan comparison, evenly spaced (all: 0)")
     ap.add_argument("--probes", type=int, default=6)
-    ap.add_argument("--only", default="load,scan,attribution,step,microbatch,memory,scaling,export")
+    ap.add_argument("--only", default="load,scan,attribution,step,microbatch,final,memory,scaling,export")
     ap.add_argument("--memory-probe", choices=("forward", "step", "full"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -383,6 +440,8 @@ def main() -> None:
         bench_step(model, args.repeats)
     if "microbatch" in only:
         bench_microbatch(model, args.repeats)
+    if "final" in only:
+        bench_final(model, args.repeats)
     if "scaling" in only:
         bench_step_scaling(model, args.repeats)
     if "memory" in only:

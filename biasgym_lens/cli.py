@@ -128,7 +128,7 @@ def _study_options(f):
     f = click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
     f = click.option("--seed", default=0, show_default=True, type=int, help="Seed of the injection and baselines.")(f)
-    f = click.option("--quick", is_flag=True, help="Small settings for a smoke test (about 2 minutes on the bundled model on 2 CPU cores).")(f)
+    f = click.option("--quick", is_flag=True, help="Small settings for a smoke test (about a minute on the bundled model on 2 CPU cores).")(f)
     f = click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")(f)
     f = click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [results/BIAS].")(f)
     return f
