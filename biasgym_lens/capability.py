@@ -213,7 +213,7 @@ def _neutral_pass(
     store = cap.clean.setdefault(id(model), {})
     if intervention is None:
         names, resume = _capture_names(model, cap, "neutral"), 0
-        keep_ref = id(model) not in cap.reference_logp and cap.kl_batches > 0
+        keep_ref = with_kl and id(model) not in cap.reference_logp and cap.kl_batches > 0
         ref: list[Tensor] = []
     else:
         names, resume = set(), _resume_layer(model, cap, "neutral", start)

@@ -87,6 +87,8 @@ def test_kl_from_the_cached_reference_matches_a_direct_computation(tiny_model):
             new = tiny_model(b.input_ids, attention_mask=b.attention_mask).log_softmax(-1)
     mask = b.attention_mask.bool()
     expected = float((ref.exp() * (ref - new)).sum(-1)[mask].mean())
+    neutral_loss(tiny_model, cap)
+    assert cap.reference_logp == {}  # a loss-only pass keeps no reference distribution
     first = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads), with_mc=False)
     assert first.kl == pytest.approx(expected, rel=1e-4)
     assert len(cap.reference_logp) == 1  # the unmodified pass is cached ...
