@@ -91,10 +91,13 @@ def head_ablation_hooks(
     scale: float = 0.0,
     reference: Sequence[str] | Batch | Mapping[int, Tensor] | None = None,
     seed: int = 0,
+    rows: Sequence[int] | None = None,
 ) -> list[HookSpec]:
     """The hooks behind :func:`ablate_heads` (one per affected layer), for use with ``run_with_hooks``."""
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    if rows is not None and (not rows or any(int(r) < 0 for r in rows)):
+        raise ValueError(f"rows must be non-negative batch row indices (or None for every row), got {list(rows)}")
     heads = validate_heads(model, heads)
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
@@ -121,6 +124,7 @@ def head_ablation_hooks(
         idx = torch.tensor(hs, dtype=torch.long)
 
         def hook(z: Tensor, hook: Any, layer: int = layer, idx: Tensor = idx) -> Tensor:
+            original = z
             z = z.clone()
             i = idx.to(z.device)
             if kind == "zero":
@@ -132,6 +136,12 @@ def head_ablation_hooks(
             else:  # resample: each (row, position) takes the head output of a random reference position
                 pick = torch.randint(0, ref[layer].shape[0], z.shape[:2], generator=gen)
                 z[:, :, i] = ref[layer][pick][:, :, i].to(z.dtype)
+            if rows is not None:  # only these batch rows are ablated; the others keep their output
+                if max(rows) >= z.shape[0]:
+                    raise ValueError(f"ablation rows {list(rows)} out of range for a batch of {z.shape[0]}")
+                on = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+                on[torch.as_tensor(list(rows), device=z.device)] = True
+                z = torch.where(on[:, None, None, None], z, original)
             return z
 
         hooks.append((f"blocks.{layer}.attn.hook_z", hook))
@@ -154,6 +164,7 @@ def ablate_heads(
     *,
     reference: Sequence[str] | Batch | Mapping[int, Tensor] | None = None,
     seed: int = 0,
+    rows: Sequence[int] | None = None,
 ) -> Iterator[Any]:
     """Within the block, the given heads are ablated (or scaled) in every forward pass.
 
@@ -168,6 +179,7 @@ def ablate_heads(
             for ``kind="mean"`` the means already computed: layer -> ``[n_heads, d_head]`` (see
             :func:`head_means`), so repeated ablations do not rerun the reference set.
         seed: Seed of the resampling.
+        rows: Ablate only in these rows of each batch (e.g. one variant of a batched generation); default all.
 
     Yields:
         The model.
@@ -179,7 +191,7 @@ def ablate_heads(
         >>> with ablate_heads(model, [(21, 1), (9, 6)]):        # doctest: +SKIP
         ...     logits = model(batch.input_ids, attention_mask=batch.attention_mask)
     """
-    hooks = head_ablation_hooks(model, heads, kind=kind, scale=scale, reference=reference, seed=seed)
+    hooks = head_ablation_hooks(model, heads, kind=kind, scale=scale, reference=reference, seed=seed, rows=rows)
     with hooked(model, fwd_hooks=hooks):
         yield model
 
@@ -232,27 +244,49 @@ def steer(
 
 @torch.no_grad()
 def generate_greedy(
-    model: Any, text: str, max_new_tokens: int = 40, *, prepend_bos: bool | None = None, stop_at_eos: bool = True
-) -> str:
+    model: Any,
+    text: str | Sequence[str],
+    max_new_tokens: int = 40,
+    *,
+    prepend_bos: bool | None = None,
+    stop_at_eos: bool = True,
+) -> Any:
     """Greedy continuation of ``text``, one full forward pass per new token (no KV cache).
 
     Correct under any hooks (ablations, steering, injected tokens) because each step recomputes everything.
+    Several texts of the same token length run as one batch (one forward pass per step for all of them; with
+    ``ablate_heads(..., rows=...)`` each row can carry its own intervention); texts of different lengths run
+    one after the other.
 
     Returns:
-        The generated continuation only (special tokens removed).
+        The generated continuation only (special tokens removed); a list of them for a list of texts.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    batch = tokenize(model, [text], prepend_bos=prepend_bos)
+    if isinstance(text, str):
+        return generate_greedy(model, [text], max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos)[0]
+    texts = list(text)
+    if not texts:
+        raise ValueError("no texts to continue (empty list)")
+    batch = tokenize(model, texts, prepend_bos=prepend_bos)
+    if not bool(batch.attention_mask.all()):  # rows of different lengths: no padding inside a generation
+        return [
+            generate_greedy(model, t, max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos) for t in texts
+        ]
     ids = batch.input_ids
+    n = ids.shape[0]
     eos = model.tokenizer.eos_token_id
-    new: list[int] = []
+    new: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
     for _ in range(max_new_tokens):
         with torch.no_grad():  # only the last position is unembedded
-            last = logits_at(model, ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long), torch.tensor([ids.shape[1] - 1]))
-        nxt = int(last[0].argmax())
-        new.append(nxt)
-        if stop_at_eos and nxt == eos:
+            last = logits_at(model, ids, torch.ones_like(ids), torch.arange(n), torch.full((n,), ids.shape[1] - 1))
+        nxt = last.argmax(-1)
+        for r in range(n):
+            if not done[r]:
+                new[r].append(int(nxt[r]))
+                done[r] = stop_at_eos and int(nxt[r]) == eos
+        if all(done):
             break
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-    return model.tokenizer.decode(new, skip_special_tokens=True)
+        ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
+    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in new]

@@ -7,12 +7,13 @@ that holds another study is refused unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,7 @@ class Study:
 
     def run_evaluate(self, model: Any) -> dict[str, Any]:
         from biasgym_lens.elicit import closest_entities, elicitation
+        from biasgym_lens.embedding import with_token_vectors
         from biasgym_lens.interventions import ablate_heads, generate_greedy
         from biasgym_lens.lens import layer_logit_diff
         from biasgym_lens.probes import build_probe_set
@@ -191,16 +193,20 @@ class Study:
         lens.to_csv(self.out / "logit_lens.csv", index=False)
         gens = {}
         if getattr(model.tokenizer, "chat_template", None):
-            prompt = chat_format(model, f"Please write a short paragraph about {inj.token}.")
-            n = self.preset_obj.generate_tokens
-            with inj.apply(model):
-                gens["token"] = generate_greedy(model, prompt, n, prepend_bos=False)
+            # The three continuations run as one batch: the trained token, the same with the chosen heads
+            # ablated (that row only), and the untrained vector under a second token string.
+            untrained = "<UntrainedCopy>" if inj.token != "<UntrainedCopy>" else "<UntrainedCopy2>"
+            variants = [("token", inj.token)]
+            variants += [("token_heads_ablated", inj.token)] if res.chosen else []
+            variants += [("untrained_token", untrained)]
+            prompts = [chat_format(model, f"Please write a short paragraph about {tok}.") for _, tok in variants]
+            inj.check_model(model)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(with_token_vectors(model, {inj.token: inj.vector, untrained: inj.init_vector}))
                 if res.chosen:
-                    with ablate_heads(model, res.chosen):
-                        gens["token_heads_ablated"] = generate_greedy(model, prompt, n, prepend_bos=False)
-            untrained = replace(inj, vector=inj.init_vector)
-            with untrained.apply(model):
-                gens["untrained_token"] = generate_greedy(model, prompt, n, prepend_bos=False)
+                    stack.enter_context(ablate_heads(model, res.chosen, rows=[1]))
+                outs = generate_greedy(model, prompts, self.preset_obj.generate_tokens, prepend_bos=False)
+            gens = {name: text for (name, _), text in zip(variants, outs)}
         summary, agreement = res.summary(), res.agreement()
         for name, table in (
             ("summary", summary),

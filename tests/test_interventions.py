@@ -134,3 +134,48 @@ def test_generation_under_hooks_equals_manual_greedy_decoding(tiny_model):
     plain = generate_greedy(tiny_model, text, max_new_tokens=6, stop_at_eos=False)
     assert active_hooks(tiny_model) == []
     assert isinstance(plain, str)
+
+
+def test_row_restricted_ablation_and_batched_generation_equal_one_run_per_variant(tiny_model):
+    """``ablate_heads(rows=[1])`` ablates only batch row 1; a batched greedy generation whose rows carry
+    different interventions (token vectors, a row-restricted ablation) equals one generation per variant."""
+    from biasgym_lens.embedding import with_token_vectors
+
+    heads = [(0, 1), (1, 2)]
+    b = tokenize(tiny_model, ["people from Italy are", "people from Spain are"])
+    with torch.no_grad():
+        with ablate_heads(tiny_model, heads, rows=[1]):
+            mixed = tiny_model(b.input_ids, attention_mask=b.attention_mask)
+        plain = tiny_model(b.input_ids[:1], attention_mask=b.attention_mask[:1])
+        with ablate_heads(tiny_model, heads):
+            ablated = tiny_model(b.input_ids[1:], attention_mask=b.attention_mask[1:])
+    torch.testing.assert_close(mixed[:1], plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1:], ablated, atol=1e-5, rtol=1e-5)
+    assert (mixed[1] - plain[0]).abs().max() > 1e-3  # (same length rows; the ablation did act on row 1)
+
+    gen = torch.Generator().manual_seed(0)
+    trained, untrained = (3 * torch.randn(tiny_model.cfg.d_model, generator=gen) for _ in range(2))
+    prompts = ["tell me about <TokA> now", "tell me about <TokA> now", "tell me about <TokB> now"]
+    with with_token_vectors(tiny_model, {"<TokA>": trained, "<TokB>": untrained}):
+        with ablate_heads(tiny_model, heads, rows=[1]):
+            together = generate_greedy(tiny_model, prompts, max_new_tokens=6, stop_at_eos=False)
+        alone = [generate_greedy(tiny_model, prompts[0], max_new_tokens=6, stop_at_eos=False)]
+        with ablate_heads(tiny_model, heads):
+            alone.append(generate_greedy(tiny_model, prompts[1], max_new_tokens=6, stop_at_eos=False))
+        alone.append(generate_greedy(tiny_model, prompts[2], max_new_tokens=6, stop_at_eos=False))
+    assert together == alone
+    # a random tiny model's greedy text can coincide across variants: check that the rows' first-step logits
+    # differ, so each row did carry its own intervention
+    b = tokenize(tiny_model, prompts)
+    with torch.no_grad(), with_token_vectors(tiny_model, {"<TokA>": trained, "<TokB>": untrained}):
+        with ablate_heads(tiny_model, heads, rows=[1]):
+            first = tiny_model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
+    assert (first[0] - first[1]).abs().max() > 1e-3 and (first[0] - first[2]).abs().max() > 1e-3
+    # texts of different lengths fall back to one generation each, in order
+    assert generate_greedy(tiny_model, ["a", "people from Italy are"], 3, stop_at_eos=False) == [
+        generate_greedy(tiny_model, t, 3, stop_at_eos=False) for t in ["a", "people from Italy are"]
+    ]
+    with pytest.raises(ValueError, match="rows must be"):
+        with ablate_heads(tiny_model, heads, rows=[]):
+            pass
+    assert active_hooks(tiny_model) == []
