@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from biasgym_lens.hooks import hooked
 from biasgym_lens.probes import METRICS, ProbeSet
 from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
-from biasgym_lens.unembed import logits_at, skipping_layers, suffix_supported, unembed_at
+from biasgym_lens.unembed import logits_at, resumed_forward, suffix_supported, unembed_at
 
 __all__ = [
     "HeadScores",
@@ -465,8 +465,7 @@ def suffix_answer_logits(
     full-vocabulary unembedding of every position. Hooks on blocks ``>= start`` apply. Exact: equal to the
     model's own logits up to float rounding (tested against full forward passes).
     """
-    with skipping_layers(model, start):
-        final = model(resid_pre, start_at_layer=start, attention_mask=attention_mask)
+    final = resumed_forward(model, resid_pre, start, attention_mask, unembed=False)
     return unembed_at(model, final, torch.arange(final.shape[0]), answer_pos)
 
 

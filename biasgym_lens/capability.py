@@ -19,7 +19,14 @@ from torch import Tensor
 
 from biasgym_lens.capability_data import MCItem, load_mc_items, load_neutral_text
 from biasgym_lens.tokens import Batch, tokenize
-from biasgym_lens.unembed import logits_at, skipping_layers, suffix_supported, unembed_at
+from biasgym_lens.unembed import (
+    forward_keeping,
+    logits_at,
+    resumed_forward,
+    skipping_layers,
+    suffix_supported,
+    unembed_at,
+)
 
 __all__ = [
     "CapabilitySet", "Capability", "capability_set", "with_resume_layers", "measure_capability", "neutral_loss",
@@ -182,25 +189,23 @@ def _resume_layer(model: Any, cap: CapabilitySet, part: str, start: int) -> int:
     return max((layer for layer in cap.resume_layers if 0 < layer <= start), default=0)
 
 
-def _capture_names(model: Any, cap: CapabilitySet, part: str) -> set[str]:
-    """Hook names whose clean values the unmodified pass should keep (none once cached or when unusable)."""
-    if not cap.resume_layers or part in cap.clean.get(id(model), {}) or not suffix_supported(model):
-        return set()
-    return {f"blocks.{layer}.hook_in" for layer in cap.resume_layers}
+def _capture_layers(model: Any, cap: CapabilitySet, part: str) -> tuple[int, ...]:
+    """Layers whose clean input residual the unmodified pass should keep (none once cached or when unusable)."""
+    if part in cap.clean.get(id(model), {}) or not suffix_supported(model):
+        return ()
+    return cap.resume_layers
 
 
-def _run(model: Any, ids: Tensor, mask: Tensor, names: set[str], resume: int, resid: dict[int, Tensor] | None,
+def _run(model: Any, ids: Tensor, mask: Tensor, keep: Sequence[int], resume: int, resid: dict[int, Tensor] | None,
          *, final_only: bool) -> tuple[Tensor, dict[int, Tensor]]:
-    """One forward pass: full, resumed at block ``resume`` from ``resid[resume]``, or caching ``names``.
-
-    Returns the logits (or, with ``final_only``, the final normalised residual) and the kept residuals by layer.
-    """
-    with skipping_layers(model, resume, unembed=not final_only) if (resume or final_only) else contextlib.nullcontext():
-        if resume:
-            return model(resid[resume], start_at_layer=resume, attention_mask=mask), {}  # type: ignore[index]
-        if names:
-            out, cache = model.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
-            return out, {int(n.split(".")[1]): cache[n] for n in names}
+    """One forward pass: full, resumed at block ``resume`` from ``resid[resume]``, or keeping the residuals
+    entering ``keep``. Returns the logits (or, with ``final_only``, the final normalised residual) and the kept
+    residuals by layer."""
+    if resume:
+        return resumed_forward(model, resid[resume], resume, mask, unembed=not final_only), {}  # type: ignore[index]
+    if keep:
+        return forward_keeping(model, ids, mask, keep, unembed=not final_only)
+    with skipping_layers(model, 0) if final_only else contextlib.nullcontext():
         return model(ids, attention_mask=mask), {}
 
 
@@ -212,11 +217,11 @@ def _neutral_pass(
     in one pass of the intervened model (the unmodified pass is cached in ``cap``)."""
     store = cap.clean.setdefault(id(model), {})
     if intervention is None:
-        names, resume = _capture_names(model, cap, "neutral"), 0
+        keep, resume = _capture_layers(model, cap, "neutral"), 0
         keep_ref = with_kl and id(model) not in cap.reference_logp and cap.kl_batches > 0
         ref: list[Tensor] = []
     else:
-        names, resume = set(), _resume_layer(model, cap, "neutral", start)
+        keep, resume = (), _resume_layer(model, cap, "neutral", start)
         keep_ref = False
         ref = _reference_logp(model, cap) if with_kl and cap.kl_batches else []
     total, count, kl_total, kl_count, kept, new_ref = 0.0, 0, 0.0, 0, [], []
@@ -224,7 +229,7 @@ def _neutral_pass(
     with intervention() if intervention else contextlib.nullcontext():
         for i, batch in enumerate(cap.neutral):
             logits, resid = _run(
-                model, batch.input_ids, batch.attention_mask, names, resume, cached[i] if resume else None,
+                model, batch.input_ids, batch.attention_mask, keep, resume, cached[i] if resume else None,
                 final_only=False,
             )
             kept.append(resid)
@@ -238,7 +243,7 @@ def _neutral_pass(
             del logits
     loss = total / count
     if intervention is None:
-        if names:
+        if keep:
             store["neutral"] = kept
         if keep_ref:
             cap.reference_logp[id(model)] = new_ref
@@ -291,7 +296,7 @@ def _mc_scores(
     unmodified pass and resumed from at ``start``, as in :func:`_neutral_pass`)."""
     batches = _mc_batches(model, items, batch_size)
     store = cap.clean.setdefault(id(model), {}) if cap is not None else {}
-    names = _capture_names(model, cap, "mc") if cap is not None and intervention is None else set()
+    keep = _capture_layers(model, cap, "mc") if cap is not None and intervention is None else ()
     resume = _resume_layer(model, cap, "mc", start) if cap is not None and intervention is not None else 0
     supported = suffix_supported(model)
     scores = torch.empty(sum(len(b[5]) for b in batches))
@@ -300,14 +305,14 @@ def _mc_scores(
         for i, (ids, mask, rows, pos, targets, slots) in enumerate(batches):
             # Only the positions that predict a choice token are unembedded.
             if supported:
-                final, resid = _run(model, ids, mask, names, resume, store["mc"][i] if resume else None, final_only=True)
+                final, resid = _run(model, ids, mask, keep, resume, store["mc"][i] if resume else None, final_only=True)
                 logits = unembed_at(model, final, rows, pos)
             else:
                 logits, resid = logits_at(model, ids, mask, rows, pos), {}
             kept.append(resid)
             token_logp = logits.log_softmax(-1).cpu().gather(-1, targets[:, None])[:, 0]
             scores[slots] = torch.zeros(len(slots)).index_add_(0, rows, token_logp)
-    if names:
+    if keep:
         store["mc"] = kept
     return scores
 

@@ -99,15 +99,17 @@ def answer_logits(
     """
     if not texts:
         raise ValueError("no probe texts (empty list)")
-    tok = model.tokenizer
-    order = sorted(range(len(texts)), key=lambda i: len(tok.encode(texts[i], add_special_tokens=False)))
+    every: Batch = tokenize(model, list(texts), prepend_bos=prepend_bos)  # right-padded
+    order = torch.argsort(every.lengths.cpu(), stable=True)
     out: list[Tensor] = []
-    for start in range(0, len(texts), batch_size):
-        batch: Batch = tokenize(model, [texts[i] for i in order[start : start + batch_size]], prepend_bos=prepend_bos)
+    for chunk in order.split(batch_size):
+        part = every.select(chunk)
+        n_pos = int(part.lengths.max())  # this chunk's own padding only
+        batch = Batch(part.input_ids[:, :n_pos], part.attention_mask[:, :n_pos])
         rows = torch.arange(len(batch))
         out.append(logits_at(model, batch.input_ids, batch.attention_mask, rows, batch.last_positions))
     logits = torch.cat(out)
-    return logits[torch.argsort(torch.tensor(order, device=logits.device))]
+    return logits[torch.argsort(order).to(logits.device)]
 
 
 def split_probes(probes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

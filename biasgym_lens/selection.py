@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from biasgym_lens.attribution import HeadScores, _z_and_grads, suffix_answer_logits
 from biasgym_lens.capability import CapabilitySet, neutral_loss, with_resume_layers
-from biasgym_lens.interventions import Head, ablate_heads
+from biasgym_lens.interventions import Head, ablate_heads, first_layer
 from biasgym_lens.probes import ProbeSet
 from biasgym_lens.tokens import Batch
 from biasgym_lens.unembed import clean_residuals, logits_at, suffix_supported
@@ -265,7 +265,7 @@ def faithfulness_curve(
         return float(ps.metric_per_probe(last, "excess").mean()), float(ps.metric_per_probe(last, "token").mean())
 
     def point(heads: list[Head], k: int, selection: str, draw: int) -> None:
-        start = min(layer for layer, _ in heads)
+        start = first_layer(heads)
 
         def intervention() -> Any:
             return ablate_heads(model, heads, kind=kind, reference=reference)

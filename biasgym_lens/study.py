@@ -456,7 +456,7 @@ def scope(
         ("none", None, "", 0),
         ("heads", heads_cm(chosen) if chosen else None, "", first_layer(chosen) if chosen else 0),
         ("random_heads", heads_cm(random_heads), "", first_layer(random_heads)),
-        ("steering", (lambda: steer(model, direction, layer, -alpha_used)) if alpha_used else None, "", layer),
+        ("steering", steering(alpha_used) if alpha_used else None, "", layer),
         ("prefix", None, DEBIAS_PREFIX, 0),
     ]
     tables, caps = [], []

@@ -10,14 +10,17 @@ models) fall back to a plain forward pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["suffix_supported", "skipping_layers", "unembed_at", "logits_at", "clean_residuals"]
+__all__ = [
+    "suffix_supported", "skipping_layers", "unembed_at", "logits_at", "resumed_forward", "forward_keeping",
+    "clean_residuals",
+]
 
 
 class _PassThrough(torch.nn.Module):
@@ -85,8 +88,27 @@ def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tenso
     return logits[rows.to(logits.device), pos.to(logits.device)].float()
 
 
+def resumed_forward(model: Any, resid_pre: Tensor, start: int, attention_mask: Tensor, *, unembed: bool = True) -> Tensor:
+    """A forward pass resumed at block ``start`` from the residual stream entering it: blocks before ``start``
+    are not recomputed, hooks on later blocks apply. Returns the logits, or with ``unembed=False`` the final
+    normalised residual (unembed the rows needed with :func:`unembed_at`). Needs :func:`suffix_supported`."""
+    with skipping_layers(model, start, unembed=unembed):
+        return model(resid_pre, start_at_layer=start, attention_mask=attention_mask)
+
+
+def forward_keeping(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int], *, unembed: bool = True
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """One forward pass that also returns the residual stream entering each of ``layers``
+    (``blocks.{l}.hook_in``, by layer): the logits, or with ``unembed=False`` the final normalised residual."""
+    names = {f"blocks.{layer}.hook_in": int(layer) for layer in layers}
+    with contextlib.nullcontext() if unembed else skipping_layers(model, 0):
+        out, cache = model.run_with_cache(input_ids, attention_mask=attention_mask, names_filter=lambda n: n in names)
+    return out, {layer: cache[name] for name, layer in names.items()}
+
+
 def clean_residuals(model: Any, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
     """The residual stream entering every block (``blocks.{l}.hook_in``) of one clean forward pass."""
-    names = {f"blocks.{layer}.hook_in" for layer in range(model.cfg.n_layers)}
-    _, cache = model.run_with_cache(input_ids, attention_mask=attention_mask, names_filter=lambda n: n in names)
-    return [cache[f"blocks.{layer}.hook_in"] for layer in range(model.cfg.n_layers)]
+    layers = range(model.cfg.n_layers)
+    kept = forward_keeping(model, input_ids, attention_mask, layers)[1]
+    return [kept[layer] for layer in layers]
