@@ -9,7 +9,6 @@ logit difference of the token probes (``"token"``) or its excess over the contro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from biasgym_lens.artifacts import ArtifactError, load_tensors, open_artifact, require, save_artifact
 from biasgym_lens.hooks import hooked
 from biasgym_lens.probes import METRICS, ProbeSet
-from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
+from biasgym_lens.provenance import Provenance
 from biasgym_lens.unembed import logits_at, resumed_forward, suffix_supported, unembed_at
 
 __all__ = [
@@ -140,7 +140,8 @@ class HeadScores:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write ``scores.safetensors`` and ``scores.json`` into folder ``path`` atomically."""
+        """Write ``scores.safetensors`` and ``scores.json`` into folder ``path`` atomically (see
+        :mod:`biasgym_lens.artifacts`: only new paths, empty folders and earlier head scores are replaced)."""
         meta = {
             "format": _FORMAT,
             "method": self.method,
@@ -150,23 +151,39 @@ class HeadScores:
             "provenance": self.provenance.to_dict(),
             "settings": self.settings,
         }
-        with atomic_dir(path) as tmp:
-            save_file({"per_prompt": self.per_prompt.contiguous()}, str(tmp / "scores.safetensors"))
-            (tmp / "scores.json").write_text(json.dumps(meta, indent=1))
-        return Path(path)
+
+        def write(folder: Path) -> dict[str, Any]:
+            save_file({"per_prompt": self.per_prompt.detach().cpu().contiguous()}, str(folder / "scores.safetensors"))
+            return meta
+
+        return save_artifact(path, "head-scores", "scores.json", write, legacy=("scores.safetensors",))
 
     @classmethod
     def load(cls, path: str | Path) -> HeadScores:
-        folder, meta = read_artifact(path, "head-scores", "scores.json", files=("scores.safetensors",), version=_FORMAT)
-        return cls(
-            per_prompt=load_file(str(folder / "scores.safetensors"))["per_prompt"],
-            method=meta["method"],
-            metric=meta["metric"],
-            ablation=meta["ablation"],
-            bias=meta["bias"],
-            provenance=Provenance.from_dict(meta["provenance"]),
-            settings=meta["settings"],
-        )
+        """Read head scores saved with :meth:`save` (checksums, shape and finiteness checked).
+
+        Raises:
+            ArtifactError: missing, damaged or malformed files (naming the file).
+        """
+        folder, meta = open_artifact(path, "head-scores", "scores.json", version=_FORMAT)
+        where = folder / "scores.json"
+        try:
+            require(meta, ("method", "metric", "ablation", "bias", "provenance", "settings"), where)
+            prov = Provenance.from_dict(meta["provenance"])
+            per_prompt = load_tensors(folder / "scores.safetensors", {"per_prompt": None})["per_prompt"]
+            if per_prompt.ndim != 3 or tuple(per_prompt.shape[1:]) != (prov.n_layers, prov.n_heads):
+                raise ArtifactError(
+                    folder / "scores.safetensors",
+                    f"per_prompt has shape {tuple(per_prompt.shape)}, expected (n_probes, {prov.n_layers}, {prov.n_heads})",
+                )
+            return cls(
+                per_prompt=per_prompt, method=str(meta["method"]), metric=str(meta["metric"]),
+                ablation=meta["ablation"], bias=str(meta["bias"]), provenance=prov, settings=dict(meta["settings"]),
+            )
+        except ArtifactError:
+            raise
+        except (TypeError, ValueError, KeyError) as e:
+            raise ArtifactError(where, f"malformed head-score metadata ({type(e).__name__}: {e})") from e
 
     def with_scores(self, per_prompt: Tensor, **changes: Any) -> HeadScores:
         """A copy with other scores (e.g. a specificity-adjusted combination)."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,12 +25,70 @@ def _threads(n: int | None) -> None:
     import torch
 
     if n is not None:
-        if n < 1:
-            raise _CliError(f"--threads must be >= 1, got {n}")
         torch.set_num_threads(n)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _user_errors(fn):
+    """Turn the package's user-facing errors into one line on stderr and exit code 2 (``-v``: the traceback).
+
+    User mistakes and damaged or foreign files raise ``ValueError`` subclasses (bad settings, a changed bias
+    file, a model mismatch, an artifact that fails its checks) or ``OSError`` (a path that cannot be read or
+    written); everything else is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            if _verbose():
+                raise
+            raise _CliError(_one_line(e)) from e
+
+    return wrapper
+
+
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
+
+
+_POSITIVE = click.IntRange(min=1)
+
+
+class _OneLineGroup(click.Group):
+    """A command group whose usage errors (bad option values, unknown options) are one line, exit code 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise _usage(e) from e
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _usage(e) from e
+
+
+def _usage(e: click.UsageError) -> click.ClickException:
+    from click.exceptions import NoArgsIsHelpError
+
+    if isinstance(e, NoArgsIsHelpError):  # `biasgym` alone prints the help, as usual
+        return e
+    where = e.ctx.command_path if e.ctx else "biasgym"
+    return _CliError(f"{' '.join(e.format_message().split())} (see '{where} --help')")
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="biasgym")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
@@ -59,23 +121,21 @@ def list_models_cmd(as_json: bool) -> None:
 @main.command()
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
 @click.option("--prompt", default="People from Italy are", show_default=True)
-@click.option("--top", default=10, show_default=True, type=int, help="How many next tokens to show.")
+@click.option("--top", default=10, show_default=True, type=_POSITIVE, help="How many next tokens to show.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
-@click.option("--threads", default=None, type=int, help="torch CPU threads.")
+@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
+@_user_errors
 def demo(model: str, prompt: str, top: int, device: str | None, threads: int | None) -> None:
     """Load a model and print its top next tokens for a prompt."""
     import torch
 
-    from biasgym_lens.models import ModelLoadError, load_model, model_info
+    from biasgym_lens.models import model_info
     from biasgym_lens.tokens import tokenize
 
     _threads(threads)
-    if top < 1:
-        raise _CliError(f"--top must be >= 1, got {top}")
-    try:
-        m = load_model(model, device=device)
-    except ModelLoadError as e:
-        raise _CliError(str(e)) from e
+    if not prompt.strip():
+        raise _CliError(f"--prompt must contain some text, got {prompt!r}")
+    m = _load_model(model, device)
     batch = tokenize(m, [prompt])
     with torch.no_grad():
         logits = m(batch.input_ids, attention_mask=batch.attention_mask)[0, -1]
@@ -91,31 +151,25 @@ def demo(model: str, prompt: str, top: int, device: str | None, threads: int | N
 @main.command("audit")
 @click.option("--bias", required=True, help="A catalogue bias (see list-biases) or a bias file.")
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
-@click.option("--top", default=10, show_default=True, type=int, help="Rows to print from each end.")
+@click.option("--top", default=10, show_default=True, type=_POSITIVE, help="Rows to print from each end.")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Write the full table here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
-@click.option("--threads", default=None, type=int, help="torch CPU threads.")
+@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
+@_user_errors
 def audit_cmd(bias: str, model: str, top: int, csv_path: str | None, device: str | None, threads: int | None) -> None:
     """Rank 45 countries by how strongly the unmodified model ties them to a bias."""
-    from biasgym_lens.catalogue import BiasFileError, load_bias
+    from biasgym_lens.artifacts import write_csv
+    from biasgym_lens.catalogue import load_bias
     from biasgym_lens.elicit import audit
-    from biasgym_lens.models import ModelLoadError, load_model
-    from biasgym_lens.provenance import write_text_atomic
 
     _threads(threads)
-    if top < 1:
-        raise _CliError(f"--top must be >= 1, got {top}")
-    try:
-        spec = load_bias(bias)
-    except (BiasFileError, FileNotFoundError, ValueError) as e:
-        raise _CliError(str(e)) from e
-    try:
-        m = load_model(model, device=device)
-    except ModelLoadError as e:
-        raise _CliError(str(e)) from e
+    spec = load_bias(bias)
+    if csv_path:
+        _check_writable(csv_path)  # before the model runs, not after
+    m = _load_model(model, device)
     df = audit(m, spec)
     if csv_path:
-        write_text_atomic(csv_path, df.to_csv(index=False))
+        write_csv(df, csv_path)
     shown = df if len(df) <= 2 * top else df.iloc[list(range(top)) + list(range(len(df) - top, len(df)))]
     click.echo(f"{spec.name}: {spec.description} (bias logit difference on all {len(spec.probes)} probes, nats)")
     click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -125,12 +179,19 @@ def audit_cmd(bias: str, model: str, top: int, csv_path: str | None, device: str
 
 
 def _study_options(f):
-    f = click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")(f)
+    f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads (default: torch's choice).")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
-    f = click.option("--seed", default=0, show_default=True, type=int, help="Seed of the injection and baselines.")(f)
+    f = click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the injection and baselines.")(f)
     f = click.option("--quick", is_flag=True, help="Small settings for a smoke test (about a minute on the bundled model on 2 CPU cores).")(f)
     f = click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")(f)
     f = click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [results/BIAS].")(f)
+    return f
+
+
+def _folder_options(f):
+    f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
+    f = click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")(f)
     return f
 
 
@@ -144,39 +205,40 @@ def _images(no_png: bool, svg: bool) -> tuple[str, ...]:
     return (() if no_png else ("png",)) + (("svg",) if svg else ())
 
 
-def _study(bias: str | None, out: str | None, model: str, seed: int, quick: bool, *, need_manifest: bool):
+def _new_study(bias: str, out: str | None, model: str, seed: int, quick: bool):
     from pathlib import Path
 
     from biasgym_lens.pipeline import Study
 
-    if out is None and bias is None:
-        raise _CliError("give --bias or --out")
-    folder = Path(out or f"results/{bias}")
-    manifest = folder / "study.json"
-    if need_manifest:
-        if not manifest.is_file():
-            raise _CliError(f"{folder} holds no study (no study.json); run `biasgym run` or `biasgym inject` first")
-        ident = json.loads(manifest.read_text())["identity"]
-        return Study(folder, ident["bias"], ident["model"], ident["seed"], ident["preset"])
+    folder = Path(out) if out else Path("results") / Path(bias).stem
     return Study(folder, bias, model, seed, "quick" if quick else "default")
 
 
-def _load(study, device: str | None):
+def _load_model(name: str, device: str | None):
+    """Load a model for a command; any failure to load is the user's model name or files: one line, exit 2."""
     from biasgym_lens.models import ModelLoadError, load_model
 
     try:
-        return load_model(study.model_name, device=device)
+        return load_model(name, device=device)
     except ModelLoadError as e:
         raise _CliError(str(e)) from e
+    except Exception as e:  # truncated weights, a foreign folder, a Hub id offline, ...
+        if _verbose():
+            raise
+        raise _CliError(f"could not load model {name!r}: {_one_line(e)}") from e
 
 
-def _guard(fn, *args, **kwargs):
-    from biasgym_lens.pipeline import StudyError
+def _check_writable(path: str) -> None:
+    """Fail before any work when a file cannot be written at ``path``."""
+    from pathlib import Path
 
-    try:
-        return fn(*args, **kwargs)
-    except StudyError as e:
-        raise _CliError(str(e)) from e
+    p = Path(path)
+    if p.is_dir():
+        raise _CliError(f"{path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise _CliError(f"cannot write {path}: folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise _CliError(f"cannot write {path}: permission denied")
 
 
 @main.command("list-biases")
@@ -190,84 +252,111 @@ def list_biases_cmd() -> None:
 
 
 @main.command()
-@click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias (see list-biases).")
+@click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias (see list-biases) or a bias file (.json).")
 @_study_options
-@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another study.")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
 @_image_options
+@_user_errors
 def run(bias, out, model, quick, seed, device, threads, overwrite, no_png, svg) -> None:
     """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
     _threads(threads)
-    study = _study(bias, out, model, seed, quick, need_manifest=False)
-    _guard(study.prepare, overwrite=overwrite)
-    m = _load(study, device)
-    for stage in ("inject", "scope", "evaluate"):
-        if study.has(stage):
-            click.echo(f"[{stage}] already done in {study.out}, skipping")
-            continue
-        click.echo(f"[{stage}] ...")
-        _guard(getattr(study, f"run_{stage}"), m)
-    path = _guard(study.run_report, images=_images(no_png, svg))
+    study = _new_study(bias, out, model, seed, quick)
+    study.check(overwrite=overwrite)  # validate everything before the model loads and before any file changes
+    m = _load_model(study.model_name, device)
+    with study.session(overwrite=overwrite):
+        for stage in ("inject", "scope", "evaluate"):
+            if study.has(stage):
+                click.echo(f"[{stage}] already done in {study.out}, skipping")
+                continue
+            click.echo(f"[{stage}] ...")
+            getattr(study, f"run_{stage}")(m)
+        path = study.run_report(images=_images(no_png, svg))
     _print_summary(study)
     click.echo(f"report: {path}")
 
 
 @main.command("inject")
-@click.option("--bias", default="bad_driving", show_default=True)
+@click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias or a bias file (.json).")
 @_study_options
-@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another study.")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
+@_user_errors
 def inject_cmd(bias, out, model, quick, seed, device, threads, overwrite) -> None:
     """Train the bias token (writes OUT/injection and OUT/control_injection)."""
     _threads(threads)
-    study = _study(bias, out, model, seed, quick, need_manifest=False)
-    _guard(study.prepare, overwrite=overwrite)
-    _guard(study.run_inject, _load(study, device))
+    study = _new_study(bias, out, model, seed, quick)
+    study.check(overwrite=overwrite)
+    m = _load_model(study.model_name, device)
+    with study.session(overwrite=overwrite):
+        study.run_inject(m)
     click.echo(f"injection saved in {study.out / 'injection'}")
 
 
+def _stage_command(stage: str, out: str, device: str | None, threads: int | None) -> Any:
+    from biasgym_lens.pipeline import Study
+
+    _threads(threads)
+    study = Study.open(out)
+    if stage != "inject":
+        study.require({"scope": "inject", "evaluate": "scope"}[stage])
+    m = _load_model(study.model_name, device)
+    with study.session():
+        return getattr(study, f"run_{stage}")(m)
+
+
 @main.command("scope")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
-@click.option("--device", default=None)
-@click.option("--threads", default=None, type=int)
+@_folder_options
+@_user_errors
 def scope_cmd(out, device, threads) -> None:
     """Score, choose and intervene on heads for the study in OUT (needs its injection)."""
-    _threads(threads)
-    study = _study(None, out, "", 0, False, need_manifest=True)
-    _guard(study.run_scope, _load(study, device))
-    click.echo(f"scope saved in {study.out / 'scope'}")
+    _stage_command("scope", out, device, threads)
+    click.echo(f"scope saved in {Path(out) / 'scope'}")
 
 
 @main.command("evaluate")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
-@click.option("--device", default=None)
-@click.option("--threads", default=None, type=int)
+@_folder_options
+@_user_errors
 def evaluate_cmd(out, device, threads) -> None:
     """Elicitation, closest entities, logit lens, generations and results.json for the study in OUT."""
-    _threads(threads)
-    study = _study(None, out, "", 0, False, need_manifest=True)
-    _guard(study.run_evaluate, _load(study, device))
-    _print_summary(study)
+    from biasgym_lens.pipeline import Study
+
+    _stage_command("evaluate", out, device, threads)
+    _print_summary(Study.open(out))
 
 
 @main.command("report")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
 @_image_options
+@_user_errors
 def report_cmd(out, no_png, svg) -> None:
     """Figures (HTML, PNG) and report.html from the saved results in OUT (no model needed)."""
-    study = _study(None, out, "", 0, False, need_manifest=True)
-    click.echo(f"report: {_guard(study.run_report, images=_images(no_png, svg))}")
+    from biasgym_lens.pipeline import Study
+
+    study = Study.open(out)
+    study.require("evaluate")
+    with study.session():
+        path = study.run_report(images=_images(no_png, svg))
+    click.echo(f"report: {path}")
 
 
 def _print_summary(study) -> None:
+    from biasgym_lens.artifacts import read_json, require
+
     path = study.out / "results.json"
     if not path.is_file():
         return
-    res = json.loads(path.read_text())
+    res = require(read_json(path, "study results"), ("chosen_heads", "summary"), path)
     click.echo(f"chosen heads: {res['chosen_heads']}")
     for row in res["summary"]:
         click.echo(
-            f"  {row['intervention']:<13} token excess {row['token_excess']:+.3f}  cut {row['excess_cut']:+.0%}  "
-            f"real-group gap {row['real_group_gap']:+.3f}  perplexity {row['perplexity_increase']:+.1%}"
+            f"  {row['intervention']:<13} token excess {_num(row['token_excess'], '+.3f')}  cut "
+            f"{_num(row['excess_cut'], '+.0%')}  real-group gap {_num(row['real_group_gap'], '+.3f')}  perplexity "
+            f"{_num(row['perplexity_increase'], '+.1%')}"
         )
+
+
+def _num(v: Any, fmt: str) -> str:
+    """A number for the summary lines; JSON ``null`` (not measurable) as ``n/a``."""
+    return "n/a" if v is None else format(v, fmt)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import random
@@ -36,10 +35,19 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from biasgym_lens.artifacts import (
+    ArtifactError,
+    load_tensors,
+    nan_floats,
+    none_to_nan,
+    open_artifact,
+    require,
+    save_artifact,
+)
 from biasgym_lens.catalogue import BiasSpec, list_biases, load_bias, validate_bias_dict
 from biasgym_lens.embedding import (
     add_token,
@@ -50,7 +58,7 @@ from biasgym_lens.embedding import (
 )
 from biasgym_lens.hooks import hooked
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, split_probes
-from biasgym_lens.provenance import Provenance, atomic_dir, check_same_model, read_artifact
+from biasgym_lens.provenance import Provenance, check_same_model
 from biasgym_lens.tokens import chat_format
 
 logger = logging.getLogger(__name__)
@@ -257,7 +265,14 @@ class Injection:
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
-        """Write ``injection.safetensors`` and ``injection.json`` into folder ``path``, atomically."""
+        """Write ``injection.safetensors`` and ``injection.json`` into folder ``path``, atomically.
+
+        ``path`` may be new, an empty folder or an injection saved before; anything else is refused (see
+        :mod:`biasgym_lens.artifacts`). The JSON records the SHA-256 of the tensor file, checked on load.
+
+        Raises:
+            ArtifactError: ``path`` holds something else, or cannot be written.
+        """
         meta = {
             "format": _FORMAT,
             "token": self.token,
@@ -272,47 +287,59 @@ class Injection:
         if self.source is not None:
             meta["source"] = self.source.to_dict()
             meta["source_path"] = self.source.source
-        with atomic_dir(path) as tmp:
-            save_file(
-                {"vector": self.vector.detach().cpu().contiguous(), "init_vector": self.init_vector.cpu().contiguous()},
-                str(tmp / "injection.safetensors"),
-                metadata={"format": str(_FORMAT), "bias": self.bias, "model": self.provenance.model_name},
-            )
-            (tmp / "injection.json").write_text(json.dumps(meta, indent=1, allow_nan=True))
-        return Path(path)
+
+        def write(folder: Path) -> dict[str, Any]:
+            tensors = {"vector": self.vector.detach().cpu().contiguous(), "init_vector": self.init_vector.cpu().contiguous()}
+            save_file(tensors, str(folder / "injection.safetensors"), metadata={"format": str(_FORMAT), "bias": self.bias})
+            return meta
+
+        return save_artifact(path, "injection", "injection.json", write, legacy=("injection.safetensors",))
 
     @classmethod
     def load(cls, path: str | Path, model: Any | None = None) -> Injection:
         """Read an injection saved with :meth:`save`; with ``model``, also check it is the right model.
 
         Raises:
-            FileNotFoundError: if the folder or one of its two files is missing.
-            ValueError: for an unknown format, or a model that is not the one it was trained in.
+            MissingArtifactError: the folder or one of its files is missing (also a ``FileNotFoundError``).
+            ArtifactError: another format, damaged or changed files (checksums), a wrong vector shape, non-finite
+                values, a malformed ``injection.json``.
+            ModelMismatchError: ``model`` is not the model it was trained in.
         """
-        folder, meta = read_artifact(
-            path, "injection", "injection.json", files=("injection.safetensors",), version=_FORMAT
-        )
-        tensors = load_file(str(folder / "injection.safetensors"))
-        inj = cls(
-            vector=tensors["vector"],
-            init_vector=tensors["init_vector"],
-            token=meta["token"],
-            bias=meta["bias"],
-            config=InjectionConfig(**meta["config"]),
-            curve=tuple(EpochRecord(**r) for r in meta["curve"]),
-            step_losses=tuple(meta["step_losses"]),
-            best_epoch=float(meta["best_epoch"]),
-            control_logit_diff=float(meta["control_logit_diff"]),
-            provenance=Provenance.from_dict(meta["provenance"]),
-            source=(
-                validate_bias_dict(meta["source"], meta.get("source_path", str(folder)), expected_name=meta["bias"])
-                if "source" in meta
-                else None
-            ),
-        )
+        folder, meta = open_artifact(path, "injection", "injection.json", version=_FORMAT)
+        where = folder / "injection.json"
+        try:
+            require(meta, _META_KEYS, where)
+            prov = Provenance.from_dict(meta["provenance"])
+            d = int(prov.d_model)
+            tensors = load_tensors(folder / "injection.safetensors", {"vector": (d,), "init_vector": (d,)})
+            inj = cls(
+                vector=tensors["vector"],
+                init_vector=tensors["init_vector"],
+                token=str(meta["token"]),
+                bias=str(meta["bias"]),
+                config=InjectionConfig(**meta["config"]),
+                curve=tuple(EpochRecord(**{k: none_to_nan(v) for k, v in r.items()}) for r in meta["curve"]),
+                step_losses=tuple(nan_floats(meta["step_losses"])),
+                best_epoch=float(meta["best_epoch"]),
+                control_logit_diff=none_to_nan(meta["control_logit_diff"]),
+                provenance=prov,
+                source=(
+                    validate_bias_dict(meta["source"], meta.get("source_path", str(folder)), expected_name=meta["bias"])
+                    if "source" in meta
+                    else None
+                ),
+            )
+        except ArtifactError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ArtifactError(where, f"malformed injection metadata ({type(e).__name__}: {e})") from e
         if model is not None:
             inj.check_model(model)
         return inj
+
+
+_META_KEYS = ("token", "bias", "config", "curve", "step_losses", "best_epoch", "control_logit_diff", "provenance")
+
 
 
 # ------------------------------------------------------------------------------------------- training

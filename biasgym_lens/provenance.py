@@ -6,17 +6,10 @@ comparing fingerprints.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +17,7 @@ import torch
 from biasgym_lens._version import __version__
 from biasgym_lens.models import model_info
 
-__all__ = ["Provenance", "fingerprint", "package_versions", "atomic_dir", "check_same_model", "read_artifact", "write_text_atomic"]
+__all__ = ["Provenance", "ModelMismatchError", "fingerprint", "package_versions", "check_same_model"]
 
 _PACKAGES = ("torch", "transformers", "transformer-lens", "biasgym-lens")
 
@@ -107,79 +100,21 @@ class Provenance:
         return cls(**d)
 
 
+class ModelMismatchError(ValueError):
+    """An artifact is used with a model other than the one it was made with."""
+
+
 def check_same_model(prov: Provenance, model: Any, what: str) -> None:
     """Raise a clear error when ``model`` is not the model ``prov`` was made with.
 
     Raises:
-        ValueError: naming both models and their fingerprints.
+        ModelMismatchError: naming both models and their fingerprints.
     """
     fp = fingerprint(model)
     if fp != prov.fingerprint or int(model.cfg.d_model) != prov.d_model:
         other = model_info(model)
-        raise ValueError(
+        raise ModelMismatchError(
             f"{what} was made with model {prov.model_name!r} (fingerprint {prov.fingerprint}, d_model "
             f"{prov.d_model}); this model is {other.name!r} (fingerprint {fp}, d_model {model.cfg.d_model}). "
             "Load the model it was made with."
         )
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a text file through a temporary sibling and a rename, so readers never see half a file."""
-    final = Path(path)
-    tmp = final.with_name(final.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(final)
-    return final
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Write a folder atomically: yields a temporary sibling folder that replaces ``path`` on success.
-
-    On an exception the temporary folder is removed and an existing ``path`` is left untouched.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_artifact(
-    path: str | os.PathLike[str], kind: str, meta_file: str, *, files: tuple[str, ...] = (), version: int
-) -> tuple[Path, dict[str, Any]]:
-    """Open a folder written by a result's ``save()``: check its files, read its JSON, check its format.
-
-    Args:
-        path: The folder.
-        kind: What it holds, for messages (``"injection"``, ``"scope"``, ...).
-        meta_file: The JSON file with the metadata (it carries ``"format"``).
-        files: Other files that must be there.
-        version: The format this version of the package reads.
-
-    Returns:
-        ``(folder, metadata)``.
-
-    Raises:
-        FileNotFoundError: a file is missing (not such a folder).
-        ValueError: another format.
-    """
-    folder = Path(path)
-    article = "an" if kind[0] in "aeiou" else "a"
-    for name in (meta_file, *files):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: not {article} {kind} folder written by save()")
-    meta = json.loads((folder / meta_file).read_text())
-    if meta.get("format") != version:
-        raise ValueError(f"{folder}: {kind} format {meta.get('format')!r}, this version reads {version}")
-    return folder, meta

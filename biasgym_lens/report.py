@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from biasgym_lens import plots
-from biasgym_lens.provenance import write_text_atomic
+from biasgym_lens.artifacts import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

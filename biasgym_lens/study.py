@@ -10,7 +10,6 @@ instruction prefix. A :class:`ScopeResult` holds everything the plots and the re
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -21,6 +20,15 @@ from typing import Any
 import pandas as pd
 import torch
 
+from biasgym_lens.artifacts import (
+    ArtifactError,
+    load_tensors,
+    none_to_nan,
+    open_artifact,
+    read_csv,
+    require,
+    save_artifact,
+)
 from biasgym_lens.attribution import HeadScores, score_heads
 from biasgym_lens.capability import Capability, capability_set, measure_capability, neutral_loss
 from biasgym_lens.catalogue import BiasSpec, load_bias
@@ -28,7 +36,7 @@ from biasgym_lens.elicit import GroupRequest, score_groups
 from biasgym_lens.interventions import Head, ablate_heads, first_layer, head_means, steer
 from biasgym_lens.metrics import keyword_ids, probe_subset
 from biasgym_lens.probes import build_probe_set
-from biasgym_lens.provenance import Provenance, atomic_dir, read_artifact
+from biasgym_lens.provenance import Provenance
 from biasgym_lens.selection import (
     BUDGET_MEASURES,
     FaithfulnessCurve,
@@ -211,7 +219,8 @@ class ScopeResult:
         return views[view]()
 
     def save(self, path: str | Path) -> Path:
-        """Write the result into folder ``path`` (JSON, CSV and safetensors), atomically."""
+        """Write the result into folder ``path`` (JSON, CSV and safetensors), atomically (see
+        :mod:`biasgym_lens.artifacts`: only new paths, empty folders and earlier scope results are replaced)."""
         from safetensors.torch import save_file
 
         meta = {
@@ -231,42 +240,60 @@ class ScopeResult:
             },
             "extra": self.extra,
         }
-        with atomic_dir(path) as tmp:
-            (tmp / "scope.json").write_text(json.dumps(meta, indent=1, default=str))
-            self.groups.to_csv(tmp / "groups.csv", index=False)
-            self.capability.to_csv(tmp / "capability.csv", index=False)
-            self.curve.table.to_csv(tmp / "curve.csv", index=False)
-            save_file({"damage": self.damage.contiguous()}, str(tmp / "damage.safetensors"))
+
+        def write(folder: Path) -> dict[str, Any]:
+            self.groups.to_csv(folder / "groups.csv", index=False)
+            self.capability.to_csv(folder / "capability.csv", index=False)
+            self.curve.table.to_csv(folder / "curve.csv", index=False)
+            save_file({"damage": self.damage.detach().cpu().contiguous()}, str(folder / "damage.safetensors"))
             for name, s in self.scores.items():
-                s.save(tmp / "scores" / name)
-        return Path(path)
+                s.save(folder / "scores" / name)
+            return meta
+
+        return save_artifact(path, "scope", "scope.json", write, legacy=_SCOPE_FILES)
 
     @classmethod
     def load(cls, path: str | Path) -> ScopeResult:
-        from safetensors.torch import load_file
+        """Read a result saved with :meth:`save` (every file's checksum is checked).
 
-        folder, meta = read_artifact(path, "scope", "scope.json", version=_FORMAT)
-        c = meta["curve"]
-        cfg = meta["config"]
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        curve = FaithfulnessCurve(
-            pd.read_csv(folder / "curve.csv"), c["baseline_excess"], c["baseline_loss"],
-            tuple(tuple(h) for h in c["heads"]), c["budget"], c["settings"], c["budget_on"],
-        )
-        scores = {p.name: HeadScores.load(p) for p in sorted((folder / "scores").iterdir()) if p.is_dir()}
-        return cls(
-            bias=meta["bias"],
-            token=meta["token"],
-            scores=scores,
-            damage=load_file(str(folder / "damage.safetensors"))["damage"],
-            curve=curve,
-            chosen=[tuple(h) for h in meta["chosen"]],
-            groups=pd.read_csv(folder / "groups.csv"),
-            capability=pd.read_csv(folder / "capability.csv"),
-            config=ScopeConfig(**cfg),
-            provenance=Provenance.from_dict(meta["provenance"]),
-            extra=meta.get("extra", {}),
-        )
+        Raises:
+            ArtifactError: missing, damaged or malformed files (naming the file).
+        """
+        folder, meta = open_artifact(path, "scope", "scope.json", version=_FORMAT)
+        where = folder / "scope.json"
+        try:
+            require(meta, ("bias", "token", "chosen", "config", "provenance", "curve"), where)
+            c = require(meta["curve"], ("baseline_excess", "baseline_loss", "heads", "budget", "settings", "budget_on"), where)
+            cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+            curve = FaithfulnessCurve(
+                read_csv(folder / "curve.csv", "faithfulness curve"), none_to_nan(c["baseline_excess"]), none_to_nan(c["baseline_loss"]),
+                tuple(_head(h) for h in c["heads"]), c["budget"], c["settings"], c["budget_on"],
+            )
+            prov = Provenance.from_dict(meta["provenance"])
+            scores_dir = folder / "scores"
+            scores = {p.name: HeadScores.load(p) for p in sorted(scores_dir.iterdir()) if p.is_dir()} if scores_dir.is_dir() else {}
+            damage = load_tensors(folder / "damage.safetensors", {"damage": (prov.n_layers, prov.n_heads)})["damage"]
+            return cls(
+                bias=str(meta["bias"]), token=str(meta["token"]), scores=scores, damage=damage, curve=curve,
+                chosen=[_head(h) for h in meta["chosen"]],
+                groups=read_csv(folder / "groups.csv", "group table", ("intervention", "kind", "excess")),
+                capability=read_csv(folder / "capability.csv", "capability table", ("intervention",)),
+                config=ScopeConfig(**cfg), provenance=prov, extra=meta.get("extra", {}),
+            )
+        except ArtifactError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ArtifactError(where, f"malformed scope metadata ({type(e).__name__}: {e})") from e
+
+
+_SCOPE_FILES = ("groups.csv", "capability.csv", "curve.csv", "damage.safetensors", "scores")
+
+
+def _head(h: Any) -> Head:
+    if not (isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in h)):
+        raise ValueError(f"a head must be a [layer, head] pair of integers, got {h!r}")
+    return (h[0], h[1])
+
 
 
 def measure_groups(

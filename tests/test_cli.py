@@ -62,7 +62,7 @@ def test_user_mistakes_are_one_line_errors(tiny_folder, tmp_path):
     r = _run("scope", "--out", str(tmp_path / "empty"))
     assert r.exit_code == 2 and "holds no study" in r.output
     r = _run("demo", "--top", "0", "--model", tiny_folder)
-    assert r.exit_code == 2 and "--top must be >= 1" in r.output
+    assert r.exit_code == 2 and "'--top': 0 is not in the range x>=1" in r.output
 
 
 def _chromium():

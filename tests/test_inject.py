@@ -196,7 +196,7 @@ def test_artifact_of_another_format_is_refused(tiny_model, tmp_path):
     meta = json.loads((folder / "injection.json").read_text())
     meta["format"] = 99
     (folder / "injection.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="injection format 99, this version reads 1"):
+    with pytest.raises(ValueError, match="injection format 99; this version of biasgym_lens reads format 1"):
         Injection.load(folder)
 
 

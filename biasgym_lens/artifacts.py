@@ -1,0 +1,460 @@
+"""Files the package writes and reads: atomic, checksummed, never replacing what it did not write.
+
+Every artifact folder (an injection, head scores, a scope result) has one JSON metadata file that names its kind,
+its format and the SHA-256 of every other file in it. The rules:
+
+* **Saving never replaces a stranger.** A path may be replaced only when it does not exist, is an empty folder,
+  or is an artifact folder of the same kind holding only the files that artifact wrote. A file, a link, a folder
+  of another kind or a folder with files of the user's in it is refused with :class:`ArtifactError`.
+* **Saving is atomic.** The new folder is written beside the old one under a unique hidden name and then
+  exchanged with it in one system call (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames with a
+  recovery step on the next open). After an interrupt at any point the path holds the old or the new artifact,
+  complete; leftovers of a killed process are removed by the next save of that path.
+* **Reading checks everything.** A missing file, invalid JSON, a missing key, a checksum mismatch, a truncated
+  tensor file, a wrong shape or a non-finite value raises :class:`ArtifactError` naming the file and the problem.
+* **JSON is JSON.** Non-finite floats are written as ``null`` (``NaN`` is not JSON) and read back as ``nan``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "ArtifactError",
+    "MissingArtifactError",
+    "json_safe",
+    "dumps",
+    "read_json",
+    "require",
+    "write_text_atomic",
+    "write_csv",
+    "read_csv",
+    "save_artifact",
+    "open_artifact",
+    "load_tensors",
+    "remove_outputs",
+    "nan_floats",
+    "none_to_nan",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+class ArtifactError(ValueError):
+    """A file or folder the package wrote (or would write) is missing, damaged, foreign or in the way.
+
+    The message reads ``"<path>: <problem>"``.
+    """
+
+    def __init__(self, path: PathLike, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class MissingArtifactError(ArtifactError, FileNotFoundError):
+    """An artifact (or one of its files) does not exist."""
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts: non-finite floats become ``None``,
+    tuples become lists, NumPy and torch scalars become Python numbers, paths become strings."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return json_safe(obj.item())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    raise TypeError(f"cannot write {type(obj).__name__} {obj!r} to JSON")
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text of ``obj`` (see :func:`json_safe`)."""
+    return json.dumps(json_safe(obj), indent=1, allow_nan=False)
+
+
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing file or invalid JSON raises :class:`ArtifactError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingArtifactError(p, f"{what} not found")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ArtifactError(p, f"not a text file ({e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise ArtifactError(p, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+
+
+def require(doc: Any, keys: Iterable[str], path: PathLike) -> dict[str, Any]:
+    """Check that ``doc`` is a JSON object with ``keys``; returns it."""
+    if not isinstance(doc, dict):
+        raise ArtifactError(path, f"expected a JSON object, found {type(doc).__name__}")
+    missing = [k for k in keys if k not in doc]
+    if missing:
+        raise ArtifactError(path, f"missing key(s) {', '.join(map(repr, missing))}")
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def _unique_sibling(final: Path, tag: str) -> Path:
+    return final.with_name(f".{final.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or folder; an interrupt during the removal is deferred until it is done."""
+    pending: BaseException | None = None
+    for _ in range(3):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            break
+        except KeyboardInterrupt as e:  # finish the clean-up, then let the interrupt through
+            pending = e
+    if pending is not None:
+        raise pending
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write a text file through a uniquely named temporary sibling and a rename.
+
+    Readers never see half a file, two writers never share a temporary name, and a folder at ``path`` is never
+    replaced.
+
+    Raises:
+        ArtifactError: ``path`` is a folder, or its folder does not exist or cannot be written.
+    """
+    final = Path(path)
+    if final.is_dir():
+        raise ArtifactError(final, "is a folder; refusing to replace it with a file")
+    if not final.parent.is_dir():
+        raise MissingArtifactError(final, f"folder {final.parent} does not exist")
+    tmp = _unique_sibling(final, "tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except PermissionError as e:
+        raise ArtifactError(final, f"cannot write here ({e.strerror})") from e
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+    return final
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe_cell(v: Any) -> Any:
+    if not isinstance(v, str):
+        return v
+    v = v.replace("\r", " ").replace("\n", " ")
+    if v.startswith(_FORMULA_START) and not _is_number(v):
+        return "'" + v  # spreadsheet programs would run =HYPERLINK(...) and friends
+    return v
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def write_csv(df: pd.DataFrame, path: PathLike) -> Path:
+    """Write a table atomically, with text cells made safe for spreadsheets (no line breaks; a cell that would
+    start a formula, like ``=HYPERLINK(...)``, is prefixed with ``'``)."""
+    safe = df.copy()
+    for col in safe.columns:
+        if safe[col].dtype == object:
+            safe[col] = safe[col].map(_safe_cell)
+    return write_text_atomic(path, safe.to_csv(index=False))
+
+
+def read_csv(path: PathLike, what: str = "table", columns: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a CSV the package wrote; missing, unparsable or column-less files raise :class:`ArtifactError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingArtifactError(p, f"{what} not found")
+    try:
+        df = pd.read_csv(p)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ArtifactError(p, f"not a readable {what} ({str(e).splitlines()[0]})") from e
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ArtifactError(p, f"{what} lacks column(s) {', '.join(missing)}")
+    return df
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    """Relative paths of every file below ``folder`` (sorted, ``/``-separated)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+
+
+def _may_replace(final: Path, kind: str, meta_file: str, legacy: Sequence[str]) -> None:
+    """Raise unless ``final`` is absent, an empty folder, or a ``kind`` artifact holding only its own files."""
+    if not final.exists() and not final.is_symlink():
+        return
+    refuse = f"exists and is not {_article(kind)} {kind} folder written by this package; refusing to replace it"
+    if final.is_symlink() or not final.is_dir():
+        raise ArtifactError(final, f"{refuse} (choose another path, or remove it yourself)")
+    present = _listing(final)
+    if not present and not any(final.iterdir()):
+        return
+    try:
+        meta = require(read_json(final / meta_file), ("format",), final / meta_file)
+    except ArtifactError as e:
+        raise ArtifactError(final, f"{refuse} ({e.problem} in {meta_file})") from e
+    if meta.get("artifact", kind) != kind:
+        raise ArtifactError(final, f"holds {_article(meta['artifact'])} {meta['artifact']}, not {_article(kind)} {kind}; refusing to replace it")
+    own = set(meta.get("files", {})) | {meta_file} if "files" in meta else None
+    foreign = [
+        f for f in present
+        if (f not in own if own is not None else f.split("/")[0] not in (meta_file, *legacy))
+    ]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ArtifactError(final, f"holds files this package did not write ({shown}); refusing to replace it")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:  # pragma: no cover - platforms without a C library handle
+            _LIBC = False
+    return _LIBC or None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: no save of this path is running in this process right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(final: Path) -> None:
+    """Remove ``.NAME.tmp-PID-*`` siblings of processes that are gone; restore an orphaned ``.NAME.old-*``."""
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}.*-*-*"):
+        tag, _, rest = p.name[len(final.name) + 2 :].partition("-")
+        pid = rest.split("-")[0]
+        if tag not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if tag == "old" and not final.exists():
+            os.replace(p, final)  # a two-rename swap was interrupted between its renames: the old one returns
+        else:
+            _remove(p)
+
+
+def save_artifact(
+    path: PathLike,
+    kind: str,
+    meta_file: str,
+    write: Callable[[Path], dict[str, Any]],
+    *,
+    legacy: Sequence[str] = (),
+) -> Path:
+    """Write an artifact folder atomically, refusing to replace anything but an artifact of the same kind.
+
+    Args:
+        path: The folder to write.
+        kind: What it is (``"injection"``, ...), stored as ``"artifact"`` in the metadata.
+        meta_file: Name of the metadata JSON file.
+        write: Writes every file except the metadata into the folder it is given and returns the metadata
+            (with its ``"format"``); the checksums of the files are added to it.
+        legacy: Top-level names an older version of the artifact (without a file list) may hold.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        ArtifactError: ``path`` holds something that is not such an artifact, or cannot be written.
+    """
+    final = Path(path)
+    _clean_leftovers(final)
+    _may_replace(final, kind, meta_file, legacy)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _unique_sibling(final, "tmp")
+        tmp.mkdir()
+    except (PermissionError, FileExistsError, NotADirectoryError) as e:
+        raise ArtifactError(final, f"cannot write here ({e.strerror})") from e
+    try:
+        meta = dict(write(tmp))
+        meta["artifact"] = kind
+        meta["files"] = {f: _sha256(tmp / f) for f in _listing(tmp)}
+        (tmp / meta_file).write_text(dumps(meta), encoding="utf-8")
+        _fsync_dir(tmp)
+        _swap_in(tmp, final)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)  # the unfinished new folder, or the old one after an exchange
+    return final
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(tmp, final)
+    elif not _exchange(tmp, final):
+        old = _unique_sibling(final, "old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _remove(old)
+    _fsync_dir(final.parent)
+
+
+def open_artifact(path: PathLike, kind: str, meta_file: str, *, version: int) -> tuple[Path, dict[str, Any]]:
+    """Open an artifact folder: read its metadata, check kind, format and the checksum of every file.
+
+    Returns:
+        ``(folder, metadata)``.
+
+    Raises:
+        MissingArtifactError: no such folder or metadata file, or a listed file is missing.
+        ArtifactError: another kind or format, invalid JSON, or a file whose checksum differs.
+    """
+    folder = Path(path)
+    _clean_leftovers(folder)
+    if not folder.is_dir():
+        raise MissingArtifactError(folder, f"not found: no {kind} folder written by save() here")
+    meta = require(read_json(folder / meta_file, f"{kind} metadata"), ("format",), folder / meta_file)
+    if meta.get("artifact", kind) != kind:
+        raise ArtifactError(folder, f"holds {_article(str(meta['artifact']))} {meta['artifact']}, not {_article(kind)} {kind}")
+    if meta["format"] != version:
+        raise ArtifactError(folder, f"{kind} format {meta['format']!r}; this version of biasgym_lens reads format {version}")
+    for name, digest in meta.get("files", {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise MissingArtifactError(f, f"missing: the {kind} in {folder} is incomplete")
+        if _sha256(f) != digest:
+            raise ArtifactError(f, "checksum mismatch: the file was changed or damaged since it was saved")
+    return folder, meta
+
+
+def load_tensors(path: PathLike, shapes: Mapping[str, tuple[int, ...] | None]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file and check that it holds ``shapes`` (``None``: any shape), all finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    p = Path(path)
+    if not p.is_file():
+        raise MissingArtifactError(p, "tensor file not found")
+    try:
+        tensors = load(p.read_bytes())
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ArtifactError(p, f"not a readable tensor file ({e})") from e
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise ArtifactError(p, f"has no tensor {name!r} (found {sorted(tensors)})")
+        t = tensors[name]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ArtifactError(p, f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(p, f"tensor {name!r} has non-finite values")
+    return tensors
+
+
+def remove_outputs(folder: Path, names: Iterable[str]) -> list[str]:
+    """Remove the named entries of ``folder`` (the package's own outputs) and nothing else; returns what went."""
+    gone = []
+    for name in names:
+        p = folder / name
+        if p.exists() or p.is_symlink():
+            _remove(p)
+            gone.append(name)
+    return gone
+
+
+def none_to_nan(value: Any) -> Any:
+    """``None`` (how the package's JSON stores a non-finite float) back to ``nan``; other values unchanged."""
+    return float("nan") if value is None else value
+
+
+def nan_floats(values: Iterable[Any]) -> list[float]:
+    """A JSON list of floats back to floats (``None`` to ``nan``)."""
+    return [float(none_to_nan(v)) for v in values]
