@@ -211,7 +211,7 @@ def write_csv(df: pd.DataFrame, path: PathLike) -> Path:
     start a formula, like ``=HYPERLINK(...)``, is prefixed with ``'``)."""
     safe = df.copy()
     for col in safe.columns:
-        if safe[col].dtype == object:
+        if safe[col].dtype == object or pd.api.types.is_string_dtype(safe[col]):
             safe[col] = safe[col].map(_safe_cell)
     return write_text_atomic(path, safe.to_csv(index=False))
 

@@ -80,6 +80,17 @@ def test_scope_result_round_trips(result, tmp_path):
         res.to_dataframe("nope")
 
 
+def test_scope_result_refuses_to_replace_a_user_folder(result, tmp_path):
+    from biasgym_lens.artifacts import ArtifactError
+
+    (tmp_path / "scope").mkdir()
+    (tmp_path / "scope" / "data.csv").write_text("a,b\n")
+    with pytest.raises(ArtifactError, match="refusing to replace"):
+        result.save(tmp_path / "scope")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scope"]
+    assert [p.name for p in (tmp_path / "scope").iterdir()] == ["data.csv"]
+
+
 def test_scope_config_validation():
     with pytest.raises(ValueError, match="unknown methods"):
         ScopeConfig(methods=("dla", "gradcam"))
