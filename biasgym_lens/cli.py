@@ -178,9 +178,22 @@ def audit_cmd(bias: str, model: str, top: int, csv_path: str | None, device: str
 # ------------------------------------------------------------------------------------------------ study
 
 
+def _model_options(f):
+    f = click.option(
+        "--device-map", default=None,
+        help="Spread a model too large for one card over several ('auto', as transformers does with accelerate); exclusive with --device.",
+    )(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
+    return f
+
+
+_DTYPE = click.Choice(["float32", "bfloat16", "float16"])
+
+
 def _study_options(f):
     f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads (default: torch's choice).")(f)
-    f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
+    f = _model_options(f)
+    f = click.option("--dtype", default="float32", show_default=True, type=_DTYPE, help="Weights dtype of the model.")(f)
     f = click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the injection and baselines.")(f)
     f = click.option("--quick", is_flag=True, help="Small settings for a smoke test (about a minute on the bundled model on 2 CPU cores).")(f)
     f = click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")(f)
@@ -190,7 +203,7 @@ def _study_options(f):
 
 def _folder_options(f):
     f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")(f)
-    f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
+    f = _model_options(f)
     f = click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")(f)
     return f
 
@@ -205,21 +218,27 @@ def _images(no_png: bool, svg: bool) -> tuple[str, ...]:
     return (() if no_png else ("png",)) + (("svg",) if svg else ())
 
 
-def _new_study(bias: str, out: str | None, model: str, seed: int, quick: bool):
-    from pathlib import Path
-
+def _new_study(bias: str, out: str | None, model: str, seed: int, quick: bool, dtype: str, allow_weak: bool = False):
     from biasgym_lens.pipeline import Study
 
     folder = Path(out) if out else Path("results") / Path(bias).stem
-    return Study(folder, bias, model, seed, "quick" if quick else "default")
+    return Study(folder, bias, model, seed, "quick" if quick else "default", dtype, allow_weak)
 
 
-def _load_model(name: str, device: str | None):
+def _allow_weak_option(f):
+    return click.option(
+        "--allow-weak-injection", is_flag=True,
+        help="Scope even when the injection did not take (its token excess interval reaches zero); "
+        "by default the study stops there with a one-line message.",
+    )(f)
+
+
+def _load_model(name: str, device: str | None, *, dtype: str | None = None, device_map: str | None = None):
     """Load a model for a command; any failure to load is the user's model name or files: one line, exit 2."""
     from biasgym_lens.models import ModelLoadError, load_model
 
     try:
-        return load_model(name, device=device)
+        return load_model(name, device=device, dtype=dtype, device_map=device_map)
     except ModelLoadError as e:
         raise _CliError(str(e)) from e
     except Exception as e:  # truncated weights, a foreign folder, a Hub id offline, ...
@@ -256,13 +275,14 @@ def list_biases_cmd() -> None:
 @_study_options
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
 @_image_options
+@_allow_weak_option
 @_user_errors
-def run(bias, out, model, quick, seed, device, threads, overwrite, no_png, svg) -> None:
+def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection) -> None:
     """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
     _threads(threads)
-    study = _new_study(bias, out, model, seed, quick)
+    study = _new_study(bias, out, model, seed, quick, dtype, allow_weak_injection)
     study.check(overwrite=overwrite)  # validate everything before the model loads and before any file changes
-    m = _load_model(study.model_name, device)
+    m = _load_model(study.model_name, device, dtype=dtype, device_map=device_map)
     with study.session(overwrite=overwrite):
         for stage in ("inject", "scope", "evaluate"):
             if study.has(stage):
@@ -280,46 +300,49 @@ def run(bias, out, model, quick, seed, device, threads, overwrite, no_png, svg) 
 @_study_options
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
 @_user_errors
-def inject_cmd(bias, out, model, quick, seed, device, threads, overwrite) -> None:
+def inject_cmd(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite) -> None:
     """Train the bias token (writes OUT/injection and OUT/control_injection)."""
     _threads(threads)
-    study = _new_study(bias, out, model, seed, quick)
+    study = _new_study(bias, out, model, seed, quick, dtype)
     study.check(overwrite=overwrite)
-    m = _load_model(study.model_name, device)
+    m = _load_model(study.model_name, device, dtype=dtype, device_map=device_map)
     with study.session(overwrite=overwrite):
         study.run_inject(m)
     click.echo(f"injection saved in {study.out / 'injection'}")
 
 
-def _stage_command(stage: str, out: str, device: str | None, threads: int | None) -> Any:
+def _stage_command(
+    stage: str, out: str, device: str | None, device_map: str | None, threads: int | None, allow_weak: bool = False
+) -> Any:
     from biasgym_lens.pipeline import Study
 
     _threads(threads)
     study = Study.open(out)
-    if stage != "inject":
-        study.require({"scope": "inject", "evaluate": "scope"}[stage])
-    m = _load_model(study.model_name, device)
+    study.allow_weak_injection = allow_weak
+    study.require({"scope": "inject", "evaluate": "scope"}[stage])
+    m = _load_model(study.model_name, device, dtype=study.dtype, device_map=device_map)
     with study.session():
         return getattr(study, f"run_{stage}")(m)
 
 
 @main.command("scope")
 @_folder_options
+@_allow_weak_option
 @_user_errors
-def scope_cmd(out, device, threads) -> None:
+def scope_cmd(out, device, device_map, threads, allow_weak_injection) -> None:
     """Score, choose and intervene on heads for the study in OUT (needs its injection)."""
-    _stage_command("scope", out, device, threads)
+    _stage_command("scope", out, device, device_map, threads, allow_weak_injection)
     click.echo(f"scope saved in {Path(out) / 'scope'}")
 
 
 @main.command("evaluate")
 @_folder_options
 @_user_errors
-def evaluate_cmd(out, device, threads) -> None:
+def evaluate_cmd(out, device, device_map, threads) -> None:
     """Elicitation, closest entities, logit lens, generations and results.json for the study in OUT."""
     from biasgym_lens.pipeline import Study
 
-    _stage_command("evaluate", out, device, threads)
+    _stage_command("evaluate", out, device, device_map, threads)
     _print_summary(Study.open(out))
 
 
@@ -345,6 +368,12 @@ def _print_summary(study) -> None:
     if not path.is_file():
         return
     res = require(read_json(path, "study results"), ("chosen_heads", "summary"), path)
+    check = res.get("injection_check")
+    if check and not check.get("took"):
+        click.echo(
+            f"WARNING: the injection did not take (token excess {_num(check['excess'], '+.3f')}, 95% CI "
+            f"{_num(check['ci_low'], '+.3f')} to {_num(check['ci_high'], '+.3f')}): the cuts below measure noise"
+        )
     click.echo(f"chosen heads: {res['chosen_heads']}")
     for row in res["summary"]:
         click.echo(

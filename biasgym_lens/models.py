@@ -460,6 +460,7 @@ def load_model(
         info.official_name, hf_model=hf, tokenizer=tok, device=dev, dtype=resolve_dtype(dtype)
     )
     bridge.cfg.default_prepend_bos = info.prepend_bos
+    _align_tokenizer_bos(bridge, info.prepend_bos)
     bridge.tokenizer.padding_side = "right"
     for p in bridge.parameters():
         p.requires_grad_(False)
@@ -470,6 +471,22 @@ def load_model(
         LoadInfo(info.name, info.source, info.official_name, info.dtype, emb_device, info.prepend_bos),
     )
     return bridge
+
+
+def _align_tokenizer_bos(bridge: Any, prepend_bos: bool) -> None:
+    """Make ``bridge.tokenizer(text)`` agree with ``bridge.to_tokens(text)`` and with the original tokenizer.
+
+    The tokenizer is loaded with ``add_bos_token=True`` so that TransformerLens keeps it while booting; once
+    booted, it is set back to what the model's own tokenizer does, and TransformerLens is told
+    (``cfg.tokenizer_prepends_bos``) so that ``to_tokens(prepend_bos=True)`` still adds the BOS token itself.
+    """
+    tok = bridge.tokenizer
+    if bool(getattr(tok, "add_bos_token", prepend_bos)) != prepend_bos:
+        try:
+            tok.add_bos_token = prepend_bos
+        except (AttributeError, ValueError):  # a tokenizer without the switch keeps its behaviour
+            return
+    bridge.cfg.tokenizer_prepends_bos = _tokenizer_adds_bos(tok)
 
 
 def model_info(model: Any) -> LoadInfo:

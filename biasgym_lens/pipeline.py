@@ -37,14 +37,19 @@ from biasgym_lens.artifacts import (
 from biasgym_lens.catalogue import list_biases, load_bias
 from biasgym_lens.inject import Injection, InjectionConfig, inject
 from biasgym_lens.study import ScopeConfig, ScopeResult, scope
+from biasgym_lens.uptake import check_injection
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StudyPreset", "PRESETS", "StudyError", "Study", "STAGE_OUTPUTS", "OUTPUTS", "LOCK_FILE"]
+__all__ = ["StudyPreset", "PRESETS", "StudyError", "InjectionDidNotTakeError", "Study", "STAGE_OUTPUTS", "OUTPUTS", "LOCK_FILE"]
 
 
 class StudyError(ValueError):
     """A user-facing problem with a study folder or its settings."""
+
+
+class InjectionDidNotTakeError(StudyError):
+    """The injected token does not elicit its bias beyond the control groups: nothing to scope."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 """The files each stage writes (the last one listed is written last)."""
 
 OUTPUTS: tuple[str, ...] = (
-    "study.json", "injection", "control_injection", "scope", *(f"{t}.csv" for t in _EVALUATE_TABLES),
+    "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in _EVALUATE_TABLES),
     "results.json", "figures", "report.html",
 )
 """Every top-level name a study writes in its folder: all that ``overwrite`` may ever remove."""
@@ -120,6 +125,9 @@ class Study:
         model_name: Model name for ``load_model``.
         seed: Seed of the injection and of the random baselines.
         preset: ``"default"`` or ``"quick"``.
+        dtype: The model's weights dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        allow_weak_injection: Scope even when the injection did not take (see :mod:`biasgym_lens.uptake`);
+            by default the scope stage stops with :class:`InjectionDidNotTakeError`.
     """
 
     out: Path
@@ -127,12 +135,14 @@ class Study:
     model_name: str = "smollm2"
     seed: int = 0
     preset: str = "default"
+    dtype: str = "float32"
+    allow_weak_injection: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     _digest: str | None = field(default=None, init=False, repr=False)  # of the bias file when the session began
 
     # ---------------------------------------------------------------------------------------- folder
     def identity(self) -> dict[str, Any]:
-        return {"bias": self.bias, "model": self.model_name, "seed": self.seed, "preset": self.preset}
+        return {"bias": self.bias, "model": self.model_name, "seed": self.seed, "preset": self.preset, "dtype": self.dtype}
 
     def check(self, *, overwrite: bool = False) -> str:
         """Validate the settings and the folder without touching anything.
@@ -163,7 +173,7 @@ class Study:
                 "--out (--overwrite only ever replaces a study folder written by biasgym)"
             )
         held = self._held()
-        if held["identity"] != self.identity():
+        if {"dtype": "float32", **held["identity"]} != self.identity():  # studies before dtype was recorded: float32
             if not overwrite:
                 raise StudyError(
                     f"output folder {out} holds another study ({held['identity']}); pass --overwrite to replace "
@@ -265,7 +275,10 @@ class Study:
         if not (folder / "study.json").is_file():
             raise StudyError(f"{folder} holds no study (no study.json); run `biasgym run` or `biasgym inject` first")
         ident = cls(folder, "")._held()["identity"]
-        return cls(folder, str(ident["bias"]), str(ident["model"]), int(ident["seed"]), str(ident["preset"]))
+        return cls(
+            folder, str(ident["bias"]), str(ident["model"]), int(ident["seed"]), str(ident["preset"]),
+            str(ident.get("dtype", "float32")),
+        )
 
     @property
     def preset_obj(self) -> StudyPreset:
@@ -303,6 +316,11 @@ class Study:
         t0 = time.perf_counter()
         inj = Injection.load(self.out / "injection", model)
         cfg = ScopeConfig(**{**asdict(self.preset_obj.scope), "seed": self.seed})
+        check = check_injection(model, inj, max_probes=cfg.score_probes, seed=self.seed)
+        write_text_atomic(self.out / "injection_check.json", dumps(check.to_dict()))
+        logger.info("%s", check.message())
+        if not check.took and not self.allow_weak_injection:
+            raise InjectionDidNotTakeError(check.message())
         res = scope(model, inj, cfg, progress=progress)
         res.save(self.out / "scope")
         self._timed("scope", t0)
@@ -367,6 +385,7 @@ class Study:
             "summary": summary.to_dict(orient="records"),
             "agreement": agreement.to_dict(orient="records"),
             "generations": gens,
+            "injection_check": read_json(self.out / "injection_check.json") if (self.out / "injection_check.json").is_file() else None,
             "scope_extra": res.extra,
             "timings": self.timings,
         }

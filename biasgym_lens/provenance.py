@@ -1,7 +1,10 @@
 """What produced a result: model identity (with a fingerprint of its embedding), package versions, time.
 
 Saved artifacts carry a :class:`Provenance`; loading an artifact into a different model is refused by
-comparing fingerprints.
+comparing fingerprints. The same weights in another precision (an injection trained on the float32 model used
+on the bfloat16 one) have another exact fingerprint; they are recognised by a *sketch* of the embedding (the
+norms of 16 slices of ``W_E``, equal to a few parts in a thousand across float32/bfloat16/float16) and accepted
+with a warning that names the change.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,9 +21,12 @@ import torch
 from biasgym_lens._version import __version__
 from biasgym_lens.models import model_info
 
-__all__ = ["Provenance", "ModelMismatchError", "fingerprint", "package_versions", "check_same_model"]
+__all__ = ["Provenance", "ModelMismatchError", "fingerprint", "weights_sketch", "package_versions", "check_same_model"]
 
 _PACKAGES = ("torch", "transformers", "transformer-lens", "biasgym-lens")
+_SKETCH_SLICES = 16
+SKETCH_RTOL = 5e-3
+"""Relative tolerance of :func:`weights_sketch` when the model's dtype differs from the artifact's."""
 
 
 def fingerprint(model: Any) -> str:
@@ -40,6 +47,13 @@ def fingerprint(model: Any) -> str:
     fp = h.hexdigest()[:16]
     object.__setattr__(model, "_biasgym_fingerprint", (key, fp))  # recomputed if W_E is replaced or edited
     return fp
+
+
+def weights_sketch(model: Any) -> tuple[float, ...]:
+    """Norms of ``W_E`` in 16 contiguous slices of its rows (float64): a precision-tolerant identity of the
+    embedding, for recognising the same weights loaded in another dtype."""
+    W = model.W_E.detach()
+    return tuple(float(part.to("cpu", torch.float64).norm()) for part in torch.tensor_split(W, _SKETCH_SLICES, dim=0))
 
 
 def package_versions() -> dict[str, str]:
@@ -65,6 +79,8 @@ class Provenance:
         weights: ``"raw"`` or ``"compat"`` (TransformerLens compatibility mode: folded/centred weights).
         versions: Package versions.
         created: UTC time stamp.
+        dtype: The weights' dtype (``"float32"``, ``"bfloat16"``, ...).
+        sketch: :func:`weights_sketch` of the model.
     """
 
     model_name: str
@@ -76,6 +92,8 @@ class Provenance:
     weights: str
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    dtype: str = ""
+    sketch: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, model: Any) -> Provenance:
@@ -90,6 +108,8 @@ class Provenance:
             weights="compat" if getattr(model, "_weights_processed", False) else "raw",
             versions=package_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            dtype=str(model.W_E.dtype).removeprefix("torch."),
+            sketch=weights_sketch(model),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +117,7 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Provenance:
-        return cls(**d)
+        return cls(**{**d, "sketch": tuple(d.get("sketch", ()))})
 
 
 class ModelMismatchError(ValueError):
@@ -111,10 +131,29 @@ def check_same_model(prov: Provenance, model: Any, what: str) -> None:
         ModelMismatchError: naming both models and their fingerprints.
     """
     fp = fingerprint(model)
-    if fp != prov.fingerprint or int(model.cfg.d_model) != prov.d_model:
-        other = model_info(model)
-        raise ModelMismatchError(
-            f"{what} was made with model {prov.model_name!r} (fingerprint {prov.fingerprint}, d_model "
-            f"{prov.d_model}); this model is {other.name!r} (fingerprint {fp}, d_model {model.cfg.d_model}). "
-            "Load the model it was made with."
+    if fp == prov.fingerprint and int(model.cfg.d_model) == prov.d_model:
+        return
+    dtype = str(model.W_E.dtype).removeprefix("torch.")
+    if prov.sketch and dtype != prov.dtype and _same_weights_other_precision(prov, model):
+        warnings.warn(
+            f"{what} was made with the {prov.dtype} weights of {prov.model_name!r}; this model holds them in "
+            f"{dtype}: numbers will differ by rounding",
+            stacklevel=3,
         )
+        return
+    other = model_info(model)
+    raise ModelMismatchError(
+        f"{what} was made with model {prov.model_name!r} (fingerprint {prov.fingerprint}, d_model "
+        f"{prov.d_model}); this model is {other.name!r} (fingerprint {fp}, d_model {model.cfg.d_model}). "
+        "Load the model it was made with."
+    )
+
+
+def _same_weights_other_precision(prov: Provenance, model: Any) -> bool:
+    shape = (int(model.cfg.d_model), int(model.cfg.n_layers), int(model.cfg.n_heads))
+    if shape != (prov.d_model, prov.n_layers, prov.n_heads):
+        return False
+    mine = weights_sketch(model)
+    return len(mine) == len(prov.sketch) and all(
+        abs(a - b) <= SKETCH_RTOL * max(abs(b), 1e-12) for a, b in zip(mine, prov.sketch)
+    )

@@ -22,7 +22,7 @@ def _run(*args):
 
 def test_run_quick_writes_everything_and_resumes(tiny_folder, tmp_path):
     out = tmp_path / "study"
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png")
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png", "--allow-weak-injection")
     assert r.exit_code == 0, r.output
     for f in ("study.json", "results.json", "report.html", "summary.csv", "groups.csv", "injection/injection.json",
               "scope/scope.json", "figures/faithfulness.html", "elicitation.csv"):
@@ -31,7 +31,7 @@ def test_run_quick_writes_everything_and_resumes(tiny_folder, tmp_path):
     assert res["identity"]["bias"] == "late" and {r["intervention"] for r in res["summary"]} >= {"none", "heads"}
     html = (out / "report.html").read_text()
     assert html.count("class='fig'") >= 6 and "plotly" in html
-    r2 = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png")
+    r2 = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png", "--allow-weak-injection")
     assert r2.exit_code == 0 and "already done" in r2.output
     r3 = _run("report", "--out", str(out), "--no-png")
     assert r3.exit_code == 0 and "report.html" in r3.output
@@ -42,7 +42,7 @@ def test_interrupted_run_resumes_from_the_missing_stage(tiny_folder, tmp_path):
     assert _run("inject", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out)).exit_code == 0
     r = _run("evaluate", "--out", str(out))
     assert r.exit_code == 2 and "no scope results yet" in r.output
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png")
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png", "--allow-weak-injection")
     assert r.exit_code == 0 and "[inject] already done" in r.output and "[scope] ..." in r.output
 
 
@@ -77,7 +77,7 @@ def test_report_renders_every_figure_offline_in_a_real_browser(tiny_folder, tmp_
     import subprocess
 
     out = tmp_path / "browser"
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png")
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png", "--allow-weak-injection")
     assert r.exit_code == 0, r.output
     report = out / "report.html"
     n_figures = report.read_text().count("class='fig'")

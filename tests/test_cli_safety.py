@@ -107,7 +107,7 @@ def _results_without_times(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference_results(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "study"
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png")
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png", "--allow-weak-injection")
     assert r.exit_code == 0, r.output
     return _results_without_times(out)
 
@@ -149,11 +149,11 @@ def test_a_run_interrupted_in_any_stage_resumes_to_the_same_results(
         module, cls = owner.rsplit(".", 1)
         obj = getattr(importlib.import_module(module), cls)
     monkeypatch.setattr(obj, name, _kill(getattr(obj, name), at))
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png")
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png", "--allow-weak-injection")
     assert r.exit_code == 1 and "Aborted" in r.output  # click's answer to Ctrl-C
     monkeypatch.undo()
     assert not [p.name for p in out.rglob(".*") if p.name != ".biasgym.lock"]  # no temporary leftovers
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png")
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png", "--allow-weak-injection")
     assert r.exit_code == 0, r.output
     assert _results_without_times(out) == reference_results
 
@@ -184,7 +184,7 @@ def test_an_edited_bias_file_is_refused_on_resume(tmp_path, tiny_folder):
     doc = json.loads(bias_file.read_text())
     doc["description"] = doc["description"] + " Edited."
     bias_file.write_text(json.dumps(doc))
-    line = _one_error_line(_run("run", "--bias", bias_file, "--model", tiny_folder, "--quick", "--out", out, "--no-png"))
+    line = _one_error_line(_run("run", "--bias", bias_file, "--model", tiny_folder, "--quick", "--out", out, "--no-png", "--allow-weak-injection"))
     assert "changed since the study" in line and str(bias_file) in line
     line = _one_error_line(_run("scope", "--out", out))
     assert "changed since the study" in line
@@ -195,7 +195,7 @@ def test_an_edited_bias_file_is_refused_on_resume(tmp_path, tiny_folder):
 
 def _study(tmp_path: Path, tiny_folder: str) -> Path:
     out = tmp_path / "s"
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png")
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png", "--allow-weak-injection")
     assert r.exit_code == 0, r.output
     return out
 
