@@ -386,7 +386,7 @@ class Study:
             "agreement": agreement.to_dict(orient="records"),
             "generations": gens,
             "injection_check": read_json(self.out / "injection_check.json") if (self.out / "injection_check.json").is_file() else None,
-            "scope_extra": res.extra,
+            "scope_decisions": res.extra,
             "timings": self.timings,
         }
         write_text_atomic(self.out / "results.json", dumps(results))  # last: its presence marks the stage done

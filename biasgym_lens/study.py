@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +28,28 @@ from biasgym_lens.artifacts import (
     require,
     save_artifact,
 )
-from biasgym_lens.attribution import HeadScores, score_heads
-from biasgym_lens.capability import Capability, capability_set, measure_capability, neutral_loss
+from biasgym_lens.attribution import HeadScores
+from biasgym_lens.capability import capability_set
 from biasgym_lens.catalogue import BiasSpec, load_bias
 from biasgym_lens.elicit import GroupRequest, score_groups
-from biasgym_lens.interventions import Head, ablate_heads, first_layer, head_means, steer
+from biasgym_lens.interventions import Head, ablate_heads, first_layer
 from biasgym_lens.metrics import keyword_ids, probe_subset
-from biasgym_lens.probes import build_probe_set
 from biasgym_lens.provenance import Provenance
-from biasgym_lens.selection import (
-    BUDGET_MEASURES,
-    FaithfulnessCurve,
-    damage_scores,
-    faithfulness_curve,
-    first_within_budget,
-    measured_damage,
-    relative_increase,
-    specific_scores,
+from biasgym_lens.scoping import (
+    FinalMeasures,
+    Intervention,
+    ScopeDecisions,
+    choose_alpha,
+    choose_heads,
+    curve_and_direction,
+    heads_intervention,
+    measure_all,
+    random_heads,
+    rank_candidates,
+    score_all,
+    steering_intervention,
 )
-from biasgym_lens.steering import bias_direction
+from biasgym_lens.selection import BUDGET_MEASURES, FaithfulnessCurve
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +164,12 @@ class ScopeResult:
     capability: pd.DataFrame
     config: ScopeConfig
     provenance: Provenance
-    extra: dict[str, Any] = field(default_factory=dict)
+    decisions: ScopeDecisions | None = None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The decisions as a plain dict (the name earlier versions used); prefer :attr:`decisions`."""
+        return self.decisions.to_dict() if self.decisions is not None else {}
 
     def agreement(self, reference: str = "ablation") -> pd.DataFrame:
         """Spearman correlation and top-10 overlap of every method with ``reference``."""
@@ -238,7 +245,7 @@ class ScopeResult:
                 "budget_on": self.curve.budget_on,
                 "settings": self.curve.settings,
             },
-            "extra": self.extra,
+            "decisions": self.decisions.to_dict() if self.decisions is not None else None,
         }
 
         def write(folder: Path) -> dict[str, Any]:
@@ -278,12 +285,17 @@ class ScopeResult:
                 chosen=[_head(h) for h in meta["chosen"]],
                 groups=read_csv(folder / "groups.csv", "group table", ("intervention", "kind", "excess")),
                 capability=read_csv(folder / "capability.csv", "capability table", ("intervention",)),
-                config=ScopeConfig(**cfg), provenance=prov, extra=meta.get("extra", {}),
+                config=ScopeConfig(**cfg), provenance=prov, decisions=_decisions(meta),
             )
         except ArtifactError:
             raise
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ArtifactError(where, f"malformed scope metadata ({type(e).__name__}: {e})") from e
+
+
+def _decisions(meta: dict[str, Any]) -> ScopeDecisions | None:
+    held = meta.get("decisions", meta.get("extra"))  # "extra": results saved before decisions were typed
+    return ScopeDecisions.from_dict(held) if held else None
 
 
 _SCOPE_FILES = ("groups.csv", "capability.csv", "curve.csv", "damage.safetensors", "scores")
@@ -339,6 +351,8 @@ def scope(
 ) -> ScopeResult:
     """Find the heads that carry an injected bias, remove them, and measure what changes.
 
+    The steps are the functions of :mod:`biasgym_lens.scoping`, in order.
+
     Args:
         model: The model the injection was trained in (raw weights).
         injection: A trained :class:`~biasgym_lens.inject.Injection`.
@@ -348,180 +362,40 @@ def scope(
     Returns:
         A :class:`ScopeResult`.
     """
-    if config is None:
-        config = ScopeConfig(**settings)
-    elif settings:
-        config = replace(config, **settings)
+    config = replace(config, **settings) if config is not None else ScopeConfig(**settings)
     injection.check_model(model)
-    spec = injection.spec
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-
-    def step(msg: str) -> None:
-        logger.info("[%s] %s", spec.name, msg)
-
-    if not spec.real_groups:
-        logger.warning(NO_REAL_GROUPS, spec.name)
-
-    scores: dict[str, HeadScores] = {}
-    for method in config.methods:
-        step(f"scoring heads: {method}")
-        kw: dict[str, Any] = {"max_probes": config.score_probes}
-        if method == "ablation":
-            kw = dict(
-                max_probes=config.ablation_probes,
-                controls=list(spec.control_groups[: config.ablation_controls]),
-                heads_per_pass=config.heads_per_pass,
-                progress=progress,
-            )
-        scores[method] = score_heads(model, injection, method, **kw)
-    if "attribution" not in scores:
-        scores["attribution"] = score_heads(model, injection, "attribution", max_probes=config.score_probes)
-
-    step("estimating each head's damage to neutral text")
-    # The clean residual entering every layer is kept once, so the exact damage checks, the curve and the
-    # steering checks resume at their first changed layer instead of recomputing the layers before it.
+    if not injection.spec.real_groups:
+        logger.warning(NO_REAL_GROUPS, injection.bias)
+    scores = score_all(model, injection, config, progress=progress)
+    # The clean residual entering every layer is kept once, so the damage checks, the curve and the steering
+    # checks resume at their first changed layer instead of recomputing the layers before it.
+    L = model.cfg.n_layers
     cap_curve = capability_set(model, max_passages=config.curve_passages, mc_items=[], resume_layers=range(1, L))
-    # Mean ablation replaces a head's output by its mean over the curve's neutral passages; the ranking then
-    # estimates that replacement (attribution and damage against the means) instead of zeroing.
-    reference = head_means(model, cap_curve.neutral[0]) if config.kind == "mean" else None
-    damage = damage_scores(model, cap_curve, baseline=reference)
-    effect = scores["attribution"]
-    if reference is not None:
-        effect = score_heads(model, injection, "attribution", max_probes=config.score_probes, baseline=reference)
-    specific = specific_scores(effect, damage, config.damage_weight)
-    scores["specific"] = specific
-    ranked = specific.top(min(max(config.ks), L * H))
-    candidate_damage: list[list[Any]] = []
-    if config.damage_candidates:
-        # The first-order damage estimate misses heads the model cannot lose (zeroing is no small change):
-        # measure the leading candidates' cost exactly, drop those that alone break the budget, and rank the rest
-        # by effect minus measured damage.
-        step("measuring the leading candidates' damage exactly")
-        pool = specific.top(min(config.damage_candidates, L * H))
-        base_loss, exact = measured_damage(model, cap_curve, pool, kind=config.kind, reference=reference)
-        own = {h: relative_increase(base_loss + d, base_loss, config.budget_on) for h, d in exact.items()}
-        candidate_damage = [[h[0], h[1], exact[h], own[h]] for h in pool]
-        fitting = [h for h in pool if own[h] <= config.budget]
-        fitting.sort(key=lambda h: -(float(effect.scores[h]) - config.damage_weight * max(exact[h], 0.0)))
-        ranked = (fitting or pool)[: max(config.ks)]
-
-    step("faithfulness curve")
-    with injection.apply(model):
-        curve_controls = None if config.curve_controls is None else list(spec.control_groups[: config.curve_controls])
-        ps_eval = build_probe_set(
-            model, spec, injection.token, probes="eval", controls=curve_controls, max_probes=config.curve_probes
-        )
-        curve = faithfulness_curve(
-            model, ps_eval, ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
-            kind=config.kind, budget=config.budget, budget_on=config.budget_on, seed=config.seed, reference=reference,
-            progress=progress,
-        )
-        layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
-        ps_select = build_probe_set(model, spec, injection.token, probes="select", max_probes=config.score_probes)
-        direction = bias_direction(model, ps_select, layer)
-
-    step("final measures under each intervention")
-    all_heads = [(a, b) for a in range(L) for b in range(H)]
-
-    def random_sample(k: int) -> list[Head]:
-        return random.Random(config.seed + 1).sample(all_heads, max(1, k))
-
-    # Every intervention measured below changes the model from a known layer on (its first ablated head, the
-    # steering layer), where the final passes resume from the clean residual kept by the unmodified pass.
-    candidates = curve.candidates()
-    starts = {first_layer(list(curve.heads[:k])) for k in candidates}
-    starts |= {first_layer(random_sample(k)) for k in (0, *candidates)} | {layer}
-    cap = capability_set(
-        model, max_passages=config.final_passages, max_mc_items=config.mc_items, resume_layers=[x for x in starts if x]
-    )
-    base_cap = measure_capability(model, cap)
-
-    def cost(c: Capability) -> float:
-        return c.relative_to(base_cap)[f"{config.budget_on}_increase"]
-
-    def heads_cm(heads: list[Head]) -> Callable[[], Any]:
-        return lambda: ablate_heads(model, heads, kind=config.kind, reference=reference)
-
-    # The curve's few passages pick the candidates; the chosen k must hold the budget on the final passages too.
-    measured: dict[str, Capability] = {}
-    curve_costs = curve.table[curve.table.selection == "top"].set_index("k")[f"{config.budget_on}_increase"]
-    by_k: dict[int, Capability] = {}
-
-    def final_cost(k: int) -> float:
-        heads = list(curve.heads[:k])
-        by_k[k] = measure_capability(model, cap, heads_cm(heads), with_mc=False, start=first_layer(heads))
-        return cost(by_k[k])
-
-    k_chosen, checks = first_within_budget(candidates, final_cost, lambda k: curve_costs[k], config.budget)
-    chosen: list[Head] = list(curve.heads[:k_chosen])
-    if k_chosen:
-        measured["heads"] = by_k[k_chosen]
-    random_heads = random_sample(len(chosen))
-
-    # The steering baseline gets the same treatment: the largest alpha within budget on the curve's passages,
-    # confirmed on the final ones.
-    def steering(alpha: float) -> Callable[[], Any]:
-        return lambda: steer(model, direction, layer, -alpha)
-
-    alpha_cost = {
-        a: relative_increase(
-            neutral_loss(model, cap_curve, steering(a), start=layer), curve.baseline_loss, config.budget_on
-        )
-        for a in config.steer_alphas
-    }
-    by_alpha: dict[float, Capability] = {}
-
-    def final_alpha_cost(a: float) -> float:
-        by_alpha[a] = measure_capability(model, cap, steering(a), with_mc=False, start=layer)
-        return cost(by_alpha[a])
-
-    fitting = sorted((a for a, c in alpha_cost.items() if c <= config.budget), reverse=True)
-    alpha_used, steer_checks = first_within_budget(fitting, final_alpha_cost, alpha_cost.__getitem__, config.budget)
-    if alpha_used:
-        measured["steering"] = by_alpha[alpha_used]
-    interventions: list[tuple[str, Callable[[], Any] | None, str, int]] = [
-        ("none", None, "", 0),
-        ("heads", heads_cm(chosen) if chosen else None, "", first_layer(chosen) if chosen else 0),
-        ("random_heads", heads_cm(random_heads), "", first_layer(random_heads)),
-        ("steering", steering(alpha_used) if alpha_used else None, "", layer),
-        ("prefix", None, DEBIAS_PREFIX, 0),
+    ranking = rank_candidates(model, injection, scores, cap_curve, config)
+    scores["specific"] = ranking.specific
+    curve, direction, layer = curve_and_direction(model, injection, ranking, cap_curve, config, progress=progress)
+    logger.info("[%s] final measures under each intervention", injection.bias)
+    starts = {first_layer(list(curve.heads[:k])) for k in curve.candidates()} | {layer}
+    starts |= {first_layer(random_heads(model, k, config.seed)) for k in (0, *curve.candidates())}
+    final = FinalMeasures.prepare(model, config, starts)
+    chosen, budget_checks = choose_heads(model, curve, final, config, ranking.reference)
+    alpha, steering_checks = choose_alpha(model, direction, layer, cap_curve, curve, final, config)
+    baseline_heads = random_heads(model, len(chosen), config.seed)
+    interventions = [
+        Intervention("none"),
+        heads_intervention(model, "heads", chosen, config, ranking.reference),
+        heads_intervention(model, "random_heads", baseline_heads, config, ranking.reference),
+        steering_intervention(model, direction, layer, alpha),
+        Intervention("prefix", prefix=DEBIAS_PREFIX),
     ]
-    tables, caps = [], []
-    for name, cm, prefix, start in interventions:
-        step(f"measuring: {name}")
-        tables.append(
-            measure_groups(model, spec, injection, cm, max_probes=config.final_probes, prefix=prefix, label=name)
-        )
-        if cm is None:  # the unmodified model (the prefix only changes the bias prompts, not the neutral text)
-            c: Capability = base_cap
-        elif name in measured:  # loss and KL already measured under this intervention: add the MC accuracy
-            mc = measure_capability(model, cap, cm, with_neutral=False, start=start).mc_accuracy
-            c = replace(measured[name], mc_accuracy=mc)
-        else:
-            c = measure_capability(model, cap, cm, start=start)
-        caps.append({"intervention": name, **c.to_dict(), **c.relative_to(base_cap)})
-    extra = {
-        "candidate_damage": candidate_damage,
-        "ranked": [list(h) for h in ranked],
-        "budget_checks": checks,
-        "steering_checks": steer_checks,
-        "random_heads": [list(h) for h in random_heads],
-        "steer_layer": layer,
-        "steer_alpha": alpha_used,
-        "prefix": DEBIAS_PREFIX,
-    }
+    groups, capability = measure_all(model, injection, interventions, final, measure_groups, config)
+    decisions = ScopeDecisions(
+        tuple(ranking.ranked), ranking.candidate_damage, budget_checks, steering_checks, tuple(baseline_heads), layer,
+        alpha, DEBIAS_PREFIX,
+    )
     return ScopeResult(
-        bias=spec.name,
-        token=injection.token,
-        scores=scores,
-        damage=damage,
-        curve=curve,
-        chosen=chosen,
-        groups=pd.concat(tables, ignore_index=True),
-        capability=pd.DataFrame(caps),
-        config=config,
-        provenance=Provenance.of(model),
-        extra=extra,
+        injection.bias, injection.token, scores, ranking.damage, curve, chosen, groups, capability, config,
+        Provenance.of(model), decisions,
     )
 
 
