@@ -118,7 +118,8 @@ def continuation_logprobs(
     *,
     batch_size: int = 32,
 ) -> tuple[Float[Tensor, " n"], Int[Tensor, " n"]]:
-    """Summed log-probability of each continuation given its prefix (token ids), in batches sorted by length.
+    """Summed log-probability of each continuation given its prefix (token ids), in batches sorted by length
+    (prefix, then whole sequence).
 
     Args:
         model: A bridge (hooks and interventions active around the call apply).
@@ -140,7 +141,8 @@ def continuation_logprobs(
     if any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (the first token cannot be scored)")
     seqs = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    # by prefix length, then total length: little padding, and the choices of one prompt run together
+    order = sorted(range(len(seqs)), key=lambda i: (len(prefixes[i]), len(seqs[i])))
     tok = get_tokenizer(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = model.W_E.device
