@@ -28,8 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +39,13 @@ from torch import Tensor
 
 from biasgym_lens.benchmark_data import BENCHMARKS, check_name, load_items
 from biasgym_lens.benchmark_metrics import SCORES, STEREOSET_LABELS, bbq_metrics, stereoset_metrics
+from biasgym_lens.capability import Intervention
 from biasgym_lens.provenance import Provenance
 from biasgym_lens.stats import DEFAULT_RESAMPLES, Interval
 from biasgym_lens.tokens import Batch, get_tokenizer, tokenize
 from biasgym_lens.unembed import logits_at
 
 __all__ = ["BENCHMARK_NAMES", "BBQ_PROMPT", "BenchmarkResult", "benchmark", "continuation_logprobs"]
-
-Intervention = Callable[[], AbstractContextManager[Any]] | None
 
 BENCHMARK_NAMES = tuple(BENCHMARKS)
 BBQ_PROMPT = "{context}\n\nQ: {question}\nA:"
