@@ -40,6 +40,8 @@ _LAZY = {
     "scope": "biasgym_lens.study",
     "generalisation_matrix": "biasgym_lens.study",
     "generalisation_table": "biasgym_lens.study",
+    "BenchmarkResult": "biasgym_lens.benchmarks",
+    "benchmark": "biasgym_lens.benchmarks",
 }
 
 __all__ = [
