@@ -376,56 +376,48 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
 
 @main.command("benchmark")
 @click.option("--name", "names", multiple=True, required=True,
+              type=click.Choice(["stereoset_race", "bbq_nationality", "bbq_religion"]),
               help="stereoset_race, bbq_nationality or bbq_religion (repeat for several).")
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
-@click.option("--max-items", default=None, type=int, help="Seeded stratified subset of this many items.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the subset and the bootstrap.")
+@click.option("--max-items", default=None, type=_POSITIVE, help="Seeded stratified subset of this many items.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the subset and the bootstrap.")
 @click.option("--heads", default=None, help='Zero-ablate these heads, "LAYER.HEAD,..." (e.g. "21.1,25.6").')
 @click.option("--with-base", is_flag=True, help="With --heads: also measure the unmodified model.")
 @click.option("--score", default="sum", show_default=True, type=click.Choice(["sum", "mean"]),
               help="Compare summed or per-token mean log-probabilities.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=_POSITIVE)
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Write the table here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
-@click.option("--threads", default=None, type=int, help="torch CPU threads.")
+@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
+@_user_errors
 def benchmark_cmd(names, model, max_items, seed, heads, with_base, score, batch_size, csv_path, device, threads) -> None:
     """Standard bias benchmarks (StereoSet race, BBQ) with 95% intervals, optionally with heads ablated."""
     import pandas as pd
 
-    from biasgym_lens.benchmarks import BENCHMARK_NAMES, benchmark
-    from biasgym_lens.interventions import ablate_heads
-    from biasgym_lens.models import ModelLoadError, load_model
-    from biasgym_lens.provenance import write_text_atomic
+    from biasgym_lens.artifacts import write_csv
+    from biasgym_lens.benchmarks import benchmark
+    from biasgym_lens.interventions import ablate_heads, validate_heads
 
     _threads(threads)
-    bad = [n for n in names if n not in BENCHMARK_NAMES]
-    if bad:
-        raise _CliError(f"unknown benchmark {bad[0]!r}; valid: {', '.join(BENCHMARK_NAMES)}")
-    if max_items is not None and max_items < 1:
-        raise _CliError(f"--max-items must be >= 1, got {max_items}")
-    if batch_size < 1:
-        raise _CliError(f"--batch-size must be >= 1, got {batch_size}")
     ablated = _parse_heads(heads) if heads else None
-    try:
-        m = load_model(model, device=device)
-    except ModelLoadError as e:
-        raise _CliError(str(e)) from e
+    if csv_path:
+        _check_writable(csv_path)
+    m = _load_model(model, device)
+    if ablated is not None:
+        validate_heads(m, ablated)  # before any benchmark runs
     runs = [("none", None)] if ablated is None or with_base else []
     if ablated is not None:
         runs.append((f"zero {heads}", lambda: ablate_heads(m, ablated)))
     tables = []
     for name in names:
         for label, intervention in runs:
-            try:
-                res = benchmark(m, name, intervention, max_items=max_items, seed=seed, batch_size=batch_size,
-                                score=score, label=label)
-            except ValueError as e:  # heads out of range
-                raise _CliError(str(e)) from e
+            res = benchmark(m, name, intervention, max_items=max_items, seed=seed, batch_size=batch_size,
+                            score=score, label=label)
             click.echo(f"{name} [{label}]: {res.settings['n_items']} items, {res.seconds:.1f} s")
             tables.append(res.to_dataframe())
     table = pd.concat(tables, ignore_index=True)
     if csv_path:
-        write_text_atomic(csv_path, table.to_csv(index=False))
+        write_csv(table, csv_path)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
