@@ -38,6 +38,8 @@ __all__ = [
     "suffix_answer_logits",
     "suffix_supported",
     "final_norm_direction",
+    "final_norm_kind",
+    "z_and_grads",
     "residual_components",
     "component_hook_names",
     "has_post_norms",
@@ -203,7 +205,8 @@ def _combine(per_row: Tensor, ps: ProbeSet, metric: str) -> Tensor:
     return token - ctrl
 
 
-def _final_norm_kind(model: Any) -> str:
+def final_norm_kind(model: Any) -> str:
+    """``"rms"`` for an RMSNorm model, ``"ln"`` for LayerNorm (from ``cfg.normalization_type``)."""
     nt = str(getattr(model.cfg, "normalization_type", "LN") or "LN").upper()
     return "rms" if nt.startswith("RMS") else "ln"
 
@@ -241,7 +244,7 @@ def final_norm_direction(model: Any, ps: ProbeSet) -> tuple[Tensor, Tensor]:
             const = const + beta.detach().float() @ d
         if g is not None:
             d = d * g
-    if _final_norm_kind(model) == "ln":
+    if final_norm_kind(model) == "ln":
         d = d - d.mean()
     return d, const
 
@@ -362,7 +365,7 @@ def attention_scores(model: Any, ps: ProbeSet) -> Float[Tensor, "prompt n_layers
     ).cpu()
 
 
-def _z_and_grads(
+def z_and_grads(
     model: Any, batch: Any, metric_fn: Any, answer_pos: Tensor | None = None
 ) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
     """One forward and one backward pass; returns ``hook_z`` and d(metric)/d(hook_z) of every layer.
@@ -433,7 +436,7 @@ def attribution_scores(
         def metric_fn(logits: Tensor) -> Tensor:
             return ps.metric_per_probe(logits, metric).sum()  # the gradient of each probe lands on its own rows
 
-        acts, grads, _ = _z_and_grads(model, ps.batch, metric_fn, ps.answer_positions)
+        acts, grads, _ = z_and_grads(model, ps.batch, metric_fn, ps.answer_positions)
         mask = ps.batch.attention_mask[:, :, None, None].float()
         if baseline is not None:
             acts = {layer: z - baseline[layer].to(z.device, z.dtype) for layer, z in acts.items()}
@@ -457,7 +460,7 @@ def attribution_scores(
                 f"no control group of {list(ps.controls)} tokenizes to the same length as the token's probes; "
                 "counterfactual patching needs position-aligned prompts (single-token group names)"
             )
-        acts, grads, _ = _z_and_grads(
+        acts, grads, _ = z_and_grads(
             model, ps.batch, lambda lg: ps.metric_per_probe(lg, "token").sum(), ps.answer_positions
         )
         mask = ps.batch.attention_mask[:n, :, None, None].float()

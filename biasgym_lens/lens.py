@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from biasgym_lens.attribution import _final_norm_kind, final_norm_direction
+from biasgym_lens.attribution import final_norm_direction, final_norm_kind
 from biasgym_lens.probes import ProbeSet
 
 __all__ = ["layer_logit_diff"]
@@ -42,7 +42,7 @@ def layer_logit_diff(model: Any, ps: ProbeSet) -> pd.DataFrame:
     )
     rows, pos = torch.arange(len(batch)), ps.answer_positions
     u, const = final_norm_direction(model, ps)
-    eps, centre = _eps(model), _final_norm_kind(model) == "ln"
+    eps, centre = _eps(model), final_norm_kind(model) == "ln"
     stages = [("hook_embed", -1)] + [(f"blocks.{layer}.hook_resid_post", layer) for layer in range(L)]
     out = []
     groups = [ps.token] + list(ps.controls)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from biasgym_lens.attribution import HeadScores, _z_and_grads, suffix_answer_logits
+from biasgym_lens.attribution import HeadScores, suffix_answer_logits, z_and_grads
 from biasgym_lens.capability import CapabilitySet, neutral_loss, with_resume_layers
 from biasgym_lens.interventions import Head, ablate_heads, first_layer
 from biasgym_lens.probes import ProbeSet
@@ -68,7 +68,7 @@ def damage_scores(
                 nll = -logp.gather(-1, one.input_ids[:, 1:, None])[..., 0]
                 return nll.sum() / n
 
-            acts, grads, _ = _z_and_grads(model, one, loss_fn)
+            acts, grads, _ = z_and_grads(model, one, loss_fn)
             for layer in range(L):
                 # loss(ablated) - loss(clean) ~ grad . (baseline - z), baseline 0 for zero ablation
                 z = acts[layer] if baseline is None else acts[layer] - baseline[layer].to(acts[layer].device)

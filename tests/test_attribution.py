@@ -249,7 +249,7 @@ def test_chunked_attribution_equals_one_pass(injected):
 
 def test_damage_scores_equal_the_whole_batch_estimate(tiny_model):
     """Passage-by-passage backward passes sum to the whole-batch attribution estimate of the loss increase."""
-    from biasgym_lens.attribution import _z_and_grads
+    from biasgym_lens.attribution import z_and_grads
     from biasgym_lens.capability import capability_set
     from biasgym_lens.selection import damage_scores
 
@@ -261,7 +261,7 @@ def test_damage_scores_equal_the_whole_batch_estimate(tiny_model):
         nll = -logits[:, :-1].log_softmax(-1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
         return nll[b.attention_mask[:, 1:].bool()].mean()
 
-    acts, grads, _ = _z_and_grads(tiny_model, b, loss_fn)
+    acts, grads, _ = z_and_grads(tiny_model, b, loss_fn)
     mask = b.attention_mask[:, :, None, None].float()
     expected = torch.stack([-(grads[i] * acts[i] * mask).sum((0, 1, 3)) for i in range(tiny_model.cfg.n_layers)])
     torch.testing.assert_close(damage_scores(tiny_model, cap), expected, atol=1e-5, rtol=1e-4)
