@@ -105,11 +105,8 @@ def _results_without_times(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference_results(tiny_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "study"
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png", "--allow-weak-injection")
-    assert r.exit_code == 0, r.output
-    return _results_without_times(out)
+def reference_results(finished_study):
+    return _results_without_times(finished_study)
 
 
 def _kill(fn, at: int):
@@ -193,11 +190,17 @@ def test_an_edited_bias_file_is_refused_on_resume(tmp_path, tiny_folder):
 # ------------------------------------------------------------------------------------------------ one-line errors
 
 
-def _study(tmp_path: Path, tiny_folder: str) -> Path:
-    out = tmp_path / "s"
+@pytest.fixture(scope="module")
+def finished_study(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "s"
     r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", out, "--no-png", "--allow-weak-injection")
     assert r.exit_code == 0, r.output
     return out
+
+
+def _study(tmp_path: Path, finished: Path) -> Path:
+    """A private copy of a finished study, to damage."""
+    return Path(shutil.copytree(finished, tmp_path / "s"))
 
 
 @pytest.mark.parametrize(
@@ -211,8 +214,8 @@ def _study(tmp_path: Path, tiny_folder: str) -> Path:
         ("closest_entities.csv", "report", r"closest_entities.csv: not a readable"),
     ],
 )
-def test_damaged_study_files_are_named_in_one_line(tmp_path, tiny_folder, damage, command, message):
-    out = _study(tmp_path, tiny_folder)
+def test_damaged_study_files_are_named_in_one_line(tmp_path, finished_study, damage, command, message):
+    out = _study(tmp_path, finished_study)
     f = out / damage
     f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3] + b"\x00garbage{")
     if damage == "closest_entities.csv":
