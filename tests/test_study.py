@@ -71,6 +71,7 @@ def test_scope_result_round_trips(result, tmp_path):
     res.save(tmp_path / "scope")
     back = ScopeResult.load(tmp_path / "scope")
     assert back.chosen == res.chosen and back.config == res.config
+    assert back.decisions == res.decisions and back.decisions.budget_checks  # typed decisions survive the round trip
     assert torch.equal(back.damage, res.damage)
     assert set(back.scores) == set(res.scores)
     assert torch.equal(back.scores["ablation"].per_prompt, res.scores["ablation"].per_prompt)
@@ -83,10 +84,11 @@ def test_scope_result_round_trips(result, tmp_path):
 def test_scope_result_refuses_to_replace_a_user_folder(result, tmp_path):
     from biasgym_lens.artifacts import ArtifactError
 
+    _, _, res = result
     (tmp_path / "scope").mkdir()
     (tmp_path / "scope" / "data.csv").write_text("a,b\n")
     with pytest.raises(ArtifactError, match="refusing to replace"):
-        result.save(tmp_path / "scope")
+        res.save(tmp_path / "scope")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scope"]
     assert [p.name for p in (tmp_path / "scope").iterdir()] == ["data.csv"]
 
