@@ -102,7 +102,7 @@ def check_int(
         raise InputTypeError(f"{name} must be {wanted}, got {_show(value)}")
     number = int(value)
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise ValueError(f"{name} must be {wanted}, got {number} (out of range)")
+        raise ValueError(f"{name} must be{_range_text(minimum, maximum)}, got {number} (out of range)")
     return number
 
 

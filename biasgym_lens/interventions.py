@@ -50,6 +50,12 @@ Head = tuple[int, int]
 _KINDS = ("zero", "mean", "resample", "scale")
 
 
+def _is_pair(pair: Any) -> bool:
+    if isinstance(pair, (np.ndarray, torch.Tensor)):
+        return pair.ndim == 1 and pair.shape[0] == 2
+    return isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2
+
+
 def validate_heads(model: Any, heads: Sequence[Head]) -> list[Head]:
     """Check ``(layer, head)`` pairs against the model; returns them as a list of int tuples.
 
@@ -66,7 +72,7 @@ def validate_heads(model: Any, heads: Sequence[Head]) -> list[Head]:
         raise InputTypeError(f"heads must be a list of (layer, head) pairs, got {heads!r}")
     out: list[Head] = []
     for pair in heads:
-        if isinstance(pair, (str, bytes)) or not isinstance(pair, (Sequence, np.ndarray, torch.Tensor)) or len(pair) != 2:
+        if not _is_pair(pair):
             raise InputTypeError(
                 f"a head must be a (layer, head) pair of integers, got {pair!r}; e.g. heads=[(21, 1), (9, 6)]"
             )

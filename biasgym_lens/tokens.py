@@ -17,7 +17,7 @@ from torch import Tensor
 
 from biasgym_lens.checks import InputTypeError, check_bool, check_choice
 
-__all__ = ["Batch", "tokenize", "check_rows", "last_positions", "chat_format", "forward", "get_tokenizer"]
+__all__ = ["Batch", "tokenize", "check_context", "check_added_tokens", "last_positions", "chat_format", "forward", "get_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,8 @@ def tokenize(
             raise ValueError(f"text {i} ({text!r}) has no tokens: give a non-empty text")
         rows.append(ids)
     if getattr(model_or_tokenizer, "cfg", None) is not None:  # a model, not a bare tokenizer
-        check_rows(model_or_tokenizer, rows, texts)
+        check_context(model_or_tokenizer, rows, texts)
+        check_added_tokens(model_or_tokenizer, rows, texts)
     n_pos = max(len(r) for r in rows)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), n_pos), pad_id, dtype=torch.long)
@@ -153,39 +154,50 @@ def tokenize(
     return Batch(input_ids.to(device), mask.to(device), padding_side)
 
 
-def check_rows(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
-    """Check token id rows against a model before a forward pass (:func:`tokenize` does it for its texts).
+def _which(i: int, texts: Sequence[str] | None) -> str:
+    if not texts:
+        return f"row {i}"
+    text = texts[i]
+    return f"text {i} ({text[:60]!r}{'...' if len(text) > 60 else ''})"
 
-    Args:
-        model: A bridge.
-        rows: Token ids of each row (real tokens only).
-        texts: The texts they came from, named in the message (default: row numbers only).
+
+def check_context(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
+    """Check that no row of token ids is longer than the model's context (``cfg.n_ctx``).
 
     Raises:
-        ValueError: a row longer than the model's context (``cfg.n_ctx``), or one that holds a token added by an
-            injection while no injection embeds it (the model would index past its embedding matrix).
+        ValueError: naming the first row that is too long, its length and the limit.
     """
-    from biasgym_lens.embedding import active_token_ids, added_tokens
-
-    def which(i: int) -> str:
-        return f"text {i}" + (f" ({texts[i][:60]!r}{'...' if len(texts[i]) > 60 else ''})" if texts else "")
-
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     for i, r in enumerate(rows):
         if n_ctx is not None and len(r) > n_ctx:
             raise ValueError(
-                f"{which(i)} has {len(r)} tokens, more than the model's context of {n_ctx} tokens (cfg.n_ctx); "
-                "shorten it"
+                f"{_which(i, texts)} has {len(r)} tokens, more than the model's context of {n_ctx} tokens "
+                "(cfg.n_ctx); shorten it"
             )
-    added = added_tokens(model)
+
+
+def check_added_tokens(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
+    """Check that no row holds a token added by an injection while no injection embeds it.
+
+    Outside ``with injection.apply(model):`` the tokenizer still knows ``"<BiasToken>"``, but the model has
+    no embedding row for it: a forward pass would fail deep inside torch (or, with a padded embedding matrix,
+    silently use an untrained row).
+
+    Raises:
+        ValueError: naming the first row and the token.
+    """
+    from biasgym_lens.embedding import active_token_ids, added_tokens
+
     active = active_token_ids(model)
-    idle = {t: s for t, s in added.items() if active is not None and t not in active}
+    if active is None:  # cannot be told on this model
+        return
+    idle = {t: s for t, s in added_tokens(model).items() if t not in active}
     for i, r in enumerate(rows):
         hit = [idle[t] for t in r if t in idle]
         if hit:
             raise ValueError(
-                f"{which(i)} contains {hit[0]!r}, a token added by an injection, but no injection is applied to "
-                f"it; use it inside `with injection.apply(model):` (or `with_token_vectors`)"
+                f"{_which(i, texts)} contains {hit[0]!r}, a token added by an injection, but no injection is "
+                "applied to it: use it inside `with injection.apply(model):`"
             )
 
 
