@@ -540,6 +540,8 @@ def inject(
     spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
     if config is None:
         config = InjectionConfig(**settings)
+    elif not isinstance(config, InjectionConfig):
+        raise InputTypeError(f"config must be an InjectionConfig, got {type(config).__name__}")
     elif settings:
         config = replace(config, **settings)
     kw = keyword_ids(model, spec)
