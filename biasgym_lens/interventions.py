@@ -97,7 +97,7 @@ def reference_z(model: Any, reference: Sequence[str] | Batch, layers: Sequence[i
         batch = reference
     else:
         if not isinstance(reference, (str, bytes)) and isinstance(reference, Sequence) and len(reference) == 0:
-            raise ValueError("the reference set for mean/resample ablation is empty")
+            raise ValueError(f"the reference set for mean/resample ablation is empty (got {reference!r})")
         batch = tokenize(model, check_str_list(reference, "reference"))
     names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
     _, cache = model.run_with_cache(
