@@ -229,8 +229,10 @@ class BiasSpec:
         Raises:
             ValueError: If ``group`` is empty or itself contains the placeholder.
         """
+        if not isinstance(group, str):
+            raise InputTypeError(f"group must be a string, got {type(group).__name__} {group!r:.60}")
         if not group:
-            raise ValueError("group must be a non-empty string")
+            raise ValueError("group must be a non-empty string, got ''")
         if PLACEHOLDER in group:
             raise ValueError(f"group must not contain the placeholder {PLACEHOLDER!r}")
         return text.replace(PLACEHOLDER, group)
