@@ -146,6 +146,13 @@ def _check_alphas(value: Any, name: str) -> tuple[float, ...]:
     return tuple(check_real(a, f"{name}[{i}]", positive=True) for i, a in enumerate(value))
 
 
+def _check_kind(value: Any, name: str) -> str:
+    if value not in ("zero", "mean"):
+        kind = InputTypeError if not isinstance(value, str) else ValueError
+        raise kind(f"{name} must be 'zero' or 'mean', got {value!r}")
+    return value
+
+
 def _count(minimum: int, none_ok: bool = False) -> Callable[[Any, str], Any]:
     return lambda v, n: check_int(v, n, minimum=minimum, none_ok=none_ok)
 
@@ -162,7 +169,7 @@ _SCOPE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "random_draws": _count(1),
     "budget": lambda v, n: check_real(v, n, minimum=0.0),
     "budget_on": lambda v, n: check_choice(v, n, BUDGET_MEASURES),
-    "kind": lambda v, n: check_choice(v, n, ("zero", "mean")),
+    "kind": lambda v, n: _check_kind(v, n),
     "curve_passages": _count(1),
     "curve_probes": _count(1, none_ok=True),
     "curve_controls": _count(1, none_ok=True),
