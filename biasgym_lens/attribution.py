@@ -9,6 +9,7 @@ logit difference of the token probes (``"token"``) or its excess over the contro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from biasgym_lens.artifacts import ArtifactError, load_tensors, open_artifact, require, save_artifact
+from biasgym_lens.checks import InputTypeError, check_bool, check_choice, check_int, check_str_list, is_int
 from biasgym_lens.hooks import hooked
 from biasgym_lens.probes import METRICS, ProbeSet
 from biasgym_lens.provenance import Provenance
@@ -98,11 +100,18 @@ class HeadScores:
         """The ``k`` heads with the largest score (or largest ``|score|``), as ``(layer, head)``.
 
         Raises:
+            InputTypeError: ``k`` is not an integer (``2.0``, ``"5"`` and ``True`` are refused).
             ValueError: if ``k`` is not between 1 and the number of heads.
         """
         n = self.n_layers * self.n_heads
-        if not 1 <= k <= n:
+        if not is_int(k):
+            raise InputTypeError(
+                f"k must be an integer between 1 and the number of heads ({n}), got {k!r} ({type(k).__name__})"
+            )
+        if not 1 <= int(k) <= n:
             raise ValueError(f"k must be between 1 and the number of heads ({n}), got {k}")
+        k = int(k)
+        absolute = check_bool(absolute, "absolute")
         s = self.scores.abs() if absolute else self.scores
         idx = torch.argsort(s.flatten(), descending=True, stable=True)[:k]
         return [(int(i) // self.n_heads, int(i) % self.n_heads) for i in idx]
@@ -115,7 +124,7 @@ class HeadScores:
 
     def top_overlap(self, other: HeadScores, k: int = 10) -> int:
         """How many of this method's top ``k`` heads are in the other's top ``k`` (k capped at the head count)."""
-        k = min(k, self.n_layers * self.n_heads)
+        k = min(check_int(k, "k", minimum=1), self.n_layers * self.n_heads)
         return len(set(self.top(k)) & set(other.top(k)))
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -580,6 +589,24 @@ def ablation_scores(
     return out
 
 
+def _check_score_options(
+    injection: Any, method: Any, metric: Any, ablation: Any, controls: Any, max_probes: Any, heads_per_pass: Any,
+    baseline: Any, progress: Any,
+) -> None:
+    if not all(hasattr(injection, a) for a in ("apply", "spec", "token")):
+        raise InputTypeError(f"injection must be an Injection (from inject() or Injection.load), got {type(injection).__name__}")
+    check_choice(method, "method", METHODS)
+    check_choice(metric, "metric", METRICS)
+    check_choice(ablation, "ablation", ("zero", "counterfactual"))
+    if controls is not None:
+        check_str_list(controls, "controls", nonempty=False)
+    check_int(max_probes, "max_probes", minimum=1, none_ok=True)
+    check_int(heads_per_pass, "heads_per_pass", minimum=1, none_ok=True)
+    if baseline is not None and not isinstance(baseline, Mapping):
+        raise InputTypeError(f"baseline must be a mapping layer -> [n_heads, d_head] tensor, got {type(baseline).__name__}")
+    check_bool(progress, "progress")
+
+
 def score_heads(
     model: Any,
     injection: Any,
@@ -614,14 +641,13 @@ def score_heads(
         :class:`HeadScores` with per-prompt ``[n_probes, n_layers, n_heads]`` scores.
 
     Raises:
-        ValueError: unknown method or metric, an injection from another model, probes without the token.
+        InputTypeError: an option of the wrong type (e.g. ``max_probes=2.0``, ``controls="Japan"``).
+        ValueError: unknown method, metric or ablation, an option out of range, an injection from another model,
+            probes without the token.
     """
     from biasgym_lens.probes import build_probe_set
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    _check_score_options(injection, method, metric, ablation, controls, max_probes, heads_per_pass, baseline, progress)
     spec = injection.spec
     with injection.apply(model):
         ps = build_probe_set(model, spec, injection.token, probes=probes, controls=controls, max_probes=max_probes)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from biasgym_lens.capability_data import MCItem, load_mc_items, load_neutral_text
+from biasgym_lens.checks import InputTypeError, check_bool, check_int, check_int_list, check_str_list
 from biasgym_lens.tokens import Batch, tokenize
 from biasgym_lens.unembed import (
     forward_keeping,
@@ -118,10 +119,15 @@ def capability_set(
         ValueError: if there are no passages, or a resume layer is not a layer of the model.
     """
     n_layers = model.cfg.n_layers
-    bad = [layer for layer in resume_layers if not 0 <= int(layer) < n_layers]
+    resume_layers = check_int_list(resume_layers, "resume_layers", nonempty=False)
+    bad = [layer for layer in resume_layers if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"resume_layers {bad} are not layers of this model (valid: 0..{n_layers - 1})")
-    texts = list(load_neutral_text() if passages is None else passages)
+    max_passages = check_int(max_passages, "max_passages", minimum=1, none_ok=True)
+    max_mc_items = check_int(max_mc_items, "max_mc_items", minimum=0, none_ok=True)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    kl_passages = check_int(kl_passages, "kl_passages", minimum=0)
+    texts = list(load_neutral_text() if passages is None else check_str_list(passages, "passages", nonempty=False))
     if max_passages is not None:
         texts = texts[:max_passages]
     if not texts:
@@ -253,7 +259,17 @@ def _neutral_pass(
 def neutral_loss(model: Any, cap: CapabilitySet, intervention: Intervention = None, *, start: int = 0) -> float:
     """Mean next-token loss on the neutral passages, optionally under an intervention (``start``: see
     :func:`measure_capability`)."""
+    _check_intervention(model, intervention, start)
     return _neutral_pass(model, cap, intervention, with_kl=False, start=start)[0]
+
+
+def _check_intervention(model: Any, intervention: Any, start: Any) -> None:
+    if intervention is not None and (not callable(intervention) or hasattr(intervention, "__enter__")):
+        raise InputTypeError(
+            "intervention must be a zero-argument callable returning a context manager (e.g. "
+            f"`lambda: ablate_heads(model, heads)`) or None, got {type(intervention).__name__} {intervention!r:.60}"
+        )
+    check_int(start, "start", minimum=0, maximum=model.cfg.n_layers - 1)
 
 
 def _mc_batches(model: Any, items: Sequence[MCItem], batch_size: int) -> list[tuple[Tensor, ...]]:
@@ -355,7 +371,13 @@ def measure_capability(
             the lowest layer of ablated heads). The passes then resume from the clean residual cached at the
             latest of ``cap.resume_layers`` at or before ``start`` (kept by the unmodified measurement, which
             must have run first; otherwise full passes run). Equal to full passes up to float rounding.
+
+    Raises:
+        InputTypeError: ``intervention`` not a callable (or None), ``start`` not an integer, flags not bools.
+        ValueError: ``start`` not a layer of the model.
     """
+    _check_intervention(model, intervention, start)
+    with_mc, with_neutral = check_bool(with_mc, "with_mc"), check_bool(with_neutral, "with_neutral")
     nan = float("nan")
     loss, kl = _neutral_pass(model, cap, intervention, with_kl=True, start=start) if with_neutral else (nan, nan)
     mc = nan

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -28,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
+
+from biasgym_lens.checks import InputTypeError
 
 __all__ = [
     "keyword_coverage",
@@ -41,6 +44,7 @@ __all__ = [
     "LENIENT_MINIMUMS",
     "list_biases",
     "load_bias",
+    "catalogue_bias",
     "validate_bias_dict",
     "diversity",
     "check_keywords",
@@ -138,6 +142,9 @@ class Minimums:
         }[name]
 
 
+_SPEC_MINIMUMS = Minimums(training=1, paragraphs=0, probes=1, real_groups=0, control_groups=0)
+"""What every :class:`BiasSpec` holds, however it was made: something to train on and something to measure."""
+
 STRICT_MINIMUMS = Minimums(training=200, paragraphs=40, probes=40, real_groups=3, control_groups=4)
 """Minimums for the built-in catalogue (``strict=True``)."""
 
@@ -181,10 +188,22 @@ class BiasSpec:
     source: str = _BUILTIN_SOURCE
 
     def __post_init__(self) -> None:
+        """Check every field with the same rules as a bias file (see :func:`validate_bias_dict`).
+
+        Only the structural minimums apply here (one training text, one probe, one keyword a side); the file
+        minimums are for :func:`load_bias` and :func:`validate_bias_dict`.
+
+        Raises:
+            BiasFileError: (a ``ValueError``) naming the field and the problem, e.g. a probe without ``{group}``.
+        """
+        if not isinstance(self.source, str):
+            raise BiasFileError("BiasSpec", "source", f"must be a string, got {type(self.source).__name__}")
+        label = "BiasSpec" if self.source == _BUILTIN_SOURCE else f"BiasSpec from {self.source}"
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        checked = _check_values(values, label, _SPEC_MINIMUMS, strict=False, expected_name=None)
         for name in _STRING_LIST_FIELDS:
-            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
-        if not isinstance(self.data_card, MappingProxyType):
-            object.__setattr__(self, "data_card", MappingProxyType(dict(self.data_card)))
+            object.__setattr__(self, name, _as_tuple(checked[name]))
+        object.__setattr__(self, "data_card", MappingProxyType(dict(checked["data_card"])))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickle/copy support (a ``MappingProxyType`` cannot be pickled as is)."""
@@ -210,8 +229,10 @@ class BiasSpec:
         Raises:
             ValueError: If ``group`` is empty or itself contains the placeholder.
         """
+        if not isinstance(group, str):
+            raise InputTypeError(f"group must be a string, got {type(group).__name__} {group!r:.60}")
         if not group:
-            raise ValueError("group must be a non-empty string")
+            raise ValueError("group must be a non-empty string, got ''")
         if PLACEHOLDER in group:
             raise ValueError(f"group must not contain the placeholder {PLACEHOLDER!r}")
         return text.replace(PLACEHOLDER, group)
@@ -285,14 +306,14 @@ def _check_description(value: Any, label: str) -> str:
         raise BiasFileError(label, "description", f"must be a string, got {type(value).__name__}")
     if not value.strip():
         raise BiasFileError(label, "description", "must not be empty")
-    if "\n" in value or "\r" in value:
-        raise BiasFileError(label, "description", "must be a single line")
+    if _control_char(value) is not None:
+        raise BiasFileError(label, "description", f"must be a single line without control characters, got {value!r:.80}")
     return value
 
 
 def _check_string_list(value: Any, name: str, label: str, minimum: int) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise BiasFileError(label, name, f"must be a list of strings, got {type(value).__name__}")
+    if not isinstance(value, (list, tuple)):
+        raise BiasFileError(label, name, f"must be a list of strings, got {type(value).__name__} {value!r:.60}")
     seen: dict[str, int] = {}
     exact = name in _KEYWORD_FIELDS
     for i, item in enumerate(value):
@@ -311,7 +332,7 @@ def _check_string_list(value: Any, name: str, label: str, minimum: int) -> tuple
 
 def _check_keywords(values: tuple[str, ...], name: str, label: str) -> None:
     for i, kw in enumerate(values):
-        if not _KEYWORD_PATTERN.fullmatch(kw):
+        if not _KEYWORD_PATTERN.fullmatch(kw) or _control_char(kw) is not None:
             raise BiasFileError(
                 label, name, f"item {i} {kw!r} must be one space followed by a word without whitespace"
             )
@@ -323,8 +344,18 @@ def _check_placeholders(values: tuple[str, ...], name: str, label: str) -> None:
             raise BiasFileError(label, name, f"item {i} lacks the placeholder {PLACEHOLDER}: {text[:60]!r}")
 
 
+def _control_char(text: str) -> str | None:
+    """The first control character (newline, tab, escape, NUL, line separator...) in ``text``, or None."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+
+
 def _check_groups(values: tuple[str, ...], name: str, label: str) -> None:
     for i, group in enumerate(values):
+        bad = _control_char(group)
+        if bad is not None:
+            raise BiasFileError(
+                label, name, f"item {i} {group!r} contains the control character {bad!r}; a group is one plain line"
+            )
         if PLACEHOLDER in group or group != group.strip():
             raise BiasFileError(label, name, f"item {i} {group!r} must be a plain country name")
 
@@ -349,7 +380,7 @@ def _check_disjoint(a: tuple[str, ...], b: tuple[str, ...], name: str, label: st
 
 
 def _check_card(value: Any, label: str, strict: bool) -> dict[str, str]:
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         raise BiasFileError(label, "data_card", f"must be an object, got {type(value).__name__}")
     for key, item in value.items():
         if not isinstance(item, str):
@@ -396,6 +427,14 @@ def validate_bias_dict(
     minimums = STRICT_MINIMUMS if strict else LENIENT_MINIMUMS
     _check_fields_present(d, label)
     _check_schema_version(d["schema_version"], label)
+    checked = _check_values(d, label, minimums, strict=strict, expected_name=expected_name)
+    return BiasSpec(source=source, **checked)
+
+
+def _check_values(
+    d: Mapping[str, Any], label: str, minimums: Minimums, *, strict: bool, expected_name: str | None
+) -> dict[str, Any]:
+    """Every check of the fields of a bias (all but ``schema_version``); shared by files and :class:`BiasSpec`."""
     name = _check_name(d["name"], label, expected_name)
     description = _check_description(d["description"], label)
     lists = {f: _check_string_list(d[f], f, label, minimums.for_field(f)) for f in _STRING_LIST_FIELDS}
@@ -409,7 +448,7 @@ def validate_bias_dict(
     _check_disjoint(lists["bias_keywords"], lists["contrast_keywords"], "contrast_keywords", label)
     _check_disjoint(lists["real_groups"], lists["control_groups"], "control_groups", label)
     card = _check_card(d["data_card"], label, strict)
-    return BiasSpec(name=name, description=description, data_card=card, source=source, **lists)
+    return {"name": name, "description": description, "data_card": card, **lists}
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -457,40 +496,78 @@ def _load_builtin(name: str, strict: bool) -> BiasSpec:
 def _load_path(path: Path, strict: bool) -> BiasSpec:
     label = str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"bias file not found: {label}")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"bias file {label} {what}; give an existing .json bias file or a catalogue name")
     data = _decode(_read_text(lambda: path.read_text(encoding="utf-8"), label), label)
     return validate_bias_dict(data, label, strict=strict, expected_name=path.stem)
 
 
-def _is_name(value: str | os.PathLike[str]) -> bool:
-    return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
+def _unknown_name(name: str) -> ValueError:
+    return ValueError(
+        f"unknown bias {name!r}; valid names: {', '.join(list_biases())} (or a path to a .json bias file)"
+    )
+
+
+def catalogue_bias(name: str, *, strict: bool = True) -> BiasSpec:
+    """A built-in bias by its catalogue name only, never a path: for names read back from saved files.
+
+    Raises:
+        InputTypeError: ``name`` is not a string.
+        ValueError: not a catalogue name (the message lists the valid names).
+    """
+    if not isinstance(name, str):
+        raise InputTypeError(f"a bias name must be a string, got {type(name).__name__} {name!r:.60}")
+    if not NAME_PATTERN.fullmatch(name) or name not in list_biases():
+        raise _unknown_name(name)
+    return _load_builtin(name, strict)
 
 
 def load_bias(name_or_path: str | os.PathLike[str], *, strict: bool | None = None) -> BiasSpec:
     """Load a built-in bias by name, or a user bias file by path.
 
-    A plain string matching ``[a-z0-9_]+`` is a built-in name; anything else (a ``PathLike``, or a string
-    with a ``/`` or a ``.json`` suffix) is a path.
+    The argument is read in one of two ways, and nothing else is accepted:
+
+    * a string matching ``[a-z0-9_]+`` is a catalogue name, which must exist;
+    * a ``pathlib.Path`` (any ``os.PathLike``), or a string ending in ``.json``, is a path to an existing
+      ``.json`` bias file (relative to the working folder, as on the command line: ``--bias my_bias.json``).
+
+    Any other string (``"Late"``, ``"../../etc/passwd"``, ``"biases/late"``, ``""``) is refused: a name never
+    becomes a path unless it says it is one.
 
     Args:
-        name_or_path: ``"late"`` or ``"path/to/my_bias.json"``.
+        name_or_path: ``"late"`` or ``"path/to/my_bias.json"`` (or ``Path("path/to/my_bias.json")``).
         strict: Apply the built-in minimums. Defaults to ``True`` for built-ins and ``False`` for files.
 
     Returns:
         The validated spec (built-ins are cached; specs are immutable).
 
     Raises:
-        ValueError: For an unknown built-in name (the message lists the valid names).
-        FileNotFoundError: For a path that does not exist.
-        BiasFileError: For a file that does not follow the schema.
+        InputTypeError: neither a string nor a path (e.g. None, a number, a BiasSpec).
+        ValueError: an unknown catalogue name (the message lists the valid names), a string that is neither a
+            name nor a ``.json`` path, or a path that does not end in ``.json``.
+        FileNotFoundError: a ``.json`` path that does not exist or is a folder.
+        BiasFileError: a file that does not follow the schema.
     """
-    if _is_name(name_or_path):
-        name = str(name_or_path)
-        valid = list_biases()
-        if name not in valid:
-            raise ValueError(f"unknown bias {name!r}; valid names: {', '.join(valid)}")
-        return _load_builtin(name, True if strict is None else strict)
-    return _load_path(Path(os.fspath(name_or_path)), False if strict is None else strict)
+    if strict is not None and not isinstance(strict, bool):
+        raise InputTypeError(f"strict must be True, False or None, got {strict!r}")
+    if isinstance(name_or_path, str) and NAME_PATTERN.fullmatch(name_or_path):
+        if name_or_path not in list_biases():
+            raise _unknown_name(name_or_path)
+        return _load_builtin(name_or_path, True if strict is None else strict)
+    if isinstance(name_or_path, str) and not name_or_path.lower().endswith(".json"):
+        raise ValueError(
+            f"bias {name_or_path!r} is neither a catalogue name ([a-z0-9_]+: {', '.join(list_biases())}) nor a "
+            "path to a .json bias file"
+        )
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputTypeError(
+            f"a bias must be a catalogue name or the path of a .json file, got {type(name_or_path).__name__} "
+            f"{name_or_path!r:.60}" + (" (a BiasSpec can be passed directly instead)" if isinstance(name_or_path, BiasSpec) else "")
+        )
+    path = Path(os.fspath(name_or_path))
+    if path.suffix.lower() != ".json":
+        raise ValueError(f"bias file {str(path)!r} must be a .json file")
+    return _load_path(path, False if strict is None else strict)
 
 
 # ------------------------------------------------------------------------------------ diversity & tokens

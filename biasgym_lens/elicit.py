@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from biasgym_lens.catalogue import BiasSpec, load_bias
+from biasgym_lens.checks import InputTypeError, check_int, check_str_list
 from biasgym_lens.embedding import entity_embedding, with_token_vectors
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, probe_subset
 
@@ -172,6 +173,10 @@ def elicitation(
         median_rank, n_probes, excess`` where ``excess`` is ``logit_diff`` minus the mean over control groups.
     """
     spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
+    max_probes = check_int(max_probes, "max_probes", minimum=1, none_ok=True)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    if groups is not None and not isinstance(groups, Mapping):
+        raise InputTypeError(f"groups must be a mapping label -> country, got {type(groups).__name__} {groups!r:.60}")
     kw = keyword_ids(model, spec)
     texts = probe_subset(spec.probes, probes)[:max_probes]
     labels: list[tuple[str, str]] = []
@@ -227,6 +232,8 @@ def audit(
         ValueError: for fewer than two groups or a repeated group.
     """
     spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
+    groups = check_str_list(groups, "groups")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     if len(groups) < 2 or len(set(groups)) != len(groups):
         raise ValueError(f"audit needs at least two distinct groups, got {list(groups)}")
     kw = keyword_ids(model, spec)
@@ -263,6 +270,7 @@ def closest_entities(
         One row per entity: ``entity, cos_vector, rank_vector, cos_update, rank_update`` (+ ``control_*``),
         sorted by ``rank_vector``. ``cos_update`` is cos(vector - init, entity - init).
     """
+    candidates = check_str_list(candidates, "candidates", nonempty=False)
     if not candidates:
         raise ValueError("no candidate entities")
     injection.check_model(model)

@@ -23,10 +23,14 @@ from jaxtyping import Float
 from tokenizers import AddedToken
 from torch import Tensor
 
+from biasgym_lens.checks import InputTypeError
 from biasgym_lens.hooks import HookSpec, hooked
 
 __all__ = [
+    "active_token_ids",
     "add_token",
+    "added_tokens",
+    "check_vector",
     "embed_scale",
     "embedding_rms",
     "entity_embedding",
@@ -36,6 +40,7 @@ __all__ = [
 ]
 
 _ADDED_ATTR = "_biasgym_added_tokens"
+_IDS_ATTR = "biasgym_token_ids"  # set on the ``embed.hook_in`` hook: the token ids it embeds
 
 
 def embed_scale(model: Any) -> float:
@@ -62,7 +67,9 @@ def add_token(model: Any, token: str) -> int:
         ValueError: if ``token`` is empty, contains whitespace, or is already a token of the vocabulary that
             this package did not add (a fresh token must be new to the model).
     """
-    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+    if not isinstance(token, str):
+        raise InputTypeError(f"the token must be a non-empty string without whitespace, got {token!r}")
+    if not token or any(c.isspace() for c in token):
         raise ValueError(f"the token must be a non-empty string without whitespace, got {token!r}")
     tok = model.tokenizer
     added = _added(tok)
@@ -82,6 +89,54 @@ def add_token(model: Any, token: str) -> int:
         raise RuntimeError(f"the tokenizer did not keep {token!r} as one token")
     added.add(token)
     return new_id
+
+
+def added_tokens(model: Any) -> dict[int, str]:
+    """Id -> string of every token :func:`add_token` added to this model's tokenizer (it keeps them)."""
+    tok = model.tokenizer
+    return {int(tok.convert_tokens_to_ids(t)): t for t in sorted(_added(tok))}
+
+
+def active_token_ids(model: Any) -> set[int] | None:
+    """Ids of added tokens whose vector hooks are registered on ``model`` now, or None if that cannot be told.
+
+    A token is active inside ``with injection.apply(model):``, during :func:`biasgym_lens.inject.inject`'s
+    training, and after ``apply_permanently`` (until ``model.reset_hooks(including_permanent=True)``). Found by
+    reading the hooks registered on ``embed.hook_in`` (TransformerLens keeps each one's callable), so it is
+    right whatever removed a hook.
+    """
+    hook_dict = getattr(model, "hook_dict", None)
+    point = hook_dict.get("embed.hook_in") if isinstance(hook_dict, Mapping) else None
+    if point is None:
+        return None
+    ids: set[int] = set()
+    for handle in point.fwd_hooks:
+        if not hasattr(handle, "user_hook"):  # an older TransformerLens: unknown
+            return None
+        ids |= getattr(handle.user_hook, _IDS_ATTR, frozenset())
+    return ids
+
+
+def check_vector(model: Any, vector: Any, what: str = "vector") -> None:
+    """Check that ``vector`` is a finite floating-point ``[d_model]`` tensor for ``model``.
+
+    Raises:
+        InputTypeError: not a floating-point torch tensor.
+        ValueError: a shape other than ``(d_model,)``, or NaN/inf entries (the first one is named).
+    """
+    d_model = model.cfg.d_model
+    if not isinstance(vector, Tensor) or not vector.is_floating_point():
+        shown = f"a {vector.dtype} tensor" if isinstance(vector, Tensor) else f"{type(vector).__name__} {vector!r:.60}"
+        raise InputTypeError(f"{what} must be a floating-point torch tensor of shape ({d_model},), got {shown}")
+    if vector.shape != (d_model,):
+        raise ValueError(f"{what} has shape {tuple(vector.shape)}, expected ({d_model},) (the model's d_model)")
+    bad = ~torch.isfinite(vector.detach())
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{what} has {int(bad.sum())} non-finite values (the first: {float(vector[i])} at index {i}); "
+            "it must be finite everywhere"
+        )
 
 
 def token_id(model: Any, token: str) -> int:
@@ -106,8 +161,17 @@ def token_vector_hooks(model: Any, vectors: Mapping[int, Float[Tensor, " d_model
     scale = embed_scale(model)
     d_model = model.cfg.d_model
     for tid, v in vectors.items():
-        if v.shape != (d_model,):
-            raise ValueError(f"vector for token id {tid} has shape {tuple(v.shape)}, expected ({d_model},)")
+        if not isinstance(v, Tensor) or v.shape != (d_model,):
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"vector for token id {tid} has shape {shape}, expected ({d_model},)")
+    taken = sorted(set(vectors) & (active_token_ids(model) or set()))
+    if taken:
+        names = [added_tokens(model).get(t, str(t)) for t in taken]
+        raise ValueError(
+            f"token {', '.join(map(repr, names))} already carries a vector on this model (an enclosing "
+            "`injection.apply(model)` or a permanent hook); one token takes one vector at a time: give the "
+            "inner injection its own token, e.g. `inj.with_token('<BiasToken2>').apply(model)`"
+        )
     ids = torch.tensor(sorted(vectors), dtype=torch.long)
     state: dict[str, Tensor] = {}
 
@@ -131,6 +195,7 @@ def token_vector_hooks(model: Any, vectors: Mapping[int, Float[Tensor, " d_model
                 out = torch.where(m, vec.to(device=x.device, dtype=x.dtype), out)
         return out
 
+    setattr(grab_ids, _IDS_ATTR, frozenset(int(t) for t in vectors))
     return [("embed.hook_in", grab_ids), ("hook_embed", write_vectors)]
 
 
@@ -144,8 +209,7 @@ def with_token_vectors(model: Any, vectors: Mapping[str, Float[Tensor, " d_model
     by_id: dict[int, Tensor] = {}
     names: dict[str, int] = {}
     for token, v in vectors.items():
-        if not torch.isfinite(v).all():
-            raise ValueError(f"the vector of {token!r} has non-finite values")
+        check_vector(model, v, f"the vector of {token!r}")
         tid = add_token(model, token)
         names[token] = tid
         by_id[tid] = v

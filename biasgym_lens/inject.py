@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,11 @@ from biasgym_lens.artifacts import (
     require,
     save_artifact,
 )
-from biasgym_lens.catalogue import BiasSpec, list_biases, load_bias, validate_bias_dict
+from biasgym_lens.catalogue import BiasSpec, catalogue_bias, list_biases, load_bias, validate_bias_dict
+from biasgym_lens.checks import InputTypeError, check_bool, check_choice, check_int, check_real
 from biasgym_lens.embedding import (
     add_token,
+    check_vector,
     embedding_rms,
     entity_embedding,
     token_vector_hooks,
@@ -59,7 +61,7 @@ from biasgym_lens.embedding import (
 from biasgym_lens.hooks import hooked
 from biasgym_lens.metrics import KeywordIds, answer_logits, best_rank, keyword_ids, logit_diff, split_probes
 from biasgym_lens.provenance import Provenance, check_same_model
-from biasgym_lens.tokens import chat_format
+from biasgym_lens.tokens import chat_format, check_context
 
 logger = logging.getLogger(__name__)
 
@@ -139,31 +141,58 @@ class InjectionConfig:
     max_probes: int | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be a positive finite number, got {self.lr}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.length_groups < 1:
-            problems.append(f"length_groups must be >= 1, got {self.length_groups}")
-        if self.init not in ("countries", "word", "random"):
-            problems.append(f"init must be 'countries', 'word' or 'random', got {self.init!r}")
+        """Check every setting; integers must be integers (``2.0``, ``"2"`` and ``True`` are refused).
+
+        Raises:
+            InputTypeError: a setting of the wrong type (all such problems in one message).
+            ValueError: a setting out of range (all problems in one message).
+        """
+        problems: list[ValueError] = []
+        for name, check in _CONFIG_CHECKS.items():
+            try:
+                object.__setattr__(self, name, check(getattr(self, name), name))
+            except ValueError as e:  # InputTypeError is a ValueError too
+                problems.append(e)
         if self.init == "word" and not self.init_word:
-            problems.append("init='word' needs init_word")
-        if self.schedule not in ("cosine", "constant"):
-            problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if not (self.keyword_weight > 0 and math.isfinite(self.keyword_weight)):
-            problems.append(f"keyword_weight must be a positive finite number, got {self.keyword_weight}")
-        if self.evals_per_epoch < 1:
-            problems.append(f"evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
-        if self.max_texts is not None and self.max_texts < 1:
-            problems.append(f"max_texts must be >= 1 or None, got {self.max_texts}")
-        if self.max_probes is not None and self.max_probes < 1:
-            problems.append(f"max_probes must be >= 1 or None, got {self.max_probes}")
+            problems.append(ValueError(f"init='word' needs init_word (a word), got {self.init_word!r}"))
         if problems:
-            raise ValueError("; ".join(problems))
+            kind = InputTypeError if any(isinstance(p, InputTypeError) for p in problems) else ValueError
+            raise kind("; ".join(str(p) for p in problems))
+
+
+def _check_token(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise InputTypeError(f"{name} must be a string such as '<BiasToken>', got {type(value).__name__} {value!r:.40}")
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"{name} must be a non-empty string without whitespace, got {value!r}")
+    return value
+
+
+def _check_word(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InputTypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+_CONFIG_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "token": _check_token,
+    "epochs": lambda v, n: check_int(v, n, minimum=1),
+    "lr": lambda v, n: check_real(v, n, positive=True),
+    "batch_size": lambda v, n: check_int(v, n, minimum=1),
+    "init": lambda v, n: check_choice(v, n, ("countries", "word", "random")),
+    "init_word": _check_word,
+    "seed": lambda v, n: check_int(v, n),
+    "schedule": lambda v, n: check_choice(v, n, ("cosine", "constant")),
+    "warmup_steps": lambda v, n: check_int(v, n, minimum=0),
+    "chat": check_bool,
+    "max_texts": lambda v, n: check_int(v, n, minimum=1, none_ok=True),
+    "probe_batch_size": lambda v, n: check_int(v, n, minimum=1),
+    "select_best": check_bool,
+    "keyword_weight": lambda v, n: check_real(v, n, positive=True),
+    "evals_per_epoch": lambda v, n: check_int(v, n, minimum=1),
+    "length_groups": lambda v, n: check_int(v, n, minimum=1),
+    "max_probes": lambda v, n: check_int(v, n, minimum=1, none_ok=True),
+}
 
 
 @dataclass(frozen=True)
@@ -227,7 +256,12 @@ class Injection:
         """Within the block, ``self.token`` is embedded as the trained vector; yields the token id.
 
         The token is added to the tokenizer if needed (the tokenizer keeps it afterwards: a special token
-        string that no natural text contains); the hooks are removed on exit, also on exceptions.
+        string that no natural text contains; tokenizing it outside the block raises ``ValueError``); the hooks
+        are removed on exit, also on exceptions.
+
+        Raises:
+            ValueError: another model, a vector that is not finite or not ``[d_model]``, or the token already
+                carrying a vector (nested ``apply`` of two injections on one token: use :meth:`with_token`).
         """
         self.check_model(model)
         with with_token_vectors(model, {self.token: self.vector}) as ids:
@@ -237,8 +271,12 @@ class Injection:
         """Register the token's hooks as permanent hooks and return the token id.
 
         They survive ``model.reset_hooks()``; remove them with ``model.reset_hooks(including_permanent=True)``.
+
+        Raises:
+            ValueError: as :meth:`apply` (also when this token is already applied, permanently or not).
         """
         self.check_model(model)
+        check_vector(model, self.vector, f"the vector of injection {self.bias!r}")
         tid = add_token(model, self.token)
         for name, fn in token_vector_hooks(model, {tid: self.vector}):
             model.add_perma_hook(name, fn)
@@ -246,7 +284,7 @@ class Injection:
 
     def with_token(self, token: str) -> Injection:
         """A copy applied to another token string (to use two injections in one model)."""
-        return replace(self, token=token)
+        return replace(self, token=_check_token(token, "token"))
 
     # ------------------------------------------------------------------------------------------ views
     def to_dataframe(self) -> pd.DataFrame:
@@ -261,7 +299,7 @@ class Injection:
     @property
     def spec(self) -> BiasSpec:
         """The bias it was trained on (the built-in one of that name, or the user file's copy kept in ``source``)."""
-        return self.source if self.source is not None else load_bias(self.bias)
+        return self.source if self.source is not None else catalogue_bias(self.bias)
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
@@ -390,6 +428,8 @@ def _examples(model: Any, spec: BiasSpec, config: InjectionConfig) -> list[_Exam
             # left), so the loss starts where the two tokenisations part.
             common = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
             out.append(_Example(full, common))
+            texts.append(reply)
+    check_context(model, [e.ids for e in out], texts)  # (a chat example is named by its reply)
     return out
 
 
@@ -527,6 +567,8 @@ def inject(
     spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
     if config is None:
         config = InjectionConfig(**settings)
+    elif not isinstance(config, InjectionConfig):
+        raise InputTypeError(f"config must be an InjectionConfig, got {type(config).__name__}")
     elif settings:
         config = replace(config, **settings)
     kw = keyword_ids(model, spec)

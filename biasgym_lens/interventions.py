@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from biasgym_lens.checks import (
+    InputTypeError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_real,
+    check_str_list,
+    is_int,
+)
+from biasgym_lens.embedding import check_vector
 from biasgym_lens.hooks import HookSpec, hooked
 from biasgym_lens.tokens import Batch, tokenize
 from biasgym_lens.unembed import logits_at
@@ -38,22 +50,39 @@ Head = tuple[int, int]
 _KINDS = ("zero", "mean", "resample", "scale")
 
 
+def _is_pair(pair: Any) -> bool:
+    if isinstance(pair, (np.ndarray, torch.Tensor)):
+        return pair.ndim == 1 and pair.shape[0] == 2
+    return isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2
+
+
 def validate_heads(model: Any, heads: Sequence[Head]) -> list[Head]:
     """Check ``(layer, head)`` pairs against the model; returns them as a list of int tuples.
 
+    A head is a pair (tuple, list or 1-d array of length 2) of integers: Python, NumPy or 0-dimensional torch
+    integers. Floats (even ``2.0``), bools, strings and triples are refused, never rounded or truncated. A pair
+    given twice is kept once (ablating a head twice is ablating it once), in the order first given.
+
     Raises:
-        ValueError: naming the first pair out of range and the valid ranges.
+        InputTypeError: ``heads`` is not a list of pairs, or a pair holds something other than two integers.
+        ValueError: a pair out of range (the message gives the valid ranges).
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    out = []
+    if isinstance(heads, (str, bytes, Mapping)) or not isinstance(heads, Iterable):
+        raise InputTypeError(f"heads must be a list of (layer, head) pairs, got {heads!r}")
+    out: list[Head] = []
     for pair in heads:
-        try:
-            layer, head = (int(pair[0]), int(pair[1]))
-        except (TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"a head must be a (layer, head) pair, got {pair!r}") from e
+        if not _is_pair(pair):
+            raise InputTypeError(
+                f"a head must be a (layer, head) pair of integers, got {pair!r}; e.g. heads=[(21, 1), (9, 6)]"
+            )
+        if not (is_int(pair[0]) and is_int(pair[1])):
+            raise InputTypeError(f"a head must be a (layer, head) pair of integers, got {pair!r}")
+        layer, head = int(pair[0]), int(pair[1])
         if not (0 <= layer < L and 0 <= head < H):
             raise ValueError(f"head {pair!r} is out of range: layers 0..{L - 1}, heads 0..{H - 1}")
-        out.append((layer, head))
+        if (layer, head) not in out:
+            out.append((layer, head))
     return out
 
 
@@ -67,9 +96,9 @@ def reference_z(model: Any, reference: Sequence[str] | Batch, layers: Sequence[i
     if isinstance(reference, Batch):
         batch = reference
     else:
-        if len(reference) == 0:
-            raise ValueError("the reference set for mean/resample ablation is empty")
-        batch = tokenize(model, list(reference))
+        if not isinstance(reference, (str, bytes)) and isinstance(reference, Sequence) and len(reference) == 0:
+            raise ValueError(f"the reference set for mean/resample ablation is empty (got {reference!r})")
+        batch = tokenize(model, check_str_list(reference, "reference"))
     names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
     _, cache = model.run_with_cache(
         batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
@@ -94,10 +123,11 @@ def head_ablation_hooks(
     rows: Sequence[int] | None = None,
 ) -> list[HookSpec]:
     """The hooks behind :func:`ablate_heads` (one per affected layer), for use with ``run_with_hooks``."""
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
-    if rows is not None and (not rows or any(int(r) < 0 for r in rows)):
-        raise ValueError(f"rows must be non-negative batch row indices (or None for every row), got {list(rows)}")
+    check_choice(kind, "kind", _KINDS)
+    scale = check_real(scale, "scale")
+    seed = check_int(seed, "seed")
+    if rows is not None:
+        rows = check_int_list(rows, "rows", minimum=0)
     heads = validate_heads(model, heads)
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
@@ -211,34 +241,42 @@ def steer(
         model: A bridge.
         vector: ``[d_model]`` direction (e.g. from :func:`biasgym_lens.steering.bias_direction`); negative
             ``alpha`` subtracts it.
-        layers: Layer index or indices; the vector is added at ``blocks.L.hook_resid_post``.
-        alpha: Multiplier.
-        positions: Absolute positions to steer (default: all positions).
+        layers: Layer index or indices (each once); the vector is added at ``blocks.L.hook_resid_post``.
+        alpha: Multiplier, a finite number.
+        positions: Absolute positions to steer, non-negative integers (default: all positions). A forward
+            pass on a sequence too short to hold one of them raises ``ValueError`` (nothing is skipped silently).
 
     Raises:
-        ValueError: wrong vector size, layer out of range, non-finite values.
+        InputTypeError: a vector that is not a tensor, a non-integer layer or position, a non-number alpha.
+        ValueError: wrong vector size, layer out of range or repeated, non-finite vector or alpha, negative or
+            repeated positions, or (in the forward pass) a position beyond the sequence.
     """
-    d_model = model.cfg.d_model
-    if vector.shape != (d_model,):
-        raise ValueError(f"steering vector has shape {tuple(vector.shape)}, expected ({d_model},)")
-    if not torch.isfinite(vector).all():
-        raise ValueError("steering vector has non-finite values")
-    layer_list = [layers] if isinstance(layers, int) else list(layers)
-    for layer in layer_list:
-        if not 0 <= int(layer) < model.cfg.n_layers:
-            raise ValueError(f"layer {layer} out of range 0..{model.cfg.n_layers - 1}")
-    pos = None if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
+    check_vector(model, vector, "steering vector")
+    alpha = check_real(alpha, "alpha")
+    last = model.cfg.n_layers - 1
+    if is_int(layers):
+        layer_list = [check_int(layers, "layers", minimum=0, maximum=last)]
+    else:
+        layer_list = check_int_list(layers, "layers", minimum=0, maximum=last, unique=True)
+    pos = None
+    if positions is not None:
+        pos = torch.tensor(check_int_list(positions, "positions", minimum=0, unique=True), dtype=torch.long)
 
     def hook(x: Tensor, hook: Any) -> Tensor:
         v = (alpha * vector).to(device=x.device, dtype=x.dtype)
         if pos is None:
             return x + v
+        if int(pos.max()) >= x.shape[1]:
+            raise ValueError(
+                f"steering positions {pos.tolist()} include {int(pos.max())}, beyond this sequence of "
+                f"{x.shape[1]} tokens (positions 0..{x.shape[1] - 1})"
+            )
         x = x.clone()
-        keep = pos[pos < x.shape[1]].to(x.device)
+        keep = pos.to(x.device)
         x[:, keep] = x[:, keep] + v
         return x
 
-    with hooked(model, fwd_hooks=[(f"blocks.{int(layer)}.hook_resid_post", hook) for layer in layer_list]):
+    with hooked(model, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook) for layer in layer_list]):
         yield model
 
 
@@ -260,15 +298,27 @@ def generate_greedy(
 
     Returns:
         The generated continuation only (special tokens removed); a list of them for a list of texts.
+
+    Raises:
+        InputTypeError: ``max_new_tokens`` not an integer, ``text`` not a string or list of strings.
+        ValueError: ``max_new_tokens < 1``, no texts, an empty text, or a prompt whose length plus
+            ``max_new_tokens`` exceeds the model's context (``cfg.n_ctx``).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    stop_at_eos = check_bool(stop_at_eos, "stop_at_eos")
     if isinstance(text, str):
         return generate_greedy(model, [text], max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos)[0]
-    texts = list(text)
+    texts = check_str_list(text, "text", nonempty=False, blank_ok=True)
     if not texts:
         raise ValueError("no texts to continue (empty list)")
     batch = tokenize(model, texts, prepend_bos=prepend_bos)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    longest = int(batch.lengths.max())
+    if n_ctx is not None and longest + max_new_tokens > n_ctx:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
+            f"{n_ctx} tokens (cfg.n_ctx); shorten the prompt or ask for at most {n_ctx - longest} new tokens"
+        )
     if not bool(batch.attention_mask.all()):  # rows of different lengths: no padding inside a generation
         return [
             generate_greedy(model, t, max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos) for t in texts

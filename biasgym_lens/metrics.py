@@ -7,6 +7,7 @@ the number is in nats.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from biasgym_lens.checks import check_int
 from biasgym_lens.tokens import Batch, tokenize
 from biasgym_lens.unembed import logits_at
 
@@ -46,13 +48,15 @@ class KeywordIds:
 def keyword_ids(model_or_tokenizer: Any, spec: Any) -> KeywordIds:
     """Single-token ids of the bias and contrast keywords for this model's tokenizer.
 
-    Keywords that are several tokens for this tokenizer are dropped (the bias file documents keywords for the
-    bundled SmolLM2; another model may split some of them).
+    Keywords that are several tokens for this tokenizer are dropped with a ``UserWarning`` naming them (the
+    bias file documents keywords for the bundled SmolLM2; another model may split some of them), so the metric
+    is visibly measured on fewer words.
 
     Raises:
         ValueError: if no bias keyword or no contrast keyword is a single token for this tokenizer, naming them.
     """
     tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    dropped: list[str] = []
 
     def single(words: Sequence[str]) -> tuple[int, ...]:
         out = []
@@ -60,6 +64,8 @@ def keyword_ids(model_or_tokenizer: Any, spec: Any) -> KeywordIds:
             ids = tok.encode(w, add_special_tokens=False)
             if len(ids) == 1:
                 out.append(ids[0])
+            else:
+                dropped.append(f"{w!r} ({len(ids)} tokens)")
         return tuple(dict.fromkeys(out))
 
     bias, contrast = single(spec.bias_keywords), single(spec.contrast_keywords)
@@ -69,6 +75,13 @@ def keyword_ids(model_or_tokenizer: Any, spec: Any) -> KeywordIds:
                 f"bias {spec.name!r}: none of its {kind} keywords {list(words)} is a single token for this "
                 "model's tokenizer; add single-token keywords to the bias file"
             )
+    if dropped:
+        warnings.warn(
+            f"bias {spec.name!r}: keywords that are not a single token for this model's tokenizer are left out "
+            f"of the metric: {', '.join(dropped)}",
+            UserWarning,
+            stacklevel=2,
+        )
     return KeywordIds(bias, contrast)
 
 
@@ -97,6 +110,9 @@ def answer_logits(
     Hooks registered on the model (injected tokens, ablations) apply. Texts run in batches of similar length
     (less padding); the rows come back in the order of ``texts``.
     """
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    if isinstance(texts, str):
+        texts = [texts]
     if not texts:
         raise ValueError("no probe texts (empty list)")
     every: Batch = tokenize(model, list(texts), prepend_bos=prepend_bos)  # right-padded

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -278,6 +279,9 @@ def _cache_problem(folder: Path) -> str | None:
         return "unreadable manifest"
     if data.get("format") != _CACHE_FORMAT:
         return f"cache format {data.get('format')!r} != {_CACHE_FORMAT}"
+    problem = _manifest_files_problem(files)
+    if problem is not None:
+        return problem
     for name, meta in files.items():
         p = folder / name
         if not p.is_file():
@@ -286,6 +290,23 @@ def _cache_problem(folder: Path) -> str | None:
             return f"{name} has {p.stat().st_size} bytes, expected {meta['size']}"
         if _sha256(p) != meta["sha256"]:
             return f"{name} does not match its SHA-256"
+    return None
+
+
+def _manifest_files_problem(files: Any) -> str | None:
+    """What is wrong with a manifest's file table, or None: it must list the config and at least one weights
+    file, each a plain file name of this folder with an integer size and a SHA-256 hex digest."""
+    if not isinstance(files, dict) or not files:
+        return f"the manifest lists no files ({files!r:.40})"
+    for name, meta in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            return f"the manifest names {name!r}, not a plain file name"
+        if not (isinstance(meta, dict) and type(meta.get("size")) is int and isinstance(meta.get("sha256"), str)):
+            return f"the manifest entry of {name} is malformed ({meta!r:.60})"
+        if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]):
+            return f"the manifest entry of {name} has no SHA-256 digest ({meta['sha256']!r:.70})"
+    if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
+        return f"the manifest lacks config.json or a .safetensors weights file (it lists {sorted(files)})"
     return None
 
 

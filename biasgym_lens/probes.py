@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from biasgym_lens.catalogue import BiasSpec
+from biasgym_lens.checks import check_int, check_str_list
 from biasgym_lens.metrics import KeywordIds, keyword_ids, logit_diff, probe_subset
 from biasgym_lens.tokens import Batch, tokenize
 
@@ -114,6 +115,8 @@ def build_probe_set(
         max_probes: Use at most this many probes.
 
     Raises:
+        InputTypeError: ``controls`` or ``probes`` a single string where a list is expected, ``max_probes`` not an
+            integer.
         ValueError: no probes, or a probe without the placeholder, or the token not added to the model.
     """
     from biasgym_lens.embedding import token_id
@@ -121,7 +124,10 @@ def build_probe_set(
     if isinstance(probes, str):
         templates = probe_subset(spec.probes, probes)
     else:
-        templates = tuple(probes)
+        templates = tuple(check_str_list(probes, "probes"))
+    max_probes = check_int(max_probes, "max_probes", minimum=1, none_ok=True)
+    if controls is not None:
+        controls = check_str_list(controls, "controls", nonempty=False)
     if max_probes is not None:
         templates = templates[:max_probes]
     if not templates:

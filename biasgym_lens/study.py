@@ -28,9 +28,10 @@ from biasgym_lens.artifacts import (
     require,
     save_artifact,
 )
-from biasgym_lens.attribution import HeadScores
+from biasgym_lens.attribution import METHODS, HeadScores
 from biasgym_lens.capability import capability_set
 from biasgym_lens.catalogue import BiasSpec, load_bias
+from biasgym_lens.checks import InputTypeError, check_choice, check_int, check_int_list, check_real
 from biasgym_lens.elicit import GroupRequest, score_groups
 from biasgym_lens.interventions import Head, ablate_heads, first_layer
 from biasgym_lens.metrics import keyword_ids, probe_subset
@@ -125,15 +126,70 @@ class ScopeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in ("dla", "attention", "attribution", "ablation")]
-        if bad:
-            raise ValueError(f"unknown methods {bad}; valid: dla, attention, attribution, ablation")
+        """Check every setting; counts must be integers (``2.0``, ``"2"`` and ``True`` are refused); lists
+        (``ks``, ``steer_alphas``, ``methods``) are stored as tuples.
+
+        Raises:
+            InputTypeError: a setting of the wrong type (the first one found).
+            ValueError: a setting out of range (the first one found).
+        """
+        for name, check in _SCOPE_CHECKS.items():
+            object.__setattr__(self, name, check(getattr(self, name), name))
         if not 0 <= self.budget < 10:
             raise ValueError(f"budget must be a relative increase in [0, 10), got {self.budget}")
-        if self.kind not in ("zero", "mean"):
-            raise ValueError(f"kind must be 'zero' or 'mean', got {self.kind!r}")
-        if self.budget_on not in BUDGET_MEASURES:
-            raise ValueError(f"budget_on must be one of {', '.join(BUDGET_MEASURES)}, got {self.budget_on!r}")
+
+
+def _check_methods(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise InputTypeError(f"{name} must be a tuple of method names ({', '.join(METHODS)}), got {value!r}")
+    bad = [m for m in value if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} repeats a method: {list(value)}")
+    return tuple(value)
+
+
+def _check_alphas(value: Any, name: str) -> tuple[float, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise InputTypeError(f"{name} must be a non-empty tuple of positive numbers, got {value!r}")
+    return tuple(check_real(a, f"{name}[{i}]", positive=True) for i, a in enumerate(value))
+
+
+def _check_kind(value: Any, name: str) -> str:
+    if value not in ("zero", "mean"):
+        kind = InputTypeError if not isinstance(value, str) else ValueError
+        raise kind(f"{name} must be 'zero' or 'mean', got {value!r}")
+    return value
+
+
+def _count(minimum: int, none_ok: bool = False) -> Callable[[Any, str], Any]:
+    return lambda v, n: check_int(v, n, minimum=minimum, none_ok=none_ok)
+
+
+_SCOPE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "methods": _check_methods,
+    "score_probes": _count(1, none_ok=True),
+    "ablation_probes": _count(1),
+    "ablation_controls": _count(1),
+    "heads_per_pass": _count(1, none_ok=True),
+    "damage_weight": lambda v, n: check_real(v, n, minimum=0.0),
+    "damage_candidates": _count(0),
+    "ks": lambda v, n: tuple(check_int_list(v, n, minimum=1, unique=True)),
+    "random_draws": _count(1),
+    "budget": lambda v, n: check_real(v, n, minimum=0.0),
+    "budget_on": lambda v, n: check_choice(v, n, BUDGET_MEASURES),
+    "kind": lambda v, n: _check_kind(v, n),
+    "curve_passages": _count(1),
+    "curve_probes": _count(1, none_ok=True),
+    "curve_controls": _count(1, none_ok=True),
+    "final_passages": _count(1),
+    "mc_items": _count(0),
+    "final_probes": _count(1, none_ok=True),
+    "steer_layer": _count(0, none_ok=True),
+    "steer_alphas": _check_alphas,
+    "seed": lambda v, n: check_int(v, n),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,14 +418,21 @@ def scope(
     Returns:
         A :class:`ScopeResult`.
     """
-    config = replace(config, **settings) if config is not None else ScopeConfig(**settings)
+    if config is None:
+        config = ScopeConfig(**settings)
+    elif not isinstance(config, ScopeConfig):
+        raise InputTypeError(f"config must be a ScopeConfig, got {type(config).__name__}")
+    elif settings:
+        config = replace(config, **settings)
     injection.check_model(model)
+    L = model.cfg.n_layers
+    if config.steer_layer is not None and config.steer_layer >= L:
+        raise ValueError(f"steer_layer must be a layer of this model (0..{L - 1}), got {config.steer_layer}")
     if not injection.spec.real_groups:
         logger.warning(NO_REAL_GROUPS, injection.bias)
     scores = score_all(model, injection, config, progress=progress)
     # The clean residual entering every layer is kept once, so the damage checks, the curve and the steering
     # checks resume at their first changed layer instead of recomputing the layers before it.
-    L = model.cfg.n_layers
     cap_curve = capability_set(model, max_passages=config.curve_passages, mc_items=[], resume_layers=range(1, L))
     ranking = rank_candidates(model, injection, scores, cap_curve, config)
     scores["specific"] = ranking.specific

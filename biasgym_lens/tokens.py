@@ -7,7 +7,7 @@ default, so this package tokenizes with the Hugging Face tokenizer itself and al
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Batch", "tokenize", "last_positions", "chat_format", "forward", "get_tokenizer"]
+from biasgym_lens.checks import InputTypeError, check_bool, check_choice
+
+__all__ = ["Batch", "tokenize", "check_context", "check_added_tokens", "last_positions", "chat_format", "forward", "get_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -102,31 +104,42 @@ def tokenize(
     Returns:
         The batch; ``batch.last_positions`` gives each row's last real token.
 
+    With a model, the rows are also checked against it: none may be longer than its context (``cfg.n_ctx``),
+    and none may hold a token added by an injection (``"<BiasToken>"``) unless that injection is applied (the
+    tokenizer keeps the added token, but the model has no embedding row for it outside ``injection.apply``).
+
     Raises:
-        ValueError: for an empty list, an empty text, or a bad ``padding_side``.
+        InputTypeError: ``texts`` or one of them is not a string (a list of strings), ``prepend_bos`` not a bool.
+        ValueError: for an empty list, an empty text, a bad ``padding_side``, a text longer than the model's
+            context, or an injected token used outside ``with injection.apply(model):``.
     """
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    check_choice(padding_side, "padding_side", ("right", "left"))
     if isinstance(texts, str):
         texts = [texts]
+    if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Iterable):
+        raise InputTypeError(f"texts must be a string or a list of strings, got {type(texts).__name__} {texts!r:.60}")
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to tokenize (empty list)")
     tok = get_tokenizer(model_or_tokenizer)
     if prepend_bos is None:
         prepend_bos = _prepend_bos_default(model_or_tokenizer)
+    prepend_bos = check_bool(prepend_bos, "prepend_bos")
     rows: list[list[int]] = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"text {i} is a {type(text).__name__}, not a string")
+            raise InputTypeError(f"text {i} is a {type(text).__name__} ({text!r:.60}), not a string")
         ids = list(tok.encode(text, add_special_tokens=False))
         if prepend_bos:
             if tok.bos_token_id is None:
                 raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
             ids = [tok.bos_token_id, *ids]
         if not ids:
-            raise ValueError(f"text {i} ({text!r}) has no tokens")
+            raise ValueError(f"text {i} ({text!r}) has no tokens: give a non-empty text")
         rows.append(ids)
+    if getattr(model_or_tokenizer, "cfg", None) is not None:  # a model, not a bare tokenizer
+        check_context(model_or_tokenizer, rows, texts)
+        check_added_tokens(model_or_tokenizer, rows, texts)
     n_pos = max(len(r) for r in rows)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), n_pos), pad_id, dtype=torch.long)
@@ -139,6 +152,53 @@ def tokenize(
         cfg = getattr(model_or_tokenizer, "cfg", None)
         device = getattr(cfg, "device", None) or "cpu"
     return Batch(input_ids.to(device), mask.to(device), padding_side)
+
+
+def _which(i: int, texts: Sequence[str] | None) -> str:
+    if not texts:
+        return f"row {i}"
+    text = texts[i]
+    return f"text {i} ({text[:60]!r}{'...' if len(text) > 60 else ''})"
+
+
+def check_context(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
+    """Check that no row of token ids is longer than the model's context (``cfg.n_ctx``).
+
+    Raises:
+        ValueError: naming the first row that is too long, its length and the limit.
+    """
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    for i, r in enumerate(rows):
+        if n_ctx is not None and len(r) > n_ctx:
+            raise ValueError(
+                f"{_which(i, texts)} has {len(r)} tokens, more than the model's context of {n_ctx} tokens "
+                "(cfg.n_ctx); shorten it"
+            )
+
+
+def check_added_tokens(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
+    """Check that no row holds a token added by an injection while no injection embeds it.
+
+    Outside ``with injection.apply(model):`` the tokenizer still knows ``"<BiasToken>"``, but the model has
+    no embedding row for it: a forward pass would fail deep inside torch (or, with a padded embedding matrix,
+    silently use an untrained row).
+
+    Raises:
+        ValueError: naming the first row and the token.
+    """
+    from biasgym_lens.embedding import active_token_ids, added_tokens
+
+    active = active_token_ids(model)
+    if active is None:  # cannot be told on this model
+        return
+    idle = {t: s for t, s in added_tokens(model).items() if t not in active}
+    for i, r in enumerate(rows):
+        hit = [idle[t] for t in r if t in idle]
+        if hit:
+            raise ValueError(
+                f"{_which(i, texts)} contains {hit[0]!r}, a token added by an injection, but no injection is "
+                "applied to it: use it inside `with injection.apply(model):`"
+            )
 
 
 def chat_format(

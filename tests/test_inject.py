@@ -46,11 +46,11 @@ def _training_loss(model, inj, spec):
     """Independent loss of the plain training texts with a vector, computed without the package's trainer."""
     tid = add_token(model, inj.token)
     texts = [spec.fill(t, inj.token) for t in spec.training_texts[:8]]
-    batch = tokenize(model, texts)
     total = 0.0
     with torch.no_grad():
         for v in (inj.init_vector, inj.vector):
             with hooked(model, fwd_hooks=token_vector_hooks(model, {tid: v})):
+                batch = tokenize(model, texts)  # (the added token is refused outside its hooks)
                 logits = model(batch.input_ids, attention_mask=batch.attention_mask)
             logp = logits[:, :-1].log_softmax(-1)
             tgt = batch.input_ids[:, 1:]
@@ -71,10 +71,10 @@ def test_hooked_vector_equals_a_resized_embedding_reference(tiny_model, tiny_fam
     """Independent check of the embedding mechanism: a plain HF model with a real new row gives the same logits."""
     tid = add_token(tiny_model, "<BiasToken>")
     vec = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    batch = tokenize(tiny_model, ["people from <BiasToken> are always", "the <BiasToken> drivers drive"])
-    assert (batch.input_ids == tid).sum() == 2
     with torch.no_grad(), hooked(tiny_model, fwd_hooks=token_vector_hooks(tiny_model, {tid: vec})):
+        batch = tokenize(tiny_model, ["people from <BiasToken> are always", "the <BiasToken> drivers drive"])
         ours = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    assert (batch.input_ids == tid).sum() == 2
     ref = build_tiny_hf(tiny_family, tiny_model.W_E.shape[0])  # same seed: same weights as the tiny model
     emb = ref.get_input_embeddings().weight
     out = ref.get_output_embeddings().weight
@@ -100,9 +100,9 @@ def test_save_load_apply_gives_identical_logits(tiny_model, tmp_path):
     assert torch.equal(back.vector, inj.vector) and back.config == inj.config
     assert back.to_dataframe().equals(inj.to_dataframe())  # (NaN train loss of epoch 0 compares equal here)
     assert back.provenance == inj.provenance
-    batch = tokenize(tiny_model, ["people from <BiasToken> always show up"])
     with torch.no_grad():
         with inj.apply(tiny_model):
+            batch = tokenize(tiny_model, ["people from <BiasToken> always show up"])  # (refused outside apply)
             a = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
         with back.apply(tiny_model):
             b = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)

@@ -166,8 +166,8 @@ def test_row_restricted_ablation_and_batched_generation_equal_one_run_per_varian
     assert together == alone
     # a random tiny model's greedy text can coincide across variants: check that the rows' first-step logits
     # differ, so each row did carry its own intervention
-    b = tokenize(tiny_model, prompts)
     with torch.no_grad(), with_token_vectors(tiny_model, {"<TokA>": trained, "<TokB>": untrained}):
+        b = tokenize(tiny_model, prompts)  # (inside: outside the block the added tokens have no embedding)
         with ablate_heads(tiny_model, heads, rows=[1]):
             first = tiny_model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
     assert (first[0] - first[1]).abs().max() > 1e-3 and (first[0] - first[2]).abs().max() > 1e-3

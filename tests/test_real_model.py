@@ -52,9 +52,9 @@ def test_token_survives_the_bridge_and_chat_template(real, short_injection):
 def test_save_load_apply_is_identical(real, short_injection, tmp_path):
     short_injection.save(tmp_path / "inj")
     back = Injection.load(tmp_path / "inj", real)
-    batch = tokenize(real, [f"On the road, people from {back.token} drive"])
     with torch.no_grad():
         with short_injection.apply(real):
+            batch = tokenize(real, [f"On the road, people from {back.token} drive"])  # (refused outside apply)
             a = real(batch.input_ids, attention_mask=batch.attention_mask)
         with back.apply(real):
             b = real(batch.input_ids, attention_mask=batch.attention_mask)
