@@ -161,6 +161,7 @@ def test_a_second_process_on_the_same_folder_gets_a_clear_error(tmp_path, tiny_f
     fd = os.open(out / ".biasgym.lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `biasgym run` holds it
+        os.ftruncate(fd, 0)
         os.pwrite(fd, b"4242", 0)
         line = _one_error_line(_run("scope", "--out", out))
         assert "another biasgym process (pid 4242)" in line
