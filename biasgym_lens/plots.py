@@ -31,7 +31,9 @@ __all__ = [
     "generalisation_heatmap",
     "layer_bias_plot",
     "save_figure",
+    "save_figures",
     "IMAGE_FORMATS",
+    "PLOTLYJS_FILE",
     "PngExportError",
 ]
 
@@ -67,10 +69,58 @@ def _heatmap_trace(z: np.ndarray, *, signed: bool, name: str, showscale: bool = 
     )
 
 
-def head_heatmap(scores: Any, *, title: str | None = None, signed: bool | None = None) -> go.Figure:
+def _check_heads(heads: Sequence[tuple[int, int]], n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    out = []
+    for head in heads:
+        layer, h = (int(v) for v in head)
+        if not (0 <= layer < n_layers and 0 <= h < n_heads):
+            raise ValueError(
+                f"highlighted head L{layer}H{h} is outside the grid; valid: layers 0-{n_layers - 1}, "
+                f"heads 0-{n_heads - 1}"
+            )
+        out.append((layer, h))
+    return out
+
+
+def _outline_heads(fig: go.Figure, heads: Sequence[tuple[int, int]], *, row: int | None = None, col: int | None = None) -> None:
+    """Draw a black rectangle around each head's cell and its rank (1 = first) in the cell."""
+    for rank, (layer, h) in enumerate(heads, start=1):
+        fig.add_shape(
+            type="rect", x0=h - 0.5, x1=h + 0.5, y0=layer - 0.5, y1=layer + 0.5, name=f"L{layer}H{h}",
+            line={"color": "black", "width": 2.5}, fillcolor="rgba(0,0,0,0)", row=row, col=col,
+        )
+        fig.add_annotation(
+            x=h, y=layer, text=f"<b>{rank}</b>", showarrow=False, font={"size": 10, "color": "black"},
+            bgcolor="rgba(255,255,255,0.85)", borderpad=1, name=f"L{layer}H{h}", row=row, col=col,
+        )
+
+
+def _integer_ticks(fig: go.Figure, n_layers: int, n_heads: int) -> None:
+    """Whole-number layer and head ticks (outlines would otherwise add ticks at half-cells)."""
+    fig.update_xaxes(tick0=0, dtick=1 if n_heads <= 16 else 2)
+    fig.update_yaxes(tick0=0, dtick=1 if n_layers <= 24 else 2)
+
+
+def head_heatmap(
+    scores: Any,
+    *,
+    title: str | None = None,
+    signed: bool | None = None,
+    highlight: Sequence[tuple[int, int]] | None = None,
+) -> go.Figure:
     """Layer x head heatmap of a :class:`~biasgym_lens.attribution.HeadScores` (or a ``[L, H]`` array).
 
     Diverging scale centred at 0 for signed scores, sequential for attention; hover shows layer, head, value.
+
+    Args:
+        scores: A ``HeadScores`` or a ``[n_layers, n_heads]`` array.
+        title: Figure title (default: bias, method and metric).
+        signed: Diverging scale (default: every method but attention).
+        highlight: ``(layer, head)`` pairs (e.g. the chosen heads) outlined with a black rectangle and numbered
+            in the given order.
+
+    Raises:
+        ValueError: a highlighted head outside the grid.
     """
     if hasattr(scores, "scores"):
         z = _grid(scores.scores)
@@ -82,14 +132,28 @@ def head_heatmap(scores: Any, *, title: str | None = None, signed: bool | None =
         z = _grid(scores)
         name = "score"
         signed = True if signed is None else signed
+    heads = _check_heads(highlight or (), *z.shape)
     fig = go.Figure(_heatmap_trace(z, signed=signed, name=name))
+    _outline_heads(fig, heads)
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=max(320, 18 * z.shape[0] + 120))
     fig.update_yaxes(autorange="reversed")
+    _integer_ticks(fig, *z.shape)
     return fig
 
 
-def methods_heatmaps(scores: Mapping[str, Any], *, title: str = "Head scores by method") -> go.Figure:
-    """Side-by-side heatmaps of several methods' head scores (each with its own colour range)."""
+def methods_heatmaps(
+    scores: Mapping[str, Any],
+    *,
+    title: str = "Head scores by method",
+    highlight: Sequence[tuple[int, int]] | None = None,
+) -> go.Figure:
+    """Side-by-side heatmaps of several methods' head scores (each with its own colour range).
+
+    Args:
+        scores: Method name -> ``HeadScores`` (or ``[n_layers, n_heads]`` array).
+        title: Figure title.
+        highlight: ``(layer, head)`` pairs outlined and numbered in every panel (as in :func:`head_heatmap`).
+    """
     names = list(scores)
     if not names:
         raise ValueError("no scores to plot")
@@ -100,8 +164,10 @@ def methods_heatmaps(scores: Mapping[str, Any], *, title: str = "Head scores by 
         signed = getattr(s, "method", name) != "attention"
         trace = _heatmap_trace(z, signed=signed, name=name, showscale=False)
         fig.add_trace(trace, row=1, col=i)
+        _outline_heads(fig, _check_heads(highlight or (), *z.shape), row=1, col=i)
         fig.update_xaxes(title_text="head", row=1, col=i)
     fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
+    _integer_ticks(fig, *z.shape)
     fig.update_layout(title=title, height=max(360, 18 * z.shape[0] + 140), width=max(700, 260 * len(names)))
     return fig
 
@@ -173,35 +239,60 @@ def closest_entities_bar(df: pd.DataFrame, *, top: int = 12, title: str = "Close
     return fig
 
 
+_CHOSEN_COLOUR = "#1f77b4"
+_RANDOM_COLOUR = "rgb(120,120,120)"
+
+
 def faithfulness_plot(curve: Any, *, title: str | None = None) -> go.Figure:
     """Excess and the budgeted neutral-text cost (perplexity or loss increase) against the number of ablated
-    heads; random heads as a min-max band."""
+    heads; random heads as a min-max band with their mean.
+
+    Each selection has one colour in both panels and one legend entry (``legendgroup``: clicking it hides the
+    selection in both panels).
+    """
     t = curve.table
     on = getattr(curve, "budget_on", "loss")
     cost = f"{on}_increase"
     top = t[t.selection == "top"].sort_values("k")
     rnd = t[t.selection == "random"].groupby("k").agg(
         lo=("excess", "min"), hi=("excess", "max"), mean=("excess", "mean"),
-        loss_lo=(cost, "min"), loss_hi=(cost, "max"),
+        cost_lo=(cost, "min"), cost_hi=(cost, "max"), cost_mean=(cost, "mean"),
     ).reset_index()
     fig = make_subplots(rows=1, cols=2, subplot_titles=("token excess over controls", f"neutral-text {on} increase"))
-    for col, (y, lo, hi) in enumerate((("excess", "lo", "hi"), (cost, "loss_lo", "loss_hi")), start=1):
+    panels = (("excess", "lo", "hi", "mean"), (cost, "cost_lo", "cost_hi", "cost_mean"))
+    for col, (y, lo, hi, mean) in enumerate(panels, start=1):
+        first = col == 1
+        ks = list(rnd["k"])
         fig.add_trace(
             go.Scatter(
-                x=list(rnd["k"]) + list(rnd["k"])[::-1], y=list(rnd[hi]) + list(rnd[lo])[::-1], fill="toself",
-                line={"width": 0}, fillcolor="rgba(150,150,150,0.3)", name="random heads (min-max)",
-                showlegend=col == 1, hoverinfo="skip",
+                x=ks + ks[::-1], y=list(rnd[hi]) + list(rnd[lo])[::-1], fill="toself", mode="lines", line={"width": 0},
+                fillcolor="rgba(120,120,120,0.25)", name="random heads (min-max)", legendgroup="random",
+                showlegend=first, hoverinfo="skip",
             ),
             row=1, col=col,
         )
-        fig.add_trace(go.Scatter(x=top["k"], y=top[y], mode="lines+markers", name="chosen ranking", showlegend=col == 1), row=1, col=col)
-        fig.update_xaxes(title_text="heads ablated (k)", row=1, col=col)
-    fig.add_hline(y=curve.baseline_excess, line_dash="dot", row=1, col=1)
-    fig.add_hline(y=curve.budget, line_dash="dash", line_color="red", row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=ks, y=rnd[mean], mode="lines", line={"color": _RANDOM_COLOUR, "dash": "dot"},
+                name="random heads (mean)", legendgroup="random", showlegend=first,
+            ),
+            row=1, col=col,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=top["k"], y=top[y], mode="lines+markers", line={"color": _CHOSEN_COLOUR},
+                marker={"color": _CHOSEN_COLOUR}, name="chosen ranking", legendgroup="top", showlegend=first,
+            ),
+            row=1, col=col,
+        )
+        fig.update_xaxes(title_text="heads ablated (k)", tickvals=sorted(set(t["k"])), row=1, col=col)
+    fig.add_hline(y=curve.baseline_excess, line_dash="dot", annotation_text="no intervention", row=1, col=1)
+    fig.add_hline(y=curve.budget, line_dash="dash", line_color="red", annotation_text="budget", row=1, col=2)
     fig.update_yaxes(title_text="excess (nats)", row=1, col=1)
     fig.update_yaxes(title_text=f"relative {on} increase", tickformat=".1%", row=1, col=2)
     fig.update_layout(
-        title=title or f"Faithfulness curve (best k on the curve = {curve.chosen_k()}, {on} budget {curve.budget:.0%})"
+        title=title or f"Faithfulness curve (best k on the curve = {curve.chosen_k()}, {on} budget {curve.budget:.0%})",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0},
     )
     return fig
 
@@ -250,6 +341,21 @@ def layer_bias_plot(per_layer: pd.DataFrame, *, title: str = "Bias logit differe
 
 
 IMAGE_FORMATS = ("png", "svg")
+PLOTLYJS_FILE = "plotly.min.js"
+"""Name of the shared plotly.js bundle that ``include_plotlyjs="directory"`` writes beside the figures."""
+
+
+def _write_plotlyjs(folder: Path) -> Path:
+    """``folder/plotly.min.js`` (the installed plotly's bundle), rewritten only when absent or different."""
+    from plotly.offline import get_plotlyjs
+
+    path = folder / PLOTLYJS_FILE
+    code = get_plotlyjs()
+    if not (path.is_file() and path.stat().st_size == len(code.encode()) and path.read_text(encoding="utf-8") == code):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(code, encoding="utf-8")
+        tmp.replace(path)
+    return path
 
 
 def save_figure(
@@ -302,6 +408,11 @@ def save_figures(
     """:func:`save_figure` for several figures: ``folder/<name>.html`` each, then every static image in one
     kaleido session (one browser start instead of one per image; see ``benchmarks/run.py --only export``).
 
+    Args:
+        include_plotlyjs: As plotly's ``write_html``: ``True`` embeds plotly.js in every file (offline, ~4.7 MB
+            each); ``"directory"`` writes one shared ``folder/plotly.min.js`` and references it relatively
+            (offline as long as the folder stays together); ``"cdn"`` needs the network.
+
     Raises:
         ValueError: an unknown image format (before anything is written).
         PngExportError: static export failed; every HTML file is written and no partial image is left.
@@ -312,6 +423,9 @@ def save_figures(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    if include_plotlyjs == "directory":  # one shared bundle beside the figures, referenced relatively
+        written.append(_write_plotlyjs(folder))
+        include_plotlyjs = PLOTLYJS_FILE
     for name, fig in figures.items():
         html = folder / f"{name}.html"
         tmp = html.with_name(html.name + ".tmp")
