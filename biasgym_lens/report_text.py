@@ -289,9 +289,9 @@ def _injection_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _scope_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
     extra = facts.get("scope_extra") or {}
-    heads = facts.get("chosen_heads") or []
+    heads = facts.get("chosen_heads")
     rows = [
-        ("Chosen heads", ", ".join(head_label(h) for h in heads) or "none"),
+        ("Chosen heads", None if heads is None else ", ".join(head_label(h) for h in heads) or "none"),
         ("Random heads", ", ".join(head_label(h) for h in extra.get("random_heads") or [])),
         ("Steering", f"layer {extra['steer_layer']}, strength {extra.get('steer_alpha')}" if "steer_layer" in extra else ""),
         ("Debiasing prefix", extra.get("prefix")),
