@@ -22,7 +22,48 @@ from biasgym_lens.artifacts import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["study_figures", "write_report", "FIGURE_TITLES", "GENERATION_LABELS"]
+__all__ = ["study_figures", "write_report", "FIGURE_NOTES", "FIGURE_TITLES", "GENERATION_LABELS"]
+
+
+FIGURE_NOTES: dict[str, str] = {
+    "training_curve": (
+        "Training loss of the injected token's embedding per step, and its bias logit difference (and excess "
+        "over control groups) on the selection probes after each epoch; the dotted line marks the kept epoch."
+    ),
+    "heads_specific": (
+        "Each head's estimated contribution to the token's excess over control groups, minus its estimated "
+        "damage to neutral text; red heads carry the bias, and the chosen heads (outlined, numbered in "
+        "ranking order) are the top of this ranking."
+    ),
+    "methods": (
+        "The same heads scored four ways: direct logit attribution, attention from the answer to the token, "
+        "attribution patching, and exact single-head ablation; the chosen heads are outlined in each."
+    ),
+    "scatter": (
+        "Each dot is a head: its {method} score against its exact ablation effect; the title gives their rank "
+        "correlation."
+    ),
+    "faithfulness": (
+        "Token excess and neutral-text cost (on the curve's few passages) after ablating the top k heads of the "
+        "ranking (blue), against k random heads (grey band: min to max, dotted: mean); the red dashed line is the "
+        "capability budget. The chosen k is the lowest-excess point within it whose cost the final passages "
+        "confirm."
+    ),
+    "groups": (
+        "Bias logit difference on held-out probes for the injected token, the real groups and the control "
+        "groups, with no intervention and under each intervention."
+    ),
+    "closest_entities": (
+        "Countries whose embedding is closest to the trained vector, beside the same ranking for a vector "
+        "trained on another bias: when both agree, the ranking says little about this bias."
+    ),
+    "logit_lens": (
+        "The bias logit difference read from the residual stream after each layer (through the final norm): "
+        "where in depth the token's bias appears."
+    ),
+    "generalisation": "Cut of each bias's token excess when ablating heads found on another bias.",
+}
+"""Figure name -> its one-sentence reading (``scatter``: for every ``scatter_<method>_vs_ablation``)."""
 
 
 def study_figures(
@@ -33,87 +74,39 @@ def study_figures(
     lens: pd.DataFrame | None = None,
     generalisation: pd.DataFrame | None = None,
 ) -> list[tuple[str, go.Figure, str]]:
-    """``(name, figure, one-sentence explanation)`` for every figure of a study."""
-    figs: list[tuple[str, go.Figure, str]] = [
-        (
-            "training_curve",
-            plots.training_curve(injection),
-            "Training loss of the injected token's embedding per step, and its bias logit difference (and excess "
-            "over control groups) on the selection probes after each epoch; the dotted line marks the kept epoch.",
-        ),
+    """``(name, figure, one-sentence reading)`` for every figure of a study; the chosen heads are outlined on
+    the head heatmaps."""
+    scores = result.scores
+    figs: list[tuple[str, go.Figure]] = [
+        ("training_curve", plots.training_curve(injection)),
         (
             "heads_specific",
             plots.head_heatmap(
-                result.scores["specific"], title=f"{result.bias}: specificity-aware head ranking",
-                highlight=result.chosen,
+                scores["specific"], title=f"{result.bias}: specificity-aware head ranking", highlight=result.chosen
             ),
-            "Each head's estimated contribution to the token's excess over control groups, minus its estimated "
-            "damage to neutral text; red heads carry the bias, and the chosen heads (outlined, numbered in "
-            "ranking order) are the top of this ranking.",
         ),
-        (
-            "methods",
-            plots.methods_heatmaps(
-                {k: v for k, v in result.scores.items() if k != "specific"}, highlight=result.chosen
-            ),
-            "The same heads scored four ways: direct logit attribution, attention from the answer to the token, "
-            "attribution patching, and exact single-head ablation; the chosen heads are outlined in each.",
-        ),
+        ("methods", plots.methods_heatmaps({k: v for k, v in scores.items() if k != "specific"}, highlight=result.chosen)),
     ]
-    if "ablation" in result.scores:
-        for m in ("attribution", "dla"):
-            if m in result.scores:
-                figs.append(
-                    (
-                        f"scatter_{m}_vs_ablation",
-                        plots.method_scatter(result.scores[m], result.scores["ablation"]),
-                        f"Each dot is a head: its {m} score against its exact ablation effect; the title gives their "
-                        "rank correlation.",
-                    )
-                )
-    figs += [
-        (
-            "faithfulness",
-            plots.faithfulness_plot(result.curve),
-            "Token excess and neutral-text perplexity increase (on the curve's few passages) after ablating the top "
-            "k heads of the ranking (blue), against k random heads (grey band: min to max, dotted: mean); the red "
-            "dashed line is the capability budget. "
-            "The chosen k is the lowest-excess point within it whose cost the final passages confirm.",
-        ),
-        (
-            "groups",
-            plots.group_bias_bars(result.groups),
-            "Bias logit difference on held-out probes for the injected token, the real groups and the control "
-            "groups, with no intervention and under each intervention.",
-        ),
-    ]
-    if closest is not None:
-        figs.append(
-            (
-                "closest_entities",
-                plots.closest_entities_bar(closest),
-                "Countries whose embedding is closest to the trained vector, beside the same ranking for a vector "
-                "trained on another bias: when both agree, the ranking says little about this bias.",
-            )
-        )
-    if lens is not None:
-        figs.append(
-            (
-                "logit_lens",
-                plots.layer_bias_plot(lens),
-                "The bias logit difference read from the residual stream after each layer (through the final norm): "
-                "where in depth the token's bias appears.",
-            )
-        )
-    if generalisation is not None:
-        figs.append(
-            (
-                "generalisation",
-                plots.generalisation_heatmap(generalisation),
-                "Cut of each bias's token excess when ablating heads found on another bias.",
-            )
-        )
-    return figs
+    if "ablation" in scores:
+        figs += [
+            (f"scatter_{m}_vs_ablation", plots.method_scatter(scores[m], scores["ablation"]))
+            for m in ("attribution", "dla")
+            if m in scores
+        ]
+    figs += [("faithfulness", plots.faithfulness_plot(result.curve)), ("groups", plots.group_bias_bars(result.groups))]
+    optional = (
+        ("closest_entities", closest, plots.closest_entities_bar),
+        ("logit_lens", lens, plots.layer_bias_plot),
+        ("generalisation", generalisation, plots.generalisation_heatmap),
+    )
+    figs += [(name, plot(table)) for name, table, plot in optional if table is not None]
+    return [(name, fig, _note(name)) for name, fig in figs]
+
+
+def _note(name: str) -> str:
+    if name.startswith("scatter_"):
+        return FIGURE_NOTES["scatter"].format(method=name.removeprefix("scatter_").removesuffix("_vs_ablation"))
+    return FIGURE_NOTES[name]
 
 
 FIGURE_TITLES: dict[str, str] = {

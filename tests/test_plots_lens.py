@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from biasgym_lens import plots
+from biasgym_lens import figure_files, plots
 from biasgym_lens.catalogue import load_bias
 from biasgym_lens.elicit import closest_entities
 from biasgym_lens.inject import inject
@@ -115,7 +115,7 @@ def test_save_figure_html_offline_and_png_error(tmp_path, monkeypatch, objects):
     def fail(*a, **k):
         raise RuntimeError("no browser")
 
-    monkeypatch.setattr(plots, "_kaleido_write", fail)
+    monkeypatch.setattr(figure_files, "_kaleido_write", fail)
     with pytest.raises(plots.PngExportError, match="apt-get install chromium"):
         plots.save_figure(fig, tmp_path / "fig2", images=("svg",))
     assert (tmp_path / "fig2.html").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
