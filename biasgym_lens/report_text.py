@@ -187,9 +187,9 @@ def baseline_sentence(summary: pd.DataFrame) -> str:
     tok, real = none.get("token_excess"), none.get("real_group_gap")
     if not _finite(tok):
         return ""
-    text = f"With no intervention the injected token's bias exceeds the control groups' by {_nats(tok)} nats"
+    text = f"With no intervention the injected token's excess over the control groups is {_nats(tok)} nats"
     if _finite(real):
-        text += f" (the real groups' by {_nats(real)} nats)"
+        text += f" (the real groups': {_nats(real)} nats)"
     return text + "; a cut of 100% removes that excess entirely, a negative cut increases it."
 
 
@@ -288,12 +288,17 @@ def _injection_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _scope_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
-    extra = facts.get("scope_extra") or {}
+    extra = facts.get("scope_decisions") or facts.get("scope_extra") or {}
     heads = facts.get("chosen_heads")
+    steering = ""
+    if "steer_layer" in extra:
+        alpha = extra.get("steer_alpha")
+        strength = f"strength {alpha:g}" if _finite(alpha) and alpha else "no strength held the budget"
+        steering = f"layer {extra['steer_layer']}, {strength}"
     rows = [
         ("Chosen heads", None if heads is None else ", ".join(head_label(h) for h in heads) or "none"),
         ("Random heads", ", ".join(head_label(h) for h in extra.get("random_heads") or [])),
-        ("Steering", f"layer {extra['steer_layer']}, strength {extra.get('steer_alpha')}" if "steer_layer" in extra else ""),
+        ("Steering", steering),
         ("Debiasing prefix", extra.get("prefix")),
     ]
     return [(k, str(v)) for k, v in rows if v not in (None, "")]
@@ -304,8 +309,8 @@ def settings_sections(facts: Mapping[str, Any]) -> list[tuple[str, list[tuple[st
 
     Args:
         facts: The facts of ``results.json``: ``identity``, ``provenance``, ``injection``, ``chosen_heads`` and
-            ``timings`` (stage -> seconds), optionally ``injection_check`` and ``scope_extra``; missing parts
-            are left out.
+            ``timings`` (stage -> seconds), optionally ``injection_check`` and the scope's decisions
+            (``scope_decisions``, earlier ``scope_extra``); missing parts are left out.
     """
     timings = facts.get("timings") or {}
     times = [(str(stage), _seconds(s)) for stage, s in timings.items()]

@@ -120,8 +120,8 @@ def test_summary_table_merges_intervals():
 
 def test_baseline_sentence():
     assert baseline_sentence(_summary()).startswith(
-        "With no intervention the injected token's bias exceeds the control groups' by +2.000 nats (the real "
-        "groups' by +0.400 nats)"
+        "With no intervention the injected token's excess over the control groups is +2.000 nats (the real "
+        "groups': +0.400 nats)"
     )
     assert baseline_sentence(_summary(none={"token_excess": NAN})) == ""
 
@@ -152,7 +152,12 @@ def test_settings_sections():
     assert dict(sections["Time per stage"]) == {"inject": "1 min 1 s", "scope": "30.3 s", "evaluate": "2.0 s",
                                                  "total": "1 min 33 s"}
     assert dict(sections["Package versions"]) == {"torch": "2.5", "transformer-lens": "4.3"}
-    assert dict(sections["Scope"])["Chosen heads"] == "L21H1, L25H6, L23H1"
+    scope_rows = dict(sections["Scope"])
+    assert scope_rows["Chosen heads"] == "L21H1, L25H6, L23H1" and scope_rows["Random heads"] == "L1H2"
+    assert scope_rows["Steering"] == "layer 12, strength 4" and scope_rows["Debiasing prefix"] == "Be fair."
+    renamed = {k: v for k, v in FACTS.items() if k != "scope_extra"}
+    renamed["scope_decisions"] = {**FACTS["scope_extra"], "steer_alpha": 0.0}  # the name results.json uses later
+    assert dict(dict(settings_sections(renamed))["Scope"])["Steering"] == "layer 12, no strength held the budget"
     assert "took" in dict(sections["Injection"])["Injection check"]
     assert not any("sketch" in k.lower() for rows in sections.values() for k, _ in rows)
     assert [name for name, _ in settings_sections({"timings": {}})] == []  # missing parts are left out
