@@ -188,7 +188,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
-from biasgym_lens.plots import _kaleido_write, save_figures
+from biasgym_lens.figure_files import _kaleido_write, save_figures
 rng = np.random.default_rng(0)
 figs = {  # like a report's figures: a title and axis titles (text that plotly.js may hand to MathJax)
     f"fig{i}": go.Figure(

@@ -406,7 +406,7 @@ class Study:
         keys = ("identity", "provenance", "injection", "chosen_heads", "generations", "timings")
         path = self.out / "results.json"
         facts = require(read_json(path, "study results"), keys, path)
-        facts = {k: facts[k] for k in keys}
+        facts = {**{k: facts.get(k) for k in (*keys, "injection_check", "scope_extra", "scope_decisions")}, "timings": {**facts["timings"], **self.timings}}
         path = write_report(
             self.out, figures, title=f"BiasGym study: {self.bias} on {self.model_name}", summary=res.summary(),
             facts=facts, images=images,

@@ -2,15 +2,14 @@
 
 Every function is pure: it takes result objects (or tensors/DataFrames) and returns a ``go.Figure``; nothing is
 shown and no global template is changed. Signed quantities use a diverging scale centred at zero, layer 0 at
-the top of every heatmap. :func:`save_figure` writes HTML (offline: plotly.js embedded) and PNG/SVG when kaleido
-finds a Chromium.
+the top of every heatmap. :func:`save_figure` / :func:`save_figures` (from :mod:`biasgym_lens.figure_files`) write
+HTML that opens offline and PNG/SVG when kaleido finds a Chromium.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from torch import Tensor
+
+from biasgym_lens.figure_files import IMAGE_FORMATS, PLOTLYJS_FILE, PngExportError, save_figure, save_figures
 
 __all__ = [
     "head_heatmap",
@@ -31,15 +32,13 @@ __all__ = [
     "generalisation_heatmap",
     "layer_bias_plot",
     "save_figure",
+    "save_figures",
     "IMAGE_FORMATS",
+    "PLOTLYJS_FILE",
     "PngExportError",
 ]
 
 _DIVERGING = "RdBu_r"
-
-
-class PngExportError(RuntimeError):
-    """PNG/SVG export failed (kaleido needs a Chromium); HTML export still works."""
 
 
 def _grid(values: Tensor | np.ndarray) -> np.ndarray:
@@ -67,10 +66,58 @@ def _heatmap_trace(z: np.ndarray, *, signed: bool, name: str, showscale: bool = 
     )
 
 
-def head_heatmap(scores: Any, *, title: str | None = None, signed: bool | None = None) -> go.Figure:
+def _check_heads(heads: Sequence[tuple[int, int]], n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    out = []
+    for head in heads:
+        layer, h = (int(v) for v in head)
+        if not (0 <= layer < n_layers and 0 <= h < n_heads):
+            raise ValueError(
+                f"highlighted head L{layer}H{h} is outside the grid; valid: layers 0-{n_layers - 1}, "
+                f"heads 0-{n_heads - 1}"
+            )
+        out.append((layer, h))
+    return out
+
+
+def _outline_heads(fig: go.Figure, heads: Sequence[tuple[int, int]], *, row: int | None = None, col: int | None = None) -> None:
+    """Draw a black rectangle around each head's cell and its rank (1 = first) in the cell."""
+    for rank, (layer, h) in enumerate(heads, start=1):
+        fig.add_shape(
+            type="rect", x0=h - 0.5, x1=h + 0.5, y0=layer - 0.5, y1=layer + 0.5, name=f"L{layer}H{h}",
+            line={"color": "black", "width": 2.5}, fillcolor="rgba(0,0,0,0)", row=row, col=col,
+        )
+        fig.add_annotation(
+            x=h, y=layer, text=f"<b>{rank}</b>", showarrow=False, font={"size": 10, "color": "black"},
+            bgcolor="rgba(255,255,255,0.85)", borderpad=1, name=f"L{layer}H{h}", row=row, col=col,
+        )
+
+
+def _integer_ticks(fig: go.Figure, n_layers: int, n_heads: int) -> None:
+    """Whole-number layer and head ticks (outlines would otherwise add ticks at half-cells)."""
+    fig.update_xaxes(tick0=0, dtick=1 if n_heads <= 16 else 2)
+    fig.update_yaxes(tick0=0, dtick=1 if n_layers <= 24 else 2)
+
+
+def head_heatmap(
+    scores: Any,
+    *,
+    title: str | None = None,
+    signed: bool | None = None,
+    highlight: Sequence[tuple[int, int]] | None = None,
+) -> go.Figure:
     """Layer x head heatmap of a :class:`~biasgym_lens.attribution.HeadScores` (or a ``[L, H]`` array).
 
     Diverging scale centred at 0 for signed scores, sequential for attention; hover shows layer, head, value.
+
+    Args:
+        scores: A ``HeadScores`` or a ``[n_layers, n_heads]`` array.
+        title: Figure title (default: bias, method and metric).
+        signed: Diverging scale (default: every method but attention).
+        highlight: ``(layer, head)`` pairs (e.g. the chosen heads) outlined with a black rectangle and numbered
+            in the given order.
+
+    Raises:
+        ValueError: a highlighted head outside the grid.
     """
     if hasattr(scores, "scores"):
         z = _grid(scores.scores)
@@ -82,14 +129,28 @@ def head_heatmap(scores: Any, *, title: str | None = None, signed: bool | None =
         z = _grid(scores)
         name = "score"
         signed = True if signed is None else signed
+    heads = _check_heads(highlight or (), *z.shape)
     fig = go.Figure(_heatmap_trace(z, signed=signed, name=name))
+    _outline_heads(fig, heads)
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=max(320, 18 * z.shape[0] + 120))
     fig.update_yaxes(autorange="reversed")
+    _integer_ticks(fig, *z.shape)
     return fig
 
 
-def methods_heatmaps(scores: Mapping[str, Any], *, title: str = "Head scores by method") -> go.Figure:
-    """Side-by-side heatmaps of several methods' head scores (each with its own colour range)."""
+def methods_heatmaps(
+    scores: Mapping[str, Any],
+    *,
+    title: str = "Head scores by method",
+    highlight: Sequence[tuple[int, int]] | None = None,
+) -> go.Figure:
+    """Side-by-side heatmaps of several methods' head scores (each with its own colour range).
+
+    Args:
+        scores: Method name -> ``HeadScores`` (or ``[n_layers, n_heads]`` array).
+        title: Figure title.
+        highlight: ``(layer, head)`` pairs outlined and numbered in every panel (as in :func:`head_heatmap`).
+    """
     names = list(scores)
     if not names:
         raise ValueError("no scores to plot")
@@ -100,8 +161,10 @@ def methods_heatmaps(scores: Mapping[str, Any], *, title: str = "Head scores by 
         signed = getattr(s, "method", name) != "attention"
         trace = _heatmap_trace(z, signed=signed, name=name, showscale=False)
         fig.add_trace(trace, row=1, col=i)
+        _outline_heads(fig, _check_heads(highlight or (), *z.shape), row=1, col=i)
         fig.update_xaxes(title_text="head", row=1, col=i)
     fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
+    _integer_ticks(fig, *z.shape)
     fig.update_layout(title=title, height=max(360, 18 * z.shape[0] + 140), width=max(700, 260 * len(names)))
     return fig
 
@@ -173,35 +236,60 @@ def closest_entities_bar(df: pd.DataFrame, *, top: int = 12, title: str = "Close
     return fig
 
 
+_CHOSEN_COLOUR = "#1f77b4"
+_RANDOM_COLOUR = "rgb(120,120,120)"
+
+
 def faithfulness_plot(curve: Any, *, title: str | None = None) -> go.Figure:
     """Excess and the budgeted neutral-text cost (perplexity or loss increase) against the number of ablated
-    heads; random heads as a min-max band."""
+    heads; random heads as a min-max band with their mean.
+
+    Each selection has one colour in both panels and one legend entry (``legendgroup``: clicking it hides the
+    selection in both panels).
+    """
     t = curve.table
     on = getattr(curve, "budget_on", "loss")
     cost = f"{on}_increase"
     top = t[t.selection == "top"].sort_values("k")
     rnd = t[t.selection == "random"].groupby("k").agg(
         lo=("excess", "min"), hi=("excess", "max"), mean=("excess", "mean"),
-        loss_lo=(cost, "min"), loss_hi=(cost, "max"),
+        cost_lo=(cost, "min"), cost_hi=(cost, "max"), cost_mean=(cost, "mean"),
     ).reset_index()
     fig = make_subplots(rows=1, cols=2, subplot_titles=("token excess over controls", f"neutral-text {on} increase"))
-    for col, (y, lo, hi) in enumerate((("excess", "lo", "hi"), (cost, "loss_lo", "loss_hi")), start=1):
+    panels = (("excess", "lo", "hi", "mean"), (cost, "cost_lo", "cost_hi", "cost_mean"))
+    for col, (y, lo, hi, mean) in enumerate(panels, start=1):
+        first = col == 1
+        ks = list(rnd["k"])
         fig.add_trace(
             go.Scatter(
-                x=list(rnd["k"]) + list(rnd["k"])[::-1], y=list(rnd[hi]) + list(rnd[lo])[::-1], fill="toself",
-                line={"width": 0}, fillcolor="rgba(150,150,150,0.3)", name="random heads (min-max)",
-                showlegend=col == 1, hoverinfo="skip",
+                x=ks + ks[::-1], y=list(rnd[hi]) + list(rnd[lo])[::-1], fill="toself", mode="lines", line={"width": 0},
+                fillcolor="rgba(120,120,120,0.25)", name="random heads (min-max)", legendgroup="random",
+                showlegend=first, hoverinfo="skip",
             ),
             row=1, col=col,
         )
-        fig.add_trace(go.Scatter(x=top["k"], y=top[y], mode="lines+markers", name="chosen ranking", showlegend=col == 1), row=1, col=col)
-        fig.update_xaxes(title_text="heads ablated (k)", row=1, col=col)
-    fig.add_hline(y=curve.baseline_excess, line_dash="dot", row=1, col=1)
-    fig.add_hline(y=curve.budget, line_dash="dash", line_color="red", row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=ks, y=rnd[mean], mode="lines", line={"color": _RANDOM_COLOUR, "dash": "dot"},
+                name="random heads (mean)", legendgroup="random", showlegend=first,
+            ),
+            row=1, col=col,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=top["k"], y=top[y], mode="lines+markers", line={"color": _CHOSEN_COLOUR},
+                marker={"color": _CHOSEN_COLOUR}, name="chosen ranking", legendgroup="top", showlegend=first,
+            ),
+            row=1, col=col,
+        )
+        fig.update_xaxes(title_text="heads ablated (k)", tickvals=sorted(set(t["k"])), row=1, col=col)
+    fig.add_hline(y=curve.baseline_excess, line_dash="dot", annotation_text="no intervention", row=1, col=1)
+    fig.add_hline(y=curve.budget, line_dash="dash", line_color="red", annotation_text="budget", row=1, col=2)
     fig.update_yaxes(title_text="excess (nats)", row=1, col=1)
     fig.update_yaxes(title_text=f"relative {on} increase", tickformat=".1%", row=1, col=2)
     fig.update_layout(
-        title=title or f"Faithfulness curve (best k on the curve = {curve.chosen_k()}, {on} budget {curve.budget:.0%})"
+        title=title or f"Faithfulness curve (best k on the curve = {curve.chosen_k()}, {on} budget {curve.budget:.0%})",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0},
     )
     return fig
 
@@ -247,92 +335,3 @@ def layer_bias_plot(per_layer: pd.DataFrame, *, title: str = "Bias logit differe
         fig.add_trace(go.Scatter(x=sub["layer"], y=sub["logit_diff"], mode="lines+markers", name=str(group)))
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="logit diff through the final norm (nats)")
     return fig
-
-
-IMAGE_FORMATS = ("png", "svg")
-
-
-def save_figure(
-    fig: go.Figure,
-    path: str | Path,
-    *,
-    images: Sequence[str] = ("png",),
-    include_plotlyjs: bool | str = True,
-) -> list[Path]:
-    """Write ``path.html`` (offline: plotly.js embedded by default) and one static image per format in ``images``.
-
-    Args:
-        images: Any of ``"png"`` and ``"svg"`` (kaleido, which needs a Chromium); ``()`` writes HTML only.
-
-    Raises:
-        ValueError: an unknown image format (before anything is written).
-        PngExportError: static export failed (kaleido needs Chromium, e.g. ``apt-get install chromium``); the
-            HTML file is written before it is attempted.
-    """
-    base = Path(path).with_suffix("")
-    return save_figures({base.name: fig}, base.parent, images=images, include_plotlyjs=include_plotlyjs)
-
-
-def _kaleido_write(jobs: Sequence[tuple[go.Figure, Path]]) -> None:
-    """Static images (format from each path's suffix), 1000 px wide, in one kaleido (Chromium) session.
-
-    MathJax is off: no figure here uses LaTeX, and kaleido's default loads it from a CDN, which costs about
-    5 s per session (offline, the wait for the network to fail; see ``benchmarks/run.py --only export``).
-    """
-    import kaleido
-
-    specs = [
-        {
-            "fig": fig.to_dict(),
-            "path": path,
-            "opts": {"format": path.suffix[1:], "width": 1000, "height": int(fig.layout.height or 500), "scale": 1},
-        }
-        for fig, path in jobs
-    ]
-    kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False})
-
-
-def save_figures(
-    figures: Mapping[str, go.Figure],
-    folder: str | Path,
-    *,
-    images: Sequence[str] = ("png",),
-    include_plotlyjs: bool | str = True,
-) -> list[Path]:
-    """:func:`save_figure` for several figures: ``folder/<name>.html`` each, then every static image in one
-    kaleido session (one browser start instead of one per image; see ``benchmarks/run.py --only export``).
-
-    Raises:
-        ValueError: an unknown image format (before anything is written).
-        PngExportError: static export failed; every HTML file is written and no partial image is left.
-    """
-    bad = [f for f in images if f not in IMAGE_FORMATS]
-    if bad:
-        raise ValueError(f"unknown image format(s) {bad}; valid: {list(IMAGE_FORMATS)}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, fig in figures.items():
-        html = folder / f"{name}.html"
-        tmp = html.with_name(html.name + ".tmp")
-        fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True)
-        tmp.replace(html)
-        written.append(html)
-    jobs = [(fig, folder / f"{name}.{fmt}") for fmt in dict.fromkeys(images) for name, fig in figures.items()]
-    if not jobs:
-        return written
-    parts = [out.with_name(f"{out.stem}.tmp{out.suffix}") for _, out in jobs]  # kaleido reads the suffix
-    try:
-        _kaleido_write([(fig, part) for (fig, _), part in zip(jobs, parts)])
-    except Exception as e:  # kaleido raises several types when no browser is available
-        for part in parts:
-            part.unlink(missing_ok=True)
-        names = ", ".join(out.name for _, out in jobs[:3]) + (", ..." if len(jobs) > 3 else "")
-        raise PngExportError(
-            f"static export of {names} failed ({type(e).__name__}: {e}); kaleido needs a Chromium "
-            "(Debian: apt-get install chromium). The HTML versions were written."
-        ) from e
-    for part, (_, out) in zip(parts, jobs):
-        part.replace(out)
-        written.append(out)
-    return written

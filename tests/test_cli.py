@@ -71,26 +71,49 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs a Chromium (Debian: apt-get install chromium)")
-def test_report_renders_every_figure_offline_in_a_real_browser(tiny_folder, tmp_path):
-    import re
+needs_chromium = pytest.mark.skipif(_chromium() is None, reason="needs a Chromium (Debian: apt-get install chromium)")
+
+
+def _browser(url: str, profile, *flags: str):
+    """Headless Chromium's DOM of ``url`` after its scripts ran, with every network fetch failing."""
     import subprocess
 
-    out = tmp_path / "browser"
-    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png", "--allow-weak-injection")
-    assert r.exit_code == 0, r.output
-    report = out / "report.html"
-    n_figures = report.read_text().count("class='fig'")
-    proc = subprocess.run(
+    return subprocess.run(
         [
             _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",  # any network fetch fails
-            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-            "--virtual-time-budget=20000", "--dump-dom", report.as_uri(),
+            "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile}", "--enable-logging=stderr",
+            "--v=0", "--virtual-time-budget=20000", *flags, "--dump-dom", url,
         ],
         capture_output=True, text=True, timeout=180,
     )
+
+
+def _attribute_json(dom: str, name: str):
+    import html
+    import re
+
+    found = re.search(name + r'="([^"]*)"', dom)
+    assert found, f"the page's check script did not run ({name} missing)"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.fixture(scope="module")
+def browser_study(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("browser") / "study"
+    r = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png", "--allow-weak-injection")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@needs_chromium
+def test_report_renders_every_figure_offline_in_a_real_browser(browser_study, tmp_path):
+    import re
+
+    report = browser_study / "report.html"
+    n_figures = report.read_text().count("class='fig'")
+    proc = _browser(report.as_uri(), tmp_path / "profile")
     dom = proc.stdout
     drawn = re.findall(r'<div id="fig-[^"]+"[^>]*class="[^"]*js-plotly-plot', dom) or re.findall(r"js-plotly-plot", dom)
     assert n_figures >= 6
@@ -98,6 +121,60 @@ def test_report_renders_every_figure_offline_in_a_real_browser(tiny_folder, tmp_
     assert len(drawn) >= n_figures
     console_errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or "Error" in ln)]
     assert not console_errors, console_errors
+
+
+_MEASURE = """<script>
+window.addEventListener("load", function () { setTimeout(function () {
+  var h = document.getElementById("headline").getBoundingClientRect();
+  var wraps = Array.from(document.querySelectorAll(".tblwrap, .fig")).map(function (w) {
+    return [w.className, w.scrollWidth, w.clientWidth]; });
+  document.body.setAttribute("data-measure", JSON.stringify({
+    scrollWidth: document.documentElement.scrollWidth, clientWidth: document.documentElement.clientWidth,
+    innerWidth: window.innerWidth, innerHeight: window.innerHeight, top: h.top, bottom: h.bottom,
+    headline: document.getElementById("headline").textContent, wraps: wraps}));
+}, 300); });
+</script>"""
+
+
+@needs_chromium
+def test_report_headline_is_visible_at_1280x800_without_horizontal_scroll(browser_study, tmp_path):
+    # a copy of the report with a script that measures the laid-out page (the report itself has no such script)
+    page = tmp_path / "measured.html"
+    page.write_text((browser_study / "report.html").read_text().replace("</body>", _MEASURE + "</body>"))
+    m = _attribute_json(_browser(page.as_uri(), tmp_path / "profile", "--window-size=1280,800").stdout, "data-measure")
+    assert m["innerWidth"] == 1280 and 0 < m["innerHeight"] <= 800, m  # the window the test asks for
+    assert 0 <= m["top"] < m["bottom"] <= m["innerHeight"], "the headline must be on the first screen"
+    assert "did not take" in m["headline"]  # tiny random models never take the injection: the warning
+    assert m["scrollWidth"] <= m["clientWidth"] <= 1280, "no horizontal scrollbar on the page"
+    assert m["wraps"] and all(sw <= cw for _, sw, cw in m["wraps"]), m["wraps"]  # nor inside a table or figure
+
+
+_DRAWN = """<script>
+window.addEventListener("load", function () { setTimeout(function () {
+  var out = Array.from(document.querySelectorAll("iframe")).map(function (f) {
+    return [f.getAttribute("src"), f.contentDocument ? f.contentDocument.querySelectorAll(".main-svg").length : -1]; });
+  document.body.setAttribute("data-drawn", JSON.stringify(out));
+}, 500); });
+</script>"""
+
+
+@needs_chromium
+def test_standalone_figures_open_offline(browser_study, tmp_path):
+    import plotly.graph_objects as go
+
+    figures = sorted((browser_study / "figures").glob("*.html"))
+    assert len(figures) >= 6 and (browser_study / "figures" / "plotly.min.js").is_file()
+    # a figure that needs the CDN, as a check that the network really is blocked
+    cdn = tmp_path / "cdn.html"
+    go.Figure(go.Bar(y=[1])).write_html(cdn, include_plotlyjs="cdn")
+    frames = "".join(f'<iframe src="{p.as_uri()}" width="800" height="450"></iframe>' for p in [*figures, cdn])
+    page = tmp_path / "frames.html"
+    page.write_text(f"<!doctype html><html><body>{frames}{_DRAWN}</body></html>")
+    proc = _browser(page.as_uri(), tmp_path / "profile", "--allow-file-access-from-files", "--window-size=1280,800")
+    drawn = dict(_attribute_json(proc.stdout, "data-drawn"))
+    assert drawn.pop(cdn.as_uri()) == 0, "the CDN figure drew: the network was not blocked"
+    assert drawn == {p.as_uri(): drawn[p.as_uri()] for p in figures}
+    assert all(n >= 1 for n in drawn.values()), drawn  # every figure drew its plot offline
 
 
 def test_audit_prints_both_ends_and_writes_the_table(tiny_folder, tmp_path):

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from biasgym_lens import plots
+from biasgym_lens import figure_files, plots
 from biasgym_lens.catalogue import load_bias
 from biasgym_lens.elicit import closest_entities
 from biasgym_lens.inject import inject
@@ -115,7 +115,7 @@ def test_save_figure_html_offline_and_png_error(tmp_path, monkeypatch, objects):
     def fail(*a, **k):
         raise RuntimeError("no browser")
 
-    monkeypatch.setattr(plots, "_kaleido_write", fail)
+    monkeypatch.setattr(figure_files, "_kaleido_write", fail)
     with pytest.raises(plots.PngExportError, match="apt-get install chromium"):
         plots.save_figure(fig, tmp_path / "fig2", images=("svg",))
     assert (tmp_path / "fig2.html").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
@@ -144,3 +144,74 @@ def test_png_and_svg_export_through_kaleido(tmp_path, objects):
     assert [p.name for p in two] == ["dla.html", "attention.html", "dla.png", "attention.png"]
     assert two[2].read_bytes() != two[3].read_bytes() and all(p.stat().st_size > 1000 for p in two[2:])
     assert not list((tmp_path / "many").glob("*.tmp*"))
+
+
+def test_head_heatmap_outlines_the_highlighted_heads():
+    z = np.arange(12, dtype=float).reshape(3, 4) - 5
+    heads = [(2, 1), (0, 3)]
+    fig = plots.head_heatmap(z, highlight=heads)
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    # one rectangle per head, exactly around its cell (x = head, y = layer, cells of width 1)
+    assert [(s.x0, s.x1, s.y0, s.y1) for s in rects] == [(h - 0.5, h + 0.5, ly - 0.5, ly + 0.5) for ly, h in heads]
+    assert [s.name for s in rects] == ["L2H1", "L0H3"]
+    notes = [(a.x, a.y, a.text) for a in fig.layout.annotations]
+    assert notes == [(1, 2, "<b>1</b>"), (3, 0, "<b>2</b>")]  # numbered in the given (ranking) order
+    assert not plots.head_heatmap(z).layout.shapes  # nothing drawn without highlight
+    with pytest.raises(ValueError, match="L3H0.*layers 0-2, heads 0-3"):
+        plots.head_heatmap(z, highlight=[(3, 0)])
+    panels = plots.methods_heatmaps({"a": z, "b": -z}, highlight=heads)
+    by_panel = {}
+    for s in panels.layout.shapes:
+        by_panel.setdefault(s.xref, []).append((s.x0, s.y0))
+    assert by_panel == {"x": [(0.5, 1.5), (2.5, -0.5)], "x2": [(0.5, 1.5), (2.5, -0.5)]}
+
+
+def _colour(trace) -> str:
+    """The RGB of a trace as drawn (its fill for a band, else its line), without the alpha."""
+    c = trace.fillcolor if trace.fill else trace.line.color
+    assert c, f"trace {trace.name} has no explicit colour (it would depend on its position)"
+    if "(" not in c:
+        return c
+    return ",".join(n.strip() for n in c[c.index("(") + 1 : c.index(")")].split(",")[:3])
+
+
+def test_faithfulness_legend_matches_the_colours_in_both_panels():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    rows = [("top", k, 1.0 - 0.2 * k, 0.01 * k) for k in (1, 2, 4)]
+    rows += [("random", k, 1.0 - 0.01 * k * d, 0.005 * k * d) for k in (1, 2, 4) for d in (1, 2)]
+    table = pd.DataFrame(rows, columns=["selection", "k", "excess", "perplexity_increase"])
+    curve = SimpleNamespace(table=table, budget_on="perplexity", baseline_excess=1.0, budget=0.05, chosen_k=lambda: 2)
+    fig = plots.faithfulness_plot(curve)
+    names = {tr.name for tr in fig.data}
+    assert names == {"chosen ranking", "random heads (min-max)", "random heads (mean)"}
+    for name in names:
+        traces = [tr for tr in fig.data if tr.name == name]
+        assert sorted(tr.xaxis for tr in traces) == ["x", "x2"], name  # drawn in both panels
+        assert sum(bool(tr.showlegend) for tr in traces) == 1, name  # one legend entry
+        assert len({_colour(tr) for tr in traces}) == 1, name  # the same colour in both panels
+        assert len({tr.legendgroup for tr in traces}) == 1, name  # its legend entry toggles both panels
+    top = next(tr for tr in fig.data if tr.name == "chosen ranking")
+    rnd = next(tr for tr in fig.data if tr.name == "random heads (mean)")
+    assert _colour(top) != _colour(rnd)
+    band = next(tr for tr in fig.data if tr.name == "random heads (min-max)" and tr.xaxis == "x")
+    # the band runs along the maximum over draws and back along the minimum (draws: 1 - 0.01 k d, d = 1, 2)
+    assert band.mode == "lines" and list(band.x) == [1, 2, 4, 4, 2, 1]
+    assert np.allclose(band.y, [0.99, 0.98, 0.96, 0.92, 0.96, 0.98])
+
+
+def test_save_figures_can_share_one_plotly_bundle(tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    figs = {"a": go.Figure(go.Bar(y=[1])), "b": go.Figure(go.Bar(y=[2]))}
+    paths = plots.save_figures(figs, tmp_path, images=(), include_plotlyjs="directory")
+    assert [p.name for p in paths] == ["plotly.min.js", "a.html", "b.html"]
+    assert (tmp_path / "plotly.min.js").read_text() == get_plotlyjs()
+    for p in paths[1:]:
+        text = p.read_text()
+        assert 'src="plotly.min.js"' in text and len(text) < 100_000
+    (tmp_path / "plotly.min.js").write_text("stale")  # another plotly version's bundle is replaced
+    plots.save_figures(figs, tmp_path, images=(), include_plotlyjs="directory")
+    assert (tmp_path / "plotly.min.js").read_text() == get_plotlyjs()
