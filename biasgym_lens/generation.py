@@ -43,9 +43,10 @@ from biasgym_lens.models import model_info
 from biasgym_lens.tokens import tokenize
 from biasgym_lens.unembed import skipping_layers, suffix_supported, unembed_at
 
-__all__ = ["GenerationResult", "GenerationSettings", "generate", "kv_cache_routing"]
+__all__ = ["GenerationResult", "GenerationSettings", "Intervention", "generate", "kv_cache_routing"]
 
 Intervention = Callable[[], AbstractContextManager[Any]] | None
+"""A zero-argument callable returning a context manager (e.g. ``lambda: ablate_heads(model, heads)``), or None."""
 
 
 @dataclass(frozen=True)
