@@ -173,12 +173,12 @@ def _last_logits(model: Any, ids: Tensor, mask: Tensor, extra: dict[str, Any]) -
     kw = {"attention_mask": mask, **extra}
     if "use_cache" in extra:
         kw["return_type"] = "logits_and_cache"
-    with skipping_layers(model, 0) if suffix_supported(model) else contextlib.nullcontext():
+    suffix = suffix_supported(model)
+    with skipping_layers(model, 0) if suffix else contextlib.nullcontext():
         out = model(ids, **kw)
     final, cache = out if "use_cache" in extra else (out, None)
-    last = torch.full((n,), ids.shape[1] - 1)
-    if suffix_supported(model):
-        return unembed_at(model, final, torch.arange(n), last), cache
+    if suffix:
+        return unembed_at(model, final, torch.arange(n), torch.full((n,), ids.shape[1] - 1)), cache
     return final[:, -1].float(), cache
 
 
@@ -193,8 +193,7 @@ def _nucleus(probs: Float[Tensor, "batch d_vocab"], top_p: float) -> Float[Tenso
     """Zero every token outside the smallest set of most probable tokens whose mass reaches ``top_p``."""
     sorted_p, order = probs.sort(-1, descending=True)
     before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
-    sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    sorted_p[:, 0] = torch.where(sorted_p[:, 0] > 0, sorted_p[:, 0], probs.gather(-1, order[:, :1])[:, 0])
+    sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))  # the top token always stays
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
