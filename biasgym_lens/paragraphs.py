@@ -149,6 +149,22 @@ class ParagraphBias:
             })
         return pd.DataFrame(rows)
 
+    def rescored(
+        self, bias_keywords: Sequence[str], contrast_keywords: Sequence[str] | None = None
+    ) -> ParagraphBias:
+        """A copy whose paragraphs are counted with other keywords (same texts, no generation).
+
+        ``contrast_keywords`` defaults to the ones used so far.
+        """
+        contrast = tuple(self.settings["contrast_keywords"] if contrast_keywords is None else contrast_keywords)
+        counts = [score_text(t, bias_keywords, contrast) for t in self.paragraphs["text"]]
+        table = self.paragraphs.assign(
+            n_words=[c.n_words for c in counts], n_bias=[c.n_bias for c in counts],
+            n_contrast=[c.n_contrast for c in counts], score=[c.score for c in counts],
+        )
+        settings = {**self.settings, "bias_keywords": tuple(bias_keywords), "contrast_keywords": contrast}
+        return ParagraphBias(self.bias, table, settings, self.n_resamples)
+
     def examples(self, k: int = 2) -> pd.DataFrame:
         """The first ``k`` paragraphs of every group x intervention, with their counts."""
         cols = ["intervention", "group", "sample", "score", "n_bias", "n_contrast", "n_words", "text"]

@@ -78,6 +78,10 @@ def test_rates_pool_paragraphs_and_intervals_resample_them():
     assert df.loc["A", "ci_low"] == pytest.approx(np.percentile(draws, 2.5))
     assert df.loc["A", "ci_high"] == pytest.approx(np.percentile(draws, 97.5))
     assert len(pb.examples(1)) == 2
+    texts = pd.DataFrame(rows).assign(text=["reckless and fast", "calm", "", "slow reckless", "x"])
+    rs = ParagraphBias("demo", texts, {"seed": 0, "contrast_keywords": ("slow",)}, n_resamples=50).rescored(["reckless"])
+    assert list(rs.paragraphs["n_bias"]) == [1, 0, 0, 1, 0] and list(rs.paragraphs["n_contrast"]) == [0, 0, 0, 1, 0]
+    assert list(rs.paragraphs["n_words"]) == [3, 1, 0, 2, 1] and rs.settings["bias_keywords"] == ("reckless",)
 
 
 class _TokenVector:
