@@ -1,7 +1,7 @@
 """Speed comparisons, each measured side by side in one run, printed as ratios next to their targets.
 
 Usage:
-    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step,final,export]
+    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step,final,generation,export]
 
 0. load: loading the model in a fresh process with an empty cache vs with the cache built.
 1. scan: exact single-head ablation of every head, one head per forward pass vs several heads per pass
@@ -20,6 +20,9 @@ Usage:
 8. final: the final measures of a study: the capability cost (neutral loss, KL, multiple choice) of ablating
    late heads with full passes vs resumed at the first ablated layer from the cached clean residual; and the
    bias score of every group of a bias, one batch stream per group vs all groups batched together.
+9. generation: 64 new tokens for 16 chat prompts of different lengths, with the KV cache vs one full forward
+   pass per token, vs Hugging Face's and TransformerLens's uncached generate, token agreement, and the broken
+   cached modes of those tools after booting (see benchmarks/bench_generation.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_generation import bench_generation  # noqa: E402
 
 from biasgym_lens import load_model  # noqa: E402
 from biasgym_lens.attribution import ablation_scores, attribution_scores  # noqa: E402
@@ -407,7 +412,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heads", type=int, default=0, help="heads in the scan comparison, evenly spaced (all: 0)")
     ap.add_argument("--probes", type=int, default=6)
-    ap.add_argument("--only", default="load,scan,attribution,step,microbatch,final,memory,scaling,export")
+    ap.add_argument("--only", default="load,scan,attribution,step,microbatch,final,generation,memory,scaling,export")
     ap.add_argument("--memory-probe", choices=("forward", "step", "full"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -442,6 +447,8 @@ def main() -> None:
         bench_microbatch(model, args.repeats)
     if "final" in only:
         bench_final(model, args.repeats)
+    if "generation" in only:
+        bench_generation(model, args.repeats, line)
     if "scaling" in only:
         bench_step_scaling(model, args.repeats)
     if "memory" in only:

@@ -2,6 +2,10 @@
 
 ``active_hooks(model)`` lists hook points that still hold a hook; tests call it after every public operation
 (success or failure) to prove nothing was left behind.
+
+A hook sees the positions of the tensor it is handed. During a KV-cached generation step that tensor holds only
+the new tokens; :func:`position_offset` tells a hook how many positions come before them (0 in a plain forward
+pass), so hooks that act at absolute positions stay right (``steer(positions=...)`` uses it).
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["HookSpec", "active_hooks", "hooked"]
+__all__ = ["HookSpec", "active_hooks", "hooked", "position_offset", "positions_from", "decoding"]
+
+_OFFSET_ATTR = "_biasgym_position_offset"
 
 HookSpec = tuple[str | Callable[[str], bool], Callable[..., Any]]
 
@@ -43,3 +49,34 @@ def hooked(
     """
     with model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
         yield model
+
+
+def position_offset(model: Any) -> int:
+    """Absolute position of the first column of the tensors that hooks see in the current forward pass.
+
+    0 in a plain forward pass; inside :func:`positions_from` (a KV-cached generation step) the number of
+    cached positions before the new tokens.
+    """
+    return int(getattr(model, _OFFSET_ATTR, 0))
+
+
+def decoding(model: Any) -> bool:
+    """Whether ``model`` is inside a generation step (:func:`positions_from` is active), where a sequence may
+    still be shorter than a position a hook waits for."""
+    return hasattr(model, _OFFSET_ATTR)
+
+
+@contextlib.contextmanager
+def positions_from(model: Any, offset: int) -> Iterator[Any]:
+    """Within the block, :func:`position_offset` of ``model`` is ``offset`` (restored on exit)."""
+    if int(offset) < 0:
+        raise ValueError(f"a position offset must be >= 0, got {offset!r}")
+    before = getattr(model, _OFFSET_ATTR, None)
+    object.__setattr__(model, _OFFSET_ATTR, int(offset))
+    try:
+        yield model
+    finally:
+        if before is None:
+            object.__delattr__(model, _OFFSET_ATTR)
+        else:
+            object.__setattr__(model, _OFFSET_ATTR, before)

@@ -3,8 +3,8 @@
 Every function here registers hooks only inside a ``with`` block; they are removed on exit, also when the body
 raises. Heads are addressed per *query* head at ``blocks.L.attn.hook_z`` (``[batch, pos, n_heads, d_head]``),
 so a single head can be ablated under grouped-query attention. Generation under an intervention uses
-:func:`generate_greedy`, a step-by-step greedy decoder without a KV cache (the bridge's KV-cached generation is
-wrong after wrapping, see the notes in the README).
+:func:`biasgym_lens.generation.generate` (greedy or sampled, with a KV cache that is exact under these hooks);
+:func:`generate_greedy` is its greedy shortcut returning plain strings.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from biasgym_lens.checks import (
     is_int,
 )
 from biasgym_lens.embedding import check_vector
-from biasgym_lens.hooks import HookSpec, hooked
+from biasgym_lens.generation import generate
+from biasgym_lens.hooks import HookSpec, decoding, hooked, position_offset
 from biasgym_lens.tokens import Batch, tokenize
-from biasgym_lens.unembed import logits_at
 
 __all__ = [
     "Head",
@@ -243,8 +243,11 @@ def steer(
             ``alpha`` subtracts it.
         layers: Layer index or indices (each once); the vector is added at ``blocks.L.hook_resid_post``.
         alpha: Multiplier, a finite number.
-        positions: Absolute positions to steer, non-negative integers (default: all positions). A forward
-            pass on a sequence too short to hold one of them raises ``ValueError`` (nothing is skipped silently).
+        positions: Absolute positions to steer, non-negative integers (default: all positions): columns of the
+            token tensor, counted from the first cached position during a KV-cached generation step (see
+            :func:`biasgym_lens.hooks.position_offset`); in a left-padded batch the padding counts. A forward
+            pass outside a generation on a sequence too short to hold one of them raises ``ValueError``
+            (nothing is skipped silently); a generation steers each position once it is reached.
 
     Raises:
         InputTypeError: a vector that is not a tensor, a non-integer layer or position, a non-number alpha.
@@ -266,13 +269,16 @@ def steer(
         v = (alpha * vector).to(device=x.device, dtype=x.dtype)
         if pos is None:
             return x + v
-        if int(pos.max()) >= x.shape[1]:
+        if not decoding(model) and int(pos.max()) >= x.shape[1]:
             raise ValueError(
                 f"steering positions {pos.tolist()} include {int(pos.max())}, beyond this sequence of "
                 f"{x.shape[1]} tokens (positions 0..{x.shape[1] - 1})"
             )
+        local = pos - position_offset(model)  # a cached generation step sees only the new positions
+        keep = local[(local >= 0) & (local < x.shape[1])].to(x.device)
+        if keep.numel() == 0:
+            return x
         x = x.clone()
-        keep = pos.to(x.device)
         x[:, keep] = x[:, keep] + v
         return x
 
@@ -280,7 +286,6 @@ def steer(
         yield model
 
 
-@torch.no_grad()
 def generate_greedy(
     model: Any,
     text: str | Sequence[str],
@@ -288,13 +293,14 @@ def generate_greedy(
     *,
     prepend_bos: bool | None = None,
     stop_at_eos: bool = True,
+    use_cache: bool = True,
 ) -> Any:
-    """Greedy continuation of ``text``, one full forward pass per new token (no KV cache).
+    """Greedy continuation of ``text`` under the hooks in place: :func:`biasgym_lens.generation.generate` with
+    ``temperature=0``, returning strings.
 
-    Correct under any hooks (ablations, steering, injected tokens) because each step recomputes everything.
-    Several texts of the same token length run as one batch (one forward pass per step for all of them; with
-    ``ablate_heads(..., rows=...)`` each row can carry its own intervention); texts of different lengths run
-    one after the other.
+    Several texts (any lengths) run as one left-padded batch; with ``ablate_heads(..., rows=...)`` each row can
+    carry its own intervention. The KV cache is exact under the package's hooks; ``use_cache=False`` runs one
+    full forward pass per new token.
 
     Returns:
         The generated continuation only (special tokens removed); a list of them for a list of texts.
@@ -306,37 +312,10 @@ def generate_greedy(
     """
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
     stop_at_eos = check_bool(stop_at_eos, "stop_at_eos")
-    if isinstance(text, str):
-        return generate_greedy(model, [text], max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos)[0]
-    texts = check_str_list(text, "text", nonempty=False, blank_ok=True)
+    texts = [text] if isinstance(text, str) else check_str_list(text, "text", nonempty=False, blank_ok=True)
     if not texts:
         raise ValueError("no texts to continue (empty list)")
-    batch = tokenize(model, texts, prepend_bos=prepend_bos)
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    longest = int(batch.lengths.max())
-    if n_ctx is not None and longest + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
-            f"{n_ctx} tokens (cfg.n_ctx); shorten the prompt or ask for at most {n_ctx - longest} new tokens"
-        )
-    if not bool(batch.attention_mask.all()):  # rows of different lengths: no padding inside a generation
-        return [
-            generate_greedy(model, t, max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos) for t in texts
-        ]
-    ids = batch.input_ids
-    n = ids.shape[0]
-    eos = model.tokenizer.eos_token_id
-    new: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    for _ in range(max_new_tokens):
-        with torch.no_grad():  # only the last position is unembedded
-            last = logits_at(model, ids, torch.ones_like(ids), torch.arange(n), torch.full((n,), ids.shape[1] - 1))
-        nxt = last.argmax(-1)
-        for r in range(n):
-            if not done[r]:
-                new[r].append(int(nxt[r]))
-                done[r] = stop_at_eos and int(nxt[r]) == eos
-        if all(done):
-            break
-        ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
-    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+    res = generate(
+        model, texts, max_new_tokens, stop_at_eos=stop_at_eos, use_cache=use_cache, prepend_bos=prepend_bos
+    )
+    return res.texts[0] if isinstance(text, str) else list(res.texts)

@@ -171,7 +171,7 @@ def test_row_restricted_ablation_and_batched_generation_equal_one_run_per_varian
         with ablate_heads(tiny_model, heads, rows=[1]):
             first = tiny_model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
     assert (first[0] - first[1]).abs().max() > 1e-3 and (first[0] - first[2]).abs().max() > 1e-3
-    # texts of different lengths fall back to one generation each, in order
+    # texts of different lengths run as one left-padded batch: the same as one generation each
     assert generate_greedy(tiny_model, ["a", "people from Italy are"], 3, stop_at_eos=False) == [
         generate_greedy(tiny_model, t, 3, stop_at_eos=False) for t in ["a", "people from Italy are"]
     ]
