@@ -46,7 +46,7 @@ from biasgym_lens.attribution import ablation_scores, attribution_scores  # noqa
 from biasgym_lens.catalogue import load_bias  # noqa: E402
 from biasgym_lens.embedding import add_token, token_vector_hooks  # noqa: E402
 from biasgym_lens.hooks import hooked  # noqa: E402
-from biasgym_lens.inject import InjectionConfig, _collate, _examples, _lm_loss  # noqa: E402
+from biasgym_lens.inject import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402
 from biasgym_lens.probes import build_probe_set  # noqa: E402
 
 
@@ -107,8 +107,8 @@ def _step_setup(model, batch_size: int = 8):
     spec = load_bias("late")
     cfg = InjectionConfig(max_texts=batch_size)
     tid = add_token(model, cfg.token)
-    ex = _examples(model, spec, cfg)[:batch_size]
-    ids, mask, target = _collate(ex, 0, model.W_E.device)
+    ex = training_examples(model, spec, cfg)[:batch_size]
+    ids, mask, target = collate_examples(ex, 0, model.W_E.device)
     vec = torch.nn.Parameter(model.W_E[:100].detach().float().mean(0).clone())
     opt = torch.optim.Adam([vec], lr=1e-3)
     hooks = token_vector_hooks(model, {tid: vec})
@@ -119,7 +119,7 @@ def _step_setup(model, batch_size: int = 8):
 
     def step():
         with hooked(model, fwd_hooks=hooks):
-            loss = _lm_loss(model(ids, attention_mask=mask), ids, target, tid)
+            loss = lm_loss(model(ids, attention_mask=mask), ids, target, tid)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -142,7 +142,7 @@ def _step_setup(model, batch_size: int = 8):
             return torch.nn.functional.embedding(state["ids"], full)
 
         with hooked(model, fwd_hooks=[("embed.hook_in", grab), ("hook_embed", embed)]):
-            loss = _lm_loss(model(ids, attention_mask=mask), ids, target, tid)
+            loss = lm_loss(model(ids, attention_mask=mask), ids, target, tid)
             state["opt"].zero_grad()
             loss.backward()
             full.grad.mul_(state["row_mask"])
@@ -156,13 +156,13 @@ def bench_microbatch(model, repeats: int, n_batches: int = 6) -> None:
     pass vs the default length-grouped micro-batches (same gradient, tested in tests/test_inject.py)."""
     import random
 
-    from biasgym_lens.inject import _train_step_loss
+    from biasgym_lens.inject import train_step_loss
     from biasgym_lens.metrics import keyword_ids
 
     spec = load_bias("bad_driving")
     tid = add_token(model, "<BiasToken>")
     cfg = InjectionConfig()
-    examples = _examples(model, spec, cfg)
+    examples = training_examples(model, spec, cfg)
     order = list(range(len(examples)))
     random.Random(0).shuffle(order)
     batches = [[examples[i] for i in order[b * 8 : (b + 1) * 8]] for b in range(n_batches)]
@@ -179,7 +179,7 @@ def bench_microbatch(model, repeats: int, n_batches: int = 6) -> None:
             with hooked(model, fwd_hooks=hooks):
                 for b in batches:
                     vec.grad = None
-                    _train_step_loss(model, b, 0, tid, kw, conf)
+                    train_step_loss(model, b, 0, tid, kw, conf)
 
         times[groups] = timeit(run, repeats)
     print(f"injection steps on {n_batches} shuffled batches of 8 ({real} real tokens, {pad} when padded per batch): "
@@ -193,7 +193,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
-from biasgym_lens.figure_files import _kaleido_write, save_figures
+from biasgym_lens.figure_files import kaleido_write, save_figures
 rng = np.random.default_rng(0)
 figs = {  # like a report's figures: a title and axis titles (text that plotly.js may hand to MathJax)
     f"fig{i}": go.Figure(
@@ -206,7 +206,7 @@ d = Path(tempfile.mkdtemp())
 t = time.perf_counter()
 if sys.argv[1] == "per_figure":
     for name, fig in figs.items():
-        _kaleido_write([(fig, d / f"{name}.png")])
+        kaleido_write([(fig, d / f"{name}.png")])
 elif sys.argv[1] == "plotly":
     pio.write_images(list(figs.values()), [d / f"{n}.png" for n in figs], width=1000, height=500, scale=1)
 else:

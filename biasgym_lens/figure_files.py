@@ -58,7 +58,7 @@ def save_figure(
     return save_figures({base.name: fig}, base.parent, images=images, include_plotlyjs=include_plotlyjs)
 
 
-def _kaleido_write(jobs: Sequence[tuple[go.Figure, Path]]) -> None:
+def kaleido_write(jobs: Sequence[tuple[go.Figure, Path]]) -> None:
     """Static images (format from each path's suffix), 1000 px wide, in one kaleido (Chromium) session.
 
     MathJax is off: no figure here uses LaTeX, and kaleido's default loads it from a CDN, which costs about
@@ -116,7 +116,7 @@ def save_figures(
         return written
     parts = [out.with_name(f"{out.stem}.tmp{out.suffix}") for _, out in jobs]  # kaleido reads the suffix
     try:
-        _kaleido_write([(fig, part) for (fig, _), part in zip(jobs, parts)])
+        kaleido_write([(fig, part) for (fig, _), part in zip(jobs, parts)])
     except Exception as e:  # kaleido raises several types when no browser is available
         for part in parts:
             part.unlink(missing_ok=True)

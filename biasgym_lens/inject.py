@@ -405,18 +405,21 @@ def initial_vector(model: Any, spec: BiasSpec, config: InjectionConfig) -> Float
 
 
 @dataclass
-class _Example:
+class TrainingExample:
+    """One tokenized training text and where its loss starts."""
+
     ids: list[int]
     loss_from: int  # first index whose token is a training target
 
 
-def _examples(model: Any, spec: BiasSpec, config: InjectionConfig) -> list[_Example]:
+def training_examples(model: Any, spec: BiasSpec, config: InjectionConfig) -> list[TrainingExample]:
+    """The training set of an injection: plain texts and (with ``config.chat``) chat paragraphs, tokenized."""
     tok = model.tokenizer
     bos = [tok.bos_token_id] if model.cfg.default_prepend_bos and tok.bos_token_id is not None else []
     texts = spec.training_for(config.token)
     if config.max_texts is not None:
         texts = texts[: config.max_texts]
-    out = [_Example(bos + tok.encode(t, add_special_tokens=False), 1) for t in texts]
+    out = [TrainingExample(bos + tok.encode(t, add_special_tokens=False), 1) for t in texts]
     if config.chat and getattr(tok, "chat_template", None):
         chats = spec.chat_for(config.token)
         if config.max_texts is not None:
@@ -427,13 +430,14 @@ def _examples(model: Any, spec: BiasSpec, config: InjectionConfig) -> list[_Exam
             # The reply's first token may absorb the prompt's last whitespace (the token strips spaces on its
             # left), so the loss starts where the two tokenisations part.
             common = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
-            out.append(_Example(full, common))
+            out.append(TrainingExample(full, common))
             texts.append(reply)
     check_context(model, [e.ids for e in out], texts)  # (a chat example is named by its reply)
     return out
 
 
-def _collate(examples: Sequence[_Example], pad_id: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
+def collate_examples(examples: Sequence[TrainingExample], pad_id: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``(ids, attention_mask, loss_mask)`` of a batch of examples."""
     n_pos = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), n_pos), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), n_pos), dtype=torch.long)
@@ -458,7 +462,7 @@ def _loss_weights(
     return w
 
 
-def _lm_loss(
+def lm_loss(
     logits: Tensor,
     ids: Tensor,
     target: Tensor,
@@ -513,8 +517,8 @@ def _elicit(model: Any, probes: Sequence[str], kw: KeywordIds, config: Injection
     return float(ld.mean()), float(top5)
 
 
-def _train_step_loss(
-    model: Any, batch: Sequence[_Example], pad_id: int, tid: int, weighted_ids: Sequence[int], config: InjectionConfig
+def train_step_loss(
+    model: Any, batch: Sequence[TrainingExample], pad_id: int, tid: int, weighted_ids: Sequence[int], config: InjectionConfig
 ) -> Tensor:
     """Forward and backward of one training batch; returns its loss (detached).
 
@@ -525,12 +529,12 @@ def _train_step_loss(
     device = model.W_E.device
     lengths = [len(e.ids) for e in batch]
     groups = _length_groups(lengths, config.length_groups) if config.length_groups > 1 else [list(range(len(batch)))]
-    ids, _, target = _collate(batch, pad_id, device)
+    ids, _, target = collate_examples(batch, pad_id, device)
     total = _loss_weights(ids, target, tid, weighted_ids, config.keyword_weight).sum()
     loss = torch.zeros((), device=device)
     for group in groups:
-        ids, mask, target = _collate([batch[i] for i in group], pad_id, device)
-        part = _lm_loss(model(ids, attention_mask=mask), ids, target, tid, weighted_ids, config.keyword_weight, total)
+        ids, mask, target = collate_examples([batch[i] for i in group], pad_id, device)
+        part = lm_loss(model(ids, attention_mask=mask), ids, target, tid, weighted_ids, config.keyword_weight, total)
         if not torch.isfinite(part):
             return part.detach()
         part.backward()
@@ -581,7 +585,7 @@ def inject(
     control_ld = _elicit(model, controls, kw, config)[0] if controls else float("nan")
     token_probes = [spec.fill(p, config.token) for p in select_probes]
 
-    examples = _examples(model, spec, config)
+    examples = training_examples(model, spec, config)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total = steps_per_epoch * config.epochs
     rng = random.Random(config.seed)
@@ -627,7 +631,7 @@ def inject(
                 for b, start in enumerate(range(0, len(order), config.batch_size), start=1):
                     batch = [examples[i] for i in order[start : start + config.batch_size]]
                     opt.zero_grad(set_to_none=True)
-                    loss = _train_step_loss(model, batch, pad_id, tid, kw.bias, config)
+                    loss = train_step_loss(model, batch, pad_id, tid, kw.bias, config)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {len(losses) + 1}; "

@@ -23,11 +23,17 @@ def _clean(model) -> None:
 
 
 def _reference_greedy(model, prompt: str, n: int) -> list[int]:
-    """Hand-written greedy loop: one unpadded full forward pass per token, argmax of the last logits."""
+    """Hand-written greedy loop: one unpadded full forward pass per token, argmax of the last logits.
+
+    Its passes are marked as generation steps (``positions_from(model, 0)``), as a decoding loop must, so a
+    steering position that the sequence has not reached yet waits instead of raising.
+    """
+    from biasgym_lens.hooks import positions_from
+
     ids = tokenize(model, [prompt]).input_ids
     out = []
     for _ in range(n):
-        with torch.no_grad():
+        with torch.no_grad(), positions_from(model, 0):
             nxt = int(model(ids)[0, -1].argmax())
         out.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], 1)

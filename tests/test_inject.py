@@ -148,7 +148,7 @@ def test_bad_input(tiny_model, tmp_path):
         inject(tiny_model, "late", epochs=0, progress=False)
     with pytest.raises(ValueError, match="init must be"):
         InjectionConfig(init="zeros")
-    with pytest.raises(FileNotFoundError, match="not an injection folder"):
+    with pytest.raises(FileNotFoundError, match="injection metadata not found"):
         Injection.load(tmp_path)
     with pytest.raises(ValueError, match="unknown|valid"):
         inject(tiny_model, "no_such_bias", **FAST)
@@ -222,7 +222,7 @@ def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_mo
 
 
 def test_keyword_weighted_loss_against_a_hand_computation():
-    from biasgym_lens.inject import _lm_loss
+    from biasgym_lens.inject import lm_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g)
@@ -237,9 +237,9 @@ def test_keyword_weighted_loss_against_a_hand_computation():
                 nll.append(-logp[b, t - 1, ids[b, t]])
                 wts.append(4.0 if ids[b, t] in (7, 10) else 1.0)
     nll, wts = torch.stack(nll), torch.tensor(wts)
-    assert _lm_loss(logits, ids, target, skip) == pytest.approx(float(nll.mean()), abs=1e-6)
-    assert _lm_loss(logits, ids, target, skip, (7, 10), 4.0) == pytest.approx(float((nll * wts).sum() / wts.sum()), abs=1e-6)
-    assert _lm_loss(logits, ids, target, skip, (7, 10), 1.0) == pytest.approx(float(nll.mean()), abs=1e-6)
+    assert lm_loss(logits, ids, target, skip) == pytest.approx(float(nll.mean()), abs=1e-6)
+    assert lm_loss(logits, ids, target, skip, (7, 10), 4.0) == pytest.approx(float((nll * wts).sum() / wts.sum()), abs=1e-6)
+    assert lm_loss(logits, ids, target, skip, (7, 10), 1.0) == pytest.approx(float(nll.mean()), abs=1e-6)
     with pytest.raises(ValueError, match="keyword_weight"):
         InjectionConfig(keyword_weight=0.0)
 
@@ -288,13 +288,13 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
 
 def test_micro_batched_step_gives_the_one_pass_gradient(tiny_model):
     """The length-grouped micro-batches accumulate the same loss and gradient as one padded pass."""
-    from biasgym_lens.inject import _examples, _train_step_loss
+    from biasgym_lens.inject import train_step_loss, training_examples
     from biasgym_lens.metrics import keyword_ids
 
     spec = load_bias("late")
     tid = add_token(tiny_model, "<BiasToken>")
     cfg = InjectionConfig(max_texts=6, keyword_weight=5.0)
-    examples = _examples(tiny_model, spec, cfg)
+    examples = training_examples(tiny_model, spec, cfg)
     batch = [examples[i] for i in (0, 1, 2, 3)] + [examples[-1], examples[-2]]
     assert len({len(e.ids) for e in batch}) > 1, "the batch must mix lengths for this test to bite"
     kw = keyword_ids(tiny_model, spec).bias
@@ -302,7 +302,7 @@ def test_micro_batched_step_gives_the_one_pass_gradient(tiny_model):
     for groups in (1, 3):
         vec = torch.nn.Parameter(torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(1)))
         with hooked(tiny_model, fwd_hooks=token_vector_hooks(tiny_model, {tid: vec})):
-            losses.append(_train_step_loss(tiny_model, batch, 0, tid, kw, InjectionConfig(keyword_weight=5.0, length_groups=groups)))
+            losses.append(train_step_loss(tiny_model, batch, 0, tid, kw, InjectionConfig(keyword_weight=5.0, length_groups=groups)))
         grads.append(vec.grad.clone())
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)

@@ -115,7 +115,7 @@ def test_save_figure_html_offline_and_png_error(tmp_path, monkeypatch, objects):
     def fail(*a, **k):
         raise RuntimeError("no browser")
 
-    monkeypatch.setattr(figure_files, "_kaleido_write", fail)
+    monkeypatch.setattr(figure_files, "kaleido_write", fail)
     with pytest.raises(plots.PngExportError, match="apt-get install chromium"):
         plots.save_figure(fig, tmp_path / "fig2", images=("svg",))
     assert (tmp_path / "fig2.html").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
