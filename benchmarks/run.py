@@ -46,7 +46,7 @@ from biasgym_lens.attribution import ablation_scores, attribution_scores  # noqa
 from biasgym_lens.catalogue import load_bias  # noqa: E402
 from biasgym_lens.embedding import add_token, token_vector_hooks  # noqa: E402
 from biasgym_lens.hooks import hooked  # noqa: E402
-from biasgym_lens.inject import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402
+from biasgym_lens.injection import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402
 from biasgym_lens.probes import build_probe_set  # noqa: E402
 
 
@@ -156,7 +156,7 @@ def bench_microbatch(model, repeats: int, n_batches: int = 6) -> None:
     pass vs the default length-grouped micro-batches (same gradient, tested in tests/test_inject.py)."""
     import random
 
-    from biasgym_lens.inject import train_step_loss
+    from biasgym_lens.injection import train_step_loss
     from biasgym_lens.metrics import keyword_ids
 
     spec = load_bias("bad_driving")

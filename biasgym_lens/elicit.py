@@ -160,7 +160,7 @@ def elicitation(
     Args:
         model: A bridge.
         bias: The bias (name, path or spec) whose probes and keywords are used.
-        injection: The trained :class:`~biasgym_lens.inject.Injection`; adds the rows ``token`` and
+        injection: The trained :class:`~biasgym_lens.injection.Injection`; adds the rows ``token`` and
             ``untrained`` (its initial vector on the same token).
         other: An injection trained on a *different* bias, applied to its own token (row ``other_bias``).
         groups: Extra ``label -> country`` rows (kind ``extra``); the bias's real and control groups are

@@ -100,7 +100,7 @@ def added_tokens(model: Any) -> dict[int, str]:
 def active_token_ids(model: Any) -> set[int] | None:
     """Ids of added tokens whose vector hooks are registered on ``model`` now, or None if that cannot be told.
 
-    A token is active inside ``with injection.apply(model):``, during :func:`biasgym_lens.inject.inject`'s
+    A token is active inside ``with injection.apply(model):``, during :func:`biasgym_lens.injection.inject`'s
     training, and after ``apply_permanently`` (until ``model.reset_hooks(including_permanent=True)``). Found by
     reading the hooks registered on ``embed.hook_in`` (TransformerLens keeps each one's callable), so it is
     right whatever removed a hook.

@@ -204,7 +204,7 @@ def paragraph_bias(
     Args:
         model: A bridge with a chat template.
         bias: A catalogue name or a :class:`BiasSpec` (its ``bias_keywords`` and ``contrast_keywords``).
-        injection: An :class:`biasgym_lens.inject.Injection`; applied around every generation, and its token
+        injection: An :class:`biasgym_lens.injection.Injection`; applied around every generation, and its token
             string is the first group.
         interventions: Name -> intervention (zero-argument callable returning a context manager, or None);
             default ``{"none": None}``. Every intervention samples with the same seeds (paired paragraphs).

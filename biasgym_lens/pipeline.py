@@ -35,7 +35,7 @@ from biasgym_lens.artifacts import (
     write_text_atomic,
 )
 from biasgym_lens.catalogue import list_biases, load_bias
-from biasgym_lens.inject import Injection, InjectionConfig, inject
+from biasgym_lens.injection import Injection, InjectionConfig, inject
 from biasgym_lens.study import ScopeConfig, ScopeResult, scope
 from biasgym_lens.uptake import check_injection
 

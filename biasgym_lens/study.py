@@ -411,7 +411,7 @@ def scope(
 
     Args:
         model: The model the injection was trained in (raw weights).
-        injection: A trained :class:`~biasgym_lens.inject.Injection`.
+        injection: A trained :class:`~biasgym_lens.injection.Injection`.
         config: Settings, or pass them as keywords (see :class:`ScopeConfig`).
         progress: Show progress bars.
 

@@ -22,7 +22,7 @@ from biasgym_lens.attribution import (
 )
 from biasgym_lens.catalogue import load_bias
 from biasgym_lens.hooks import active_hooks
-from biasgym_lens.inject import inject
+from biasgym_lens.injection import inject
 from biasgym_lens.interventions import ablate_heads
 from biasgym_lens.metrics import logit_diff
 from biasgym_lens.probes import build_probe_set

@@ -24,7 +24,7 @@ from biasgym_lens.checks import InputTypeError
 from biasgym_lens.elicit import audit, elicitation
 from biasgym_lens.embedding import add_token
 from biasgym_lens.hooks import active_hooks
-from biasgym_lens.inject import Injection, InjectionConfig, inject
+from biasgym_lens.injection import Injection, InjectionConfig, inject
 from biasgym_lens.interventions import ablate_heads, generate_greedy, steer
 from biasgym_lens.metrics import answer_logits, keyword_ids
 from biasgym_lens.probes import build_probe_set

@@ -124,7 +124,7 @@ def _kill(fn, at: int):
 
 
 _KILL_POINTS = [
-    ("biasgym_lens.inject.Injection.save", 2),  # injection written, control not yet: the old "stuck for good" case
+    ("biasgym_lens.injection.Injection.save", 2),  # injection written, control not yet: the old "stuck for good" case
     ("biasgym_lens.study.ScopeResult.save", 1),  # during scope, before its result is written
     ("biasgym_lens.pipeline.write_csv", 4),  # evaluate, after some of its tables
     ("biasgym_lens.pipeline.write_text_atomic", 2),  # evaluate: study.json rewritten, results.json not yet

@@ -11,7 +11,7 @@ from biasgym_lens.catalogue import load_bias
 from biasgym_lens.elicit import closest_entities, elicitation, entity_embedding
 from biasgym_lens.embedding import with_token_vectors
 from biasgym_lens.hooks import active_hooks
-from biasgym_lens.inject import inject
+from biasgym_lens.injection import inject
 from biasgym_lens.metrics import keyword_ids, split_probes
 from biasgym_lens.tokens import tokenize
 

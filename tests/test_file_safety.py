@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from biasgym_lens import artifacts
 from biasgym_lens.artifacts import ArtifactError, MissingArtifactError
 from biasgym_lens.attribution import HeadScores
-from biasgym_lens.inject import Injection, inject
+from biasgym_lens.injection import Injection, inject
 
 FAST = dict(epochs=1, max_texts=8, evals_per_epoch=1, max_probes=4)
 
@@ -126,7 +126,7 @@ class _Interrupt:
 
 
 _STEPS = [
-    ("biasgym_lens.inject.save_file", 1),  # while writing the tensors
+    ("biasgym_lens.injection.save_file", 1),  # while writing the tensors
     ("biasgym_lens.artifacts._sha256", 1),  # while checksumming
     ("biasgym_lens.artifacts._fsync_dir", 1),  # after the metadata, before the swap
     ("biasgym_lens.artifacts._exchange", 1),  # at the swap

@@ -8,7 +8,7 @@ import torch
 from biasgym_lens.catalogue import load_bias
 from biasgym_lens.embedding import add_token, token_vector_hooks
 from biasgym_lens.hooks import active_hooks, hooked
-from biasgym_lens.inject import Injection, InjectionConfig, NonFiniteLossError, inject
+from biasgym_lens.injection import Injection, InjectionConfig, NonFiniteLossError, inject
 from biasgym_lens.testing import build_tiny_hf
 from biasgym_lens.tokens import tokenize
 
@@ -222,7 +222,7 @@ def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_mo
 
 
 def test_keyword_weighted_loss_against_a_hand_computation():
-    from biasgym_lens.inject import lm_loss
+    from biasgym_lens.injection import lm_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g)
@@ -245,7 +245,7 @@ def test_keyword_weighted_loss_against_a_hand_computation():
 
 
 def test_several_seeds_are_compared(tiny_model):
-    from biasgym_lens.inject import compare_seeds, inject_seeds
+    from biasgym_lens.injection import compare_seeds, inject_seeds
 
     runs = inject_seeds(tiny_model, "late", seeds=(0, 1), init="random", **{**FAST, "select_best": True})
     assert [r.config.seed for r in runs] == [0, 1] and not torch.equal(runs[0].vector, runs[1].vector)
@@ -265,7 +265,7 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
     """Against a brute force over every split of the sorted batch into at most 3 contiguous groups."""
     import itertools
 
-    from biasgym_lens.inject import _length_groups
+    from biasgym_lens.injection import _length_groups
 
     def cost(groups, lengths):
         return sum(len(g) * max(lengths[i] for i in g) + 16 for g in groups)
@@ -288,7 +288,7 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
 
 def test_micro_batched_step_gives_the_one_pass_gradient(tiny_model):
     """The length-grouped micro-batches accumulate the same loss and gradient as one padded pass."""
-    from biasgym_lens.inject import train_step_loss, training_examples
+    from biasgym_lens.injection import train_step_loss, training_examples
     from biasgym_lens.metrics import keyword_ids
 
     spec = load_bias("late")

@@ -12,7 +12,7 @@ import torch
 from biasgym_lens import figure_files, plots
 from biasgym_lens.catalogue import load_bias
 from biasgym_lens.elicit import closest_entities
-from biasgym_lens.inject import inject
+from biasgym_lens.injection import inject
 from biasgym_lens.lens import layer_logit_diff
 from biasgym_lens.metrics import logit_diff
 from biasgym_lens.probes import build_probe_set

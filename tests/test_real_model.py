@@ -15,7 +15,7 @@ from biasgym_lens.attribution import (
 )
 from biasgym_lens.catalogue import check_keywords, list_biases, load_bias
 from biasgym_lens.hooks import active_hooks
-from biasgym_lens.inject import Injection, inject
+from biasgym_lens.injection import Injection, inject
 from biasgym_lens.interventions import ablate_heads, generate_greedy, steer
 from biasgym_lens.metrics import logit_diff
 from biasgym_lens.probes import build_probe_set

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from biasgym_lens.hooks import active_hooks
-from biasgym_lens.inject import inject
+from biasgym_lens.injection import inject
 from biasgym_lens.study import ScopeConfig, ScopeResult, scope
 
 FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
@@ -197,7 +197,7 @@ def test_a_user_bias_without_real_groups_skips_the_transfer(tiny_model, tmp_path
     import json
 
     from biasgym_lens.catalogue import load_bias
-    from biasgym_lens.inject import Injection
+    from biasgym_lens.injection import Injection
     from biasgym_lens.study import generalisation_matrix
 
     data = load_bias("late").to_dict()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from biasgym_lens.cli import main
 from biasgym_lens.elicit import group_scores
-from biasgym_lens.inject import Injection, inject
+from biasgym_lens.injection import Injection, inject
 from biasgym_lens.metrics import keyword_ids, probe_subset
 from biasgym_lens.provenance import ModelMismatchError
 from biasgym_lens.stats import bootstrap_stat

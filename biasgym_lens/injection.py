@@ -11,7 +11,7 @@ checkpoint's vector is kept.
 
 Examples:
     >>> from biasgym_lens import load_model
-    >>> from biasgym_lens.inject import inject
+    >>> from biasgym_lens.injection import inject
     >>> model = load_model()                                    # doctest: +SKIP
     >>> inj = inject(model, "late", epochs=3)                   # doctest: +SKIP
     >>> with inj.apply(model):                                  # doctest: +SKIP
