@@ -60,6 +60,7 @@ class StudyPreset:
     scope: ScopeConfig
     control_max_texts: int | None = 30
     generate_tokens: int = 40
+    gate: bool = True  # stop before scope when the injection did not take (see biasgym_lens.uptake)
 
 
 PRESETS: dict[str, StudyPreset] = {
@@ -73,6 +74,7 @@ PRESETS: dict[str, StudyPreset] = {
         ),
         control_max_texts=4,
         generate_tokens=6,
+        gate=False,  # a smoke test of the machinery: its one-epoch injection may not take; the report says so
     ),
 }
 
@@ -319,7 +321,7 @@ class Study:
         check = check_injection(model, inj, max_probes=cfg.score_probes, seed=self.seed)
         write_text_atomic(self.out / "injection_check.json", dumps(check.to_dict()))
         logger.info("%s", check.message())
-        if not check.took and not self.allow_weak_injection:
+        if not check.took and self.preset_obj.gate and not self.allow_weak_injection:
             raise InjectionDidNotTakeError(check.message())
         res = scope(model, inj, cfg, progress=progress)
         res.save(self.out / "scope")

@@ -50,8 +50,14 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_pretrained("llama", tmp_path_factory.mktemp("dtype") / "model")
 
 
-def test_an_injection_that_does_not_take_stops_the_study_in_one_line(tiny_dir, tmp_path):
+def test_an_injection_that_does_not_take_stops_the_study_in_one_line(tiny_dir, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from biasgym_lens import pipeline
+
     out = tmp_path / "s"
+    # the default preset gates; the quick one (a smoke test) only warns: here it gates too, to stay fast
+    monkeypatch.setitem(pipeline.PRESETS, "quick", replace(pipeline.PRESETS["quick"], gate=True))
     r = CliRunner().invoke(main, ["run", "--bias", "late", "--model", str(tiny_dir), "--quick", "--out", str(out), "--no-png"])
     assert r.exit_code == 2, r.output
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
@@ -59,6 +65,10 @@ def test_an_injection_that_does_not_take_stops_the_study_in_one_line(tiny_dir, t
     assert not (out / "scope").exists() and not (out / "results.json").exists()
     check = json.loads((out / "injection_check.json").read_text())
     assert check["took"] is False and check["ci_low"] <= check["min_excess"]
+    monkeypatch.undo()  # the real quick preset: the same study goes on, and its summary warns
+    r = CliRunner().invoke(main, ["run", "--bias", "late", "--model", str(tiny_dir), "--quick", "--out", str(out), "--no-png"])
+    assert r.exit_code == 0, r.output
+    assert "WARNING: the injection did not take" in r.output
 
 
 def test_an_fp32_injection_loads_into_the_same_weights_in_bfloat16_with_a_warning(tiny_dir, tmp_path):
