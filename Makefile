@@ -45,9 +45,12 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
 	  || echo "could not install chromium: the browser test will be skipped"; fi
 
+# The suite runs under jaxtyping's runtime checks (every annotated shape and type of the package is checked
+# on every call, with beartype); the tests that pass wrong types on purpose run in a second, unchecked pass.
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --jaxtyping-packages=biasgym_lens,beartype.beartype
+	$(VENV)/bin/python -m pytest -m wrong_types
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run.py

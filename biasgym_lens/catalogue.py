@@ -28,7 +28,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from biasgym_lens.checks import InputTypeError
 
@@ -626,6 +626,7 @@ def keyword_coverage(spec: BiasSpec) -> dict[str, float]:
     return {"bias": frac(spec.bias_keywords), "contrast": frac(spec.contrast_keywords)}
 
 
+@runtime_checkable
 class _Encoder(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...  # pragma: no cover
 

@@ -356,7 +356,7 @@ class Injection:
                 token=str(meta["token"]),
                 bias=str(meta["bias"]),
                 config=InjectionConfig(**meta["config"]),
-                curve=tuple(EpochRecord(**{k: none_to_nan(v) for k, v in r.items()}) for r in meta["curve"]),
+                curve=tuple(_epoch_record(r) for r in meta["curve"]),
                 step_losses=tuple(nan_floats(meta["step_losses"])),
                 best_epoch=float(meta["best_epoch"]),
                 control_logit_diff=none_to_nan(meta["control_logit_diff"]),
@@ -374,6 +374,12 @@ class Injection:
         if model is not None:
             inj.check_model(model)
         return inj
+
+
+def _epoch_record(row: dict[str, Any]) -> EpochRecord:
+    """A training-curve row read from JSON (``null`` back to ``nan``; integers where floats are declared)."""
+    values = {k: none_to_nan(v) for k, v in row.items()}
+    return EpochRecord(**{k: v if k == "step" else float(v) for k, v in values.items()})
 
 
 _META_KEYS = ("token", "bias", "config", "curve", "step_losses", "best_epoch", "control_logit_diff", "provenance")
@@ -620,7 +626,7 @@ def inject(
     with hooked(model, fwd_hooks=hooks):
         with torch.no_grad():
             ld, top5 = _elicit(model, token_probes, kw, config)
-        curve.append(EpochRecord(0, 0, float("nan"), ld, top5))
+        curve.append(EpochRecord(0.0, 0, float("nan"), ld, top5))
         best_epoch, best_vec, best_ld = 0.0, vec.detach().clone(), ld
         bar = tqdm(total=total, desc=f"inject {spec.name}", disable=not progress, leave=False)
         try:
@@ -655,7 +661,7 @@ def inject(
                         ld, top5 = _elicit(model, token_probes, kw, config)
                     at = epoch - 1 + b / steps_per_epoch
                     train_loss = sum(since_checkpoint) / len(since_checkpoint)
-                    curve.append(EpochRecord(round(at, 4), len(losses), train_loss, ld, top5))
+                    curve.append(EpochRecord(float(round(at, 4)), len(losses), float(train_loss), float(ld), float(top5)))
                     since_checkpoint = []
                     logger.info("epoch %.2f: loss %.3f, logit diff %.3f, top5 %.2f", at, train_loss, ld, top5)
                     if ld > best_ld or not config.select_best:

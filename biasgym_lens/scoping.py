@@ -99,7 +99,7 @@ class CandidateDamage:
 class BudgetCheck:
     """One candidate (a number of heads, a steering multiplier) checked against the budget."""
 
-    candidate: float
+    candidate: int | float  # a number of heads or a steering multiplier
     curve_cost: float
     final_cost: float
 

@@ -53,7 +53,7 @@ def _check(arrays: Sequence[np.ndarray], level: float, n_resamples: int) -> int:
 
 def bootstrap_stat(
     stat: Callable[..., float],
-    *arrays: np.ndarray | Sequence[float],
+    *arrays: np.ndarray | Sequence[float | int],
     level: float = 0.95,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
@@ -87,7 +87,7 @@ def bootstrap_stat(
 
 
 def bootstrap_ci(
-    values: np.ndarray | Sequence[float], *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+    values: np.ndarray | Sequence[float | int], *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values``: ``(low, high)``."""
     iv = bootstrap_stat(np.mean, values, level=level, n_resamples=n_resamples, seed=seed)
@@ -95,8 +95,8 @@ def bootstrap_ci(
 
 
 def paired_test(
-    a: np.ndarray | Sequence[float],
-    b: np.ndarray | Sequence[float],
+    a: np.ndarray | Sequence[float | int],
+    b: np.ndarray | Sequence[float | int],
     *,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,

@@ -35,6 +35,8 @@ from biasgym_lens.tokens import tokenize
 NAN, INF = math.nan, math.inf
 IDLE = "<IdleToken>"  # added to the tokenizer by a test, never applied: refused outside `apply`
 
+pytestmark = pytest.mark.wrong_types
+
 
 class Ctx:
     """What a case needs: the model, a made-up (untrained) injection for it, head scores."""

@@ -71,6 +71,7 @@ def test_mean_and_resample_use_the_reference_set(tiny_model):
             pass
 
 
+@pytest.mark.wrong_types
 def test_bad_heads_and_kinds(tiny_model):
     L, H = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
     with pytest.raises(ValueError, match=f"out of range: layers 0..{L - 1}, heads 0..{H - 1}"):

@@ -45,6 +45,7 @@ def test_tokenize_matches_tokenizer_ids_and_bos(tiny_model):
     assert b2.input_ids[0, 1:].tolist() == b.input_ids[0].tolist()
 
 
+@pytest.mark.wrong_types
 def test_tokenize_bad_input(tiny_model):
     with pytest.raises(ValueError, match="empty list"):
         tokenize(tiny_model, [])
