@@ -26,7 +26,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ __all__ = [
     "remove_outputs",
     "nan_floats",
     "none_to_nan",
+    "sha256_file",
+    "reading",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -231,7 +233,8 @@ def read_csv(path: PathLike, what: str = "table", columns: Sequence[str] = ()) -
     return df
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -367,7 +370,7 @@ def save_artifact(
     try:
         meta = dict(write(tmp))
         meta["artifact"] = kind
-        meta["files"] = {f: _sha256(tmp / f) for f in _listing(tmp)}
+        meta["files"] = {f: sha256_file(tmp / f) for f in _listing(tmp)}
         (tmp / meta_file).write_text(dumps(meta), encoding="utf-8")
         _fsync_dir(tmp)
         _swap_in(tmp, final)
@@ -411,9 +414,21 @@ def open_artifact(path: PathLike, kind: str, meta_file: str, *, version: int) ->
         f = folder / name
         if not f.is_file():
             raise MissingArtifactError(f, f"missing: the {kind} in {folder} is incomplete")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise ArtifactError(f, "checksum mismatch: the file was changed or damaged since it was saved")
     return folder, meta
+
+
+@contextlib.contextmanager
+def reading(where: PathLike, what: str) -> Iterator[None]:
+    """Within the block, a malformed metadata value (a missing key, a wrong type or value) becomes an
+    :class:`ArtifactError` naming ``where``; an :class:`ArtifactError` passes through as it is."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ArtifactError(where, f"malformed {what} ({type(e).__name__}: {e})") from e
 
 
 def load_tensors(path: PathLike, shapes: Mapping[str, tuple[int, ...] | None]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from biasgym_lens.artifacts import ArtifactError, load_tensors, open_artifact, require, save_artifact
+from biasgym_lens.artifacts import ArtifactError, load_tensors, open_artifact, reading, require, save_artifact
 from biasgym_lens.checks import InputTypeError, check_bool, check_choice, check_int, check_str_list, is_int
 from biasgym_lens.hooks import hooked
 from biasgym_lens.probes import METRICS, ProbeSet
@@ -178,7 +178,7 @@ class HeadScores:
         """
         folder, meta = open_artifact(path, "head-scores", "scores.json", version=_FORMAT)
         where = folder / "scores.json"
-        try:
+        with reading(where, "head-score metadata"):
             require(meta, ("method", "metric", "ablation", "bias", "provenance", "settings"), where)
             prov = Provenance.from_dict(meta["provenance"])
             per_prompt = load_tensors(folder / "scores.safetensors", {"per_prompt": None})["per_prompt"]
@@ -191,10 +191,6 @@ class HeadScores:
                 per_prompt=per_prompt, method=str(meta["method"]), metric=str(meta["metric"]),
                 ablation=meta["ablation"], bias=str(meta["bias"]), provenance=prov, settings=dict(meta["settings"]),
             )
-        except ArtifactError:
-            raise
-        except (TypeError, ValueError, KeyError) as e:
-            raise ArtifactError(where, f"malformed head-score metadata ({type(e).__name__}: {e})") from e
 
     def with_scores(self, per_prompt: Tensor, **changes: Any) -> HeadScores:
         """A copy with other scores (e.g. a specificity-adjusted combination)."""

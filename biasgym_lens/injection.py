@@ -40,11 +40,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from biasgym_lens.artifacts import (
-    ArtifactError,
     load_tensors,
     nan_floats,
     none_to_nan,
     open_artifact,
+    reading,
     require,
     save_artifact,
 )
@@ -345,7 +345,7 @@ class Injection:
         """
         folder, meta = open_artifact(path, "injection", "injection.json", version=_FORMAT)
         where = folder / "injection.json"
-        try:
+        with reading(where, "injection metadata"):
             require(meta, _META_KEYS, where)
             prov = Provenance.from_dict(meta["provenance"])
             d = int(prov.d_model)
@@ -367,10 +367,6 @@ class Injection:
                     else None
                 ),
             )
-        except ArtifactError:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise ArtifactError(where, f"malformed injection metadata ({type(e).__name__}: {e})") from e
         if model is not None:
             inj.check_model(model)
         return inj

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from biasgym_lens.artifacts import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -248,17 +249,10 @@ def _model_cache_path(key: str) -> Path:
     return cache_dir() / "models" / f"{key}-v{_CACHE_FORMAT}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _write_manifest(folder: Path, extra: dict[str, Any]) -> None:
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != _MANIFEST
     }
@@ -288,7 +282,7 @@ def _cache_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != meta["size"]:
             return f"{name} has {p.stat().st_size} bytes, expected {meta['size']}"
-        if _sha256(p) != meta["sha256"]:
+        if sha256_file(p) != meta["sha256"]:
             return f"{name} does not match its SHA-256"
     return None
 

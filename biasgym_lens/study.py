@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 
 from biasgym_lens.artifacts import (
-    ArtifactError,
     load_tensors,
     none_to_nan,
     open_artifact,
     read_csv,
+    reading,
     require,
     save_artifact,
 )
@@ -324,7 +324,7 @@ class ScopeResult:
         """
         folder, meta = open_artifact(path, "scope", "scope.json", version=_FORMAT)
         where = folder / "scope.json"
-        try:
+        with reading(where, "scope metadata"):
             require(meta, ("bias", "token", "chosen", "config", "provenance", "curve"), where)
             c = require(meta["curve"], ("baseline_excess", "baseline_loss", "heads", "budget", "settings", "budget_on"), where)
             cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
@@ -343,10 +343,6 @@ class ScopeResult:
                 capability=read_csv(folder / "capability.csv", "capability table", ("intervention",)),
                 config=ScopeConfig(**cfg), provenance=prov, decisions=_decisions(meta),
             )
-        except ArtifactError:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise ArtifactError(where, f"malformed scope metadata ({type(e).__name__}: {e})") from e
 
 
 def _decisions(meta: dict[str, Any]) -> ScopeDecisions | None:

@@ -127,7 +127,7 @@ class _Interrupt:
 
 _STEPS = [
     ("biasgym_lens.injection.save_file", 1),  # while writing the tensors
-    ("biasgym_lens.artifacts._sha256", 1),  # while checksumming
+    ("biasgym_lens.artifacts.sha256_file", 1),  # while checksumming
     ("biasgym_lens.artifacts._fsync_dir", 1),  # after the metadata, before the swap
     ("biasgym_lens.artifacts._exchange", 1),  # at the swap
     ("biasgym_lens.artifacts._fsync_dir", 2),  # right after the swap
@@ -252,7 +252,7 @@ def test_damaged_injections_name_the_file_and_the_problem(injections, tmp_path, 
     elif damage == "not_a_dict":
         meta_path.write_text("[1, 2]")
     if damage in ("missing_key", "bad_config", "wrong_shape", "nan_vector", "truncate_tensors"):
-        meta["files"] = {k: artifacts._sha256(folder / k) for k in meta["files"]}  # a consistent but bad artifact
+        meta["files"] = {k: artifacts.sha256_file(folder / k) for k in meta["files"]}  # a consistent but bad artifact
         meta_path.write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=message) as e:
         Injection.load(folder)
@@ -289,7 +289,7 @@ def test_head_scores_round_trip_and_check_their_shape(head_scores, tmp_path):
     assert torch.equal(back.per_prompt, head_scores.per_prompt) and back.method == head_scores.method
     save_file({"per_prompt": torch.zeros(2, 1, 1)}, str(folder / "scores.safetensors"))
     meta = json.loads((folder / "scores.json").read_text())
-    meta["files"]["scores.safetensors"] = artifacts._sha256(folder / "scores.safetensors")
+    meta["files"]["scores.safetensors"] = artifacts.sha256_file(folder / "scores.safetensors")
     (folder / "scores.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=r"per_prompt has shape \(2, 1, 1\)"):
         HeadScores.load(folder)
