@@ -276,10 +276,12 @@ class Study:
         folder = Path(out)
         if not (folder / "study.json").is_file():
             raise StudyError(f"{folder} holds no study (no study.json); run `biasgym run` or `biasgym inject` first")
-        ident = cls(folder, "")._held()["identity"]
+        held = cls(folder, "")._held()
+        ident = held["identity"]
+        timings = held.get("timings")
         return cls(
             folder, str(ident["bias"]), str(ident["model"]), int(ident["seed"]), str(ident["preset"]),
-            str(ident.get("dtype", "float32")),
+            str(ident.get("dtype", "float32")), timings=dict(timings) if isinstance(timings, dict) else {},
         )
 
     @property

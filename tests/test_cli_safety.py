@@ -285,3 +285,13 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, tiny_folder, monkeypa
     line = _one_error_line(_run("audit", "--bias", "late", "--model", tiny_folder, "--csv", tmp_path / "no" / "t.csv"))
     assert "does not exist" in line and not called
     assert blocker.read_text() == "x"
+
+
+def test_a_stage_run_alone_keeps_the_earlier_stage_times(tmp_path, finished_study):
+    out = _study(tmp_path, finished_study)
+    before = json.loads((out / "study.json").read_text())["timings"]
+    assert {"inject", "scope", "evaluate"} <= set(before)
+    assert _run("report", "--out", out, "--no-png").exit_code == 0
+    after = json.loads((out / "study.json").read_text())["timings"]
+    assert {k: after[k] for k in ("inject", "scope", "evaluate")} == {k: before[k] for k in ("inject", "scope", "evaluate")}
+    assert "report" in after
