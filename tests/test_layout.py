@@ -33,3 +33,46 @@ def test_the_checker_sees_a_private_import(tmp_path):
         assert _private_imports(tmp_path) == ["m.py:1 imports biasgym_lens.attribution._hidden"]
     finally:
         ROOT = old
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (at any depth of the file, type-checking-only imports aside)."""
+    folder = ROOT / "biasgym_lens"
+    deps: dict[str, set[str]] = {}
+    for path in sorted(folder.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only or not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            if node.module.startswith("biasgym_lens."):
+                found.add(node.module.split(".")[1])
+            elif node.module == "biasgym_lens":
+                found |= {a.name for a in node.names if (folder / f"{a.name}.py").is_file()}
+        deps[path.stem] = found - {path.stem}
+    return deps
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    deps = _package_imports()
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for dep in sorted(deps.get(module, ())):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in deps:
+        visit(module, ())
+    assert {"models", "tokens", "artifacts"} <= set(deps["pipeline"]) | done  # the walk covered the package
