@@ -40,7 +40,7 @@ from torch import Tensor
 
 from biasgym_lens.hooks import positions_from
 from biasgym_lens.models import model_info
-from biasgym_lens.tokens import tokenize
+from biasgym_lens.tokens import check_context, tokenize
 from biasgym_lens.unembed import skipping_layers, suffix_supported, unembed_at
 
 __all__ = ["GenerationResult", "GenerationSettings", "Intervention", "generate", "kv_cache_routing"]
@@ -210,15 +210,6 @@ def _choose(
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def _check_context(model: Any, prompt_tokens: int, max_new_tokens: int) -> None:
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if n_ctx is not None and prompt_tokens + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
-            f"of {n_ctx} tokens (cfg.n_ctx); shorten the prompt or ask for at most {n_ctx - prompt_tokens} new tokens"
-        )
-
-
 def _check_settings(prompts: Sequence[str], max_new_tokens: int, temperature: float, top_p: float) -> None:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
@@ -299,7 +290,8 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_settings(prompts, max_new_tokens, temperature, top_p)
     batch = tokenize(model, prompts, padding_side="left", prepend_bos=prepend_bos)
-    _check_context(model, int(batch.input_ids.shape[1]), max_new_tokens)
+    check_context(model, [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.attention_mask)], prompts,
+                  reserve=max_new_tokens)
     gens = _row_generators(seed, len(prompts)) if temperature > 0 else []
     eos = model.tokenizer.eos_token_id if stop_at_eos else None
     steps = _CachedSteps(model) if use_cache else _FullSteps(model)

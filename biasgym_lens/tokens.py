@@ -161,19 +161,28 @@ def _which(i: int, texts: Sequence[str] | None) -> str:
     return f"text {i} ({text[:60]!r}{'...' if len(text) > 60 else ''})"
 
 
-def check_context(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
-    """Check that no row of token ids is longer than the model's context (``cfg.n_ctx``).
+def check_context(
+    model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None, *, reserve: int = 0
+) -> None:
+    """Check that no row of token ids, plus ``reserve`` tokens still to come (a generation's new tokens), is
+    longer than the model's context (``cfg.n_ctx``).
 
     Raises:
         ValueError: naming the first row that is too long, its length and the limit.
     """
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     for i, r in enumerate(rows):
-        if n_ctx is not None and len(r) > n_ctx:
+        if n_ctx is None or len(r) + reserve <= n_ctx:
+            continue
+        if reserve:
             raise ValueError(
-                f"{_which(i, texts)} has {len(r)} tokens, more than the model's context of {n_ctx} tokens "
-                "(cfg.n_ctx); shorten it"
+                f"{_which(i, texts)}: {len(r)} tokens plus max_new_tokens={reserve} exceeds the model's context "
+                f"of {n_ctx} tokens (cfg.n_ctx); shorten it or ask for at most {n_ctx - len(r)} new tokens"
             )
+        raise ValueError(
+            f"{_which(i, texts)} has {len(r)} tokens, more than the model's context of {n_ctx} tokens "
+            "(cfg.n_ctx); shorten it"
+        )
 
 
 def check_added_tokens(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
