@@ -29,31 +29,44 @@ SKETCH_RTOL = 5e-3
 """Relative tolerance of :func:`weights_sketch` when the model's dtype differs from the artifact's."""
 
 
+def _embedding_summary(model: Any, name: str, compute: Any) -> Any:
+    """``compute(W_E)`` cached on the model until ``W_E`` is replaced or edited in place."""
+    live = model.W_E
+    key = (live.data_ptr(), live._version, tuple(live.shape))
+    cache = getattr(model, "_biasgym_embedding_summaries", None)
+    if cache is None or cache[0] != key:
+        cache = (key, {})
+        object.__setattr__(model, "_biasgym_embedding_summaries", cache)
+    if name not in cache[1]:
+        cache[1][name] = compute(live.detach())
+    return cache[1][name]
+
+
 def fingerprint(model: Any) -> str:
     """SHA-256 (first 16 hex digits) of the embedding matrix and the model's shape.
 
     Two models with the same fingerprint have the same vocabulary embeddings and dimensions; it is cheap
-    (one pass over ``W_E``) and independent of device and of raw/compatibility mode.
+    (one pass over ``W_E``, cached until ``W_E`` changes) and independent of device and of raw/compatibility mode.
     """
-    live = model.W_E
-    key = (live.data_ptr(), live._version, tuple(live.shape))
-    cached = getattr(model, "_biasgym_fingerprint", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    W = live.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256()
-    h.update(f"{model.cfg.n_layers}/{model.cfg.n_heads}/{model.cfg.d_model}/{tuple(W.shape)}".encode())
-    h.update(W.numpy().tobytes())
-    fp = h.hexdigest()[:16]
-    object.__setattr__(model, "_biasgym_fingerprint", (key, fp))  # recomputed if W_E is replaced or edited
-    return fp
+
+    def digest(live: torch.Tensor) -> str:
+        W = live.to("cpu", torch.float32).contiguous()
+        h = hashlib.sha256()
+        h.update(f"{model.cfg.n_layers}/{model.cfg.n_heads}/{model.cfg.d_model}/{tuple(W.shape)}".encode())
+        h.update(W.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    return _embedding_summary(model, "fingerprint", digest)
 
 
 def weights_sketch(model: Any) -> tuple[float, ...]:
     """Norms of ``W_E`` in 16 contiguous slices of its rows (float64): a precision-tolerant identity of the
-    embedding, for recognising the same weights loaded in another dtype."""
-    W = model.W_E.detach()
-    return tuple(float(part.to("cpu", torch.float64).norm()) for part in torch.tensor_split(W, _SKETCH_SLICES, dim=0))
+    embedding, for recognising the same weights loaded in another dtype (cached like :func:`fingerprint`)."""
+
+    def norms(W: torch.Tensor) -> tuple[float, ...]:
+        return tuple(float(part.to("cpu", torch.float64).norm()) for part in torch.tensor_split(W, _SKETCH_SLICES, dim=0))
+
+    return _embedding_summary(model, "sketch", norms)
 
 
 def package_versions() -> dict[str, str]:
