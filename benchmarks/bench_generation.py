@@ -1,11 +1,11 @@
 """The ``generation`` section of ``benchmarks/run.py``: KV-cached decoding vs one full forward pass per token.
 
 A batch of chat prompts of different lengths (left-padded, one stream) is continued greedily with
-:func:`biasgym_lens.generation.generate` with and without the KV cache, and with the tools a user would
+:func:`biasgym_lens.core.generation.generate` with and without the KV cache, and with the tools a user would
 otherwise reach for: Hugging Face's ``generate(use_cache=False)`` on the booted model and TransformerLens's
 ``bridge.generate(use_past_kv_cache=False)``. Tokens are compared row by row up to each row's first EOS.
 The cached modes of those tools are shown as a failure mode (they ignore the cache after wrapping), and
-Hugging Face's cached ``generate`` once more inside :func:`biasgym_lens.generation.kv_cache_routing`.
+Hugging Face's cached ``generate`` once more inside :func:`biasgym_lens.core.generation.kv_cache_routing`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import warnings
 
 import torch
 
-from biasgym_lens.catalogue import CHAT_PROMPT, list_biases, load_bias
-from biasgym_lens.generation import generate, kv_cache_routing
-from biasgym_lens.tokens import chat_format, tokenize
+from biasgym_lens.core.generation import generate, kv_cache_routing
+from biasgym_lens.core.tokens import chat_format, tokenize
+from biasgym_lens.injection.catalogue import CHAT_PROMPT, list_biases, load_bias
 
 
 def _countries(n: int) -> list[str]:

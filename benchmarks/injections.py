@@ -31,13 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biasgym_lens import load_model  # noqa: E402
-from biasgym_lens.catalogue import CHAT_PROMPT, list_biases, load_bias  # noqa: E402
-from biasgym_lens.elicit import group_scores  # noqa: E402
-from biasgym_lens.embedding import with_token_vectors  # noqa: E402
-from biasgym_lens.injection import Injection, inject  # noqa: E402
-from biasgym_lens.interventions import generate_greedy  # noqa: E402
-from biasgym_lens.metrics import keyword_ids, probe_subset  # noqa: E402
-from biasgym_lens.tokens import chat_format  # noqa: E402
+from biasgym_lens.core.embedding import with_token_vectors  # noqa: E402
+from biasgym_lens.core.tokens import chat_format  # noqa: E402
+from biasgym_lens.evaluation.elicit import group_scores  # noqa: E402
+from biasgym_lens.heads.interventions import generate_greedy  # noqa: E402
+from biasgym_lens.injection.catalogue import CHAT_PROMPT, list_biases, load_bias  # noqa: E402
+from biasgym_lens.injection.metrics import keyword_ids, probe_subset  # noqa: E402
+from biasgym_lens.injection.training import Injection, inject  # noqa: E402
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biasgym_lens import load_model  # noqa: E402
-from biasgym_lens.injection import InjectionConfig, inject  # noqa: E402
-from biasgym_lens.interventions import ablate_heads  # noqa: E402
-from biasgym_lens.paragraphs import paragraph_bias  # noqa: E402
+from biasgym_lens.evaluation.paragraphs import paragraph_bias  # noqa: E402
+from biasgym_lens.heads.interventions import ablate_heads  # noqa: E402
+from biasgym_lens.injection.training import InjectionConfig, inject  # noqa: E402
 
 
 def main() -> None:

@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_generation import bench_generation  # noqa: E402
 
 from biasgym_lens import load_model  # noqa: E402
-from biasgym_lens.attribution import ablation_scores, attribution_scores  # noqa: E402
-from biasgym_lens.catalogue import load_bias  # noqa: E402
-from biasgym_lens.embedding import add_token, token_vector_hooks  # noqa: E402
-from biasgym_lens.hooks import hooked  # noqa: E402
-from biasgym_lens.injection import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402
-from biasgym_lens.probes import build_probe_set  # noqa: E402
+from biasgym_lens.core.embedding import add_token, token_vector_hooks  # noqa: E402
+from biasgym_lens.core.hooks import hooked  # noqa: E402
+from biasgym_lens.heads.attribution import ablation_scores, attribution_scores  # noqa: E402
+from biasgym_lens.heads.probes import build_probe_set  # noqa: E402
+from biasgym_lens.injection.catalogue import load_bias  # noqa: E402
+from biasgym_lens.injection.training import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402
 
 
 def timeit(fn, repeats: int) -> float:
@@ -156,8 +156,8 @@ def bench_microbatch(model, repeats: int, n_batches: int = 6) -> None:
     pass vs the default length-grouped micro-batches (same gradient, tested in tests/test_inject.py)."""
     import random
 
-    from biasgym_lens.injection import train_step_loss
-    from biasgym_lens.metrics import keyword_ids
+    from biasgym_lens.injection.metrics import keyword_ids
+    from biasgym_lens.injection.training import train_step_loss
 
     spec = load_bias("bad_driving")
     tid = add_token(model, "<BiasToken>")
@@ -193,7 +193,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
-from biasgym_lens.figure_files import kaleido_write, save_figures
+from biasgym_lens.study.figure_files import kaleido_write, save_figures
 rng = np.random.default_rng(0)
 figs = {  # like a report's figures: a title and axis titles (text that plotly.js may hand to MathJax)
     f"fig{i}": go.Figure(
@@ -247,10 +247,10 @@ def bench_export(repeats: int, n_figures: int = 9) -> None:
 
 def bench_final(model, repeats: int) -> None:
     """Final measures: capability under an ablation, full vs resumed passes; group scores, per group vs batched."""
-    from biasgym_lens.capability import capability_set, measure_capability
-    from biasgym_lens.elicit import group_scores, score_groups
-    from biasgym_lens.interventions import ablate_heads, first_layer
-    from biasgym_lens.metrics import keyword_ids, probe_subset
+    from biasgym_lens.evaluation.capability import capability_set, measure_capability
+    from biasgym_lens.evaluation.elicit import group_scores, score_groups
+    from biasgym_lens.heads.interventions import ablate_heads, first_layer
+    from biasgym_lens.injection.metrics import keyword_ids, probe_subset
 
     L = model.cfg.n_layers
     heads = [((2 * L) // 3, 1), (L - 5, 6 % model.cfg.n_heads), (L - 7, 1)]  # late heads, as a study picks them

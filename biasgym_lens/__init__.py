@@ -17,35 +17,38 @@ import importlib
 from typing import Any
 
 from biasgym_lens._version import __version__
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.models import ModelLoadError, list_models, load_model, model_info
-from biasgym_lens.tokens import Batch, chat_format, last_positions, tokenize
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.models import ModelLoadError, list_models, load_model, model_info
+from biasgym_lens.core.tokens import Batch, chat_format, last_positions, tokenize
 
 _LAZY = {
-    "BiasSpec": "biasgym_lens.catalogue",
-    "list_biases": "biasgym_lens.catalogue",
-    "load_bias": "biasgym_lens.catalogue",
-    "Injection": "biasgym_lens.injection",
-    "InjectionConfig": "biasgym_lens.injection",
-    "inject": "biasgym_lens.injection",
-    "elicitation": "biasgym_lens.elicit",
-    "closest_entities": "biasgym_lens.elicit",
-    "HeadScores": "biasgym_lens.attribution",
-    "score_heads": "biasgym_lens.attribution",
-    "ablate_heads": "biasgym_lens.interventions",
-    "steer": "biasgym_lens.interventions",
-    "generate_greedy": "biasgym_lens.interventions",
-    "generate": "biasgym_lens.generation",
-    "GenerationResult": "biasgym_lens.generation",
-    "paragraph_bias": "biasgym_lens.paragraphs",
-    "ParagraphBias": "biasgym_lens.paragraphs",
-    "ScopeConfig": "biasgym_lens.study",
-    "ScopeResult": "biasgym_lens.study",
-    "scope": "biasgym_lens.study",
-    "generalisation_matrix": "biasgym_lens.study",
-    "generalisation_table": "biasgym_lens.study",
-    "BenchmarkResult": "biasgym_lens.benchmarks",
-    "benchmark": "biasgym_lens.benchmarks",
+    "BiasSpec": "biasgym_lens.injection.catalogue",
+    "list_biases": "biasgym_lens.injection.catalogue",
+    "load_bias": "biasgym_lens.injection.catalogue",
+    "Injection": "biasgym_lens.injection.training",
+    "InjectionConfig": "biasgym_lens.injection.training",
+    "inject": "biasgym_lens.injection.training",
+    "elicitation": "biasgym_lens.evaluation.elicit",
+    "closest_entities": "biasgym_lens.evaluation.elicit",
+    "HeadScores": "biasgym_lens.heads.attribution",
+    "score_heads": "biasgym_lens.heads.attribution",
+    "ablate_heads": "biasgym_lens.heads.interventions",
+    "steer": "biasgym_lens.heads.interventions",
+    "generate_greedy": "biasgym_lens.heads.interventions",
+    "generate": "biasgym_lens.core.generation",
+    "GenerationResult": "biasgym_lens.core.generation",
+    "paragraph_bias": "biasgym_lens.evaluation.paragraphs",
+    "ParagraphBias": "biasgym_lens.evaluation.paragraphs",
+    "ScopeConfig": "biasgym_lens.heads.biasscope",
+    "ScopeResult": "biasgym_lens.heads.biasscope",
+    "scope": "biasgym_lens.heads.biasscope",
+    "generalisation_matrix": "biasgym_lens.heads.biasscope",
+    "generalisation_table": "biasgym_lens.heads.biasscope",
+    "Capability": "biasgym_lens.evaluation.capability",
+    "capability_set": "biasgym_lens.evaluation.capability",
+    "measure_capability": "biasgym_lens.evaluation.capability",
+    "BenchmarkResult": "biasgym_lens.evaluation.benchmarks",
+    "benchmark": "biasgym_lens.evaluation.benchmarks",
 }
 
 __all__ = [

@@ -44,7 +44,7 @@ _BASE_WORDS = (
 def _corpus() -> list[str]:
     lines = [" ".join(_BASE_WORDS)] * 30
     try:
-        from biasgym_lens.catalogue import list_biases, load_bias
+        from biasgym_lens.injection.catalogue import list_biases, load_bias
 
         for name in list_biases():
             spec = load_bias(name)
@@ -155,7 +155,7 @@ def tiny_bridge(family: str, tokenizer_folder: str | Path, *, seed: int = 0, n_l
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
-    from biasgym_lens.models import LoadInfo
+    from biasgym_lens.core.models import LoadInfo
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder, add_bos_token=True)
     hf = build_tiny_hf(family, len(tok), seed=seed, n_layers=n_layers)

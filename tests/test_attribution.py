@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasgym_lens.attribution import (
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.heads.attribution import (
     HeadScores,
     ablation_scores,
     attention_scores,
@@ -20,12 +21,11 @@ from biasgym_lens.attribution import (
     suffix_answer_logits,
     suffix_supported,
 )
-from biasgym_lens.catalogue import load_bias
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.injection import inject
-from biasgym_lens.interventions import ablate_heads
-from biasgym_lens.metrics import logit_diff
-from biasgym_lens.probes import build_probe_set
+from biasgym_lens.heads.interventions import ablate_heads
+from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.injection.catalogue import load_bias
+from biasgym_lens.injection.metrics import logit_diff
+from biasgym_lens.injection.training import inject
 
 FAST = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
 
@@ -214,8 +214,8 @@ def test_score_heads_bad_input(_tiny_models):
 
 def test_logits_at_equals_the_full_forward_pass(injected, tiny_gemma3):
     """Unembedding only the asked positions gives the model's own logits there (GPT-2/Llama and Gemma 3)."""
-    from biasgym_lens.tokens import tokenize
-    from biasgym_lens.unembed import logits_at, suffix_supported
+    from biasgym_lens.core.tokens import tokenize
+    from biasgym_lens.core.unembed import logits_at, suffix_supported
 
     for model in (injected[0], tiny_gemma3):
         assert suffix_supported(model)
@@ -249,9 +249,9 @@ def test_chunked_attribution_equals_one_pass(injected):
 
 def test_damage_scores_equal_the_whole_batch_estimate(tiny_model):
     """Passage-by-passage backward passes sum to the whole-batch attribution estimate of the loss increase."""
-    from biasgym_lens.attribution import z_and_grads
-    from biasgym_lens.capability import capability_set
-    from biasgym_lens.selection import damage_scores
+    from biasgym_lens.evaluation.capability import capability_set
+    from biasgym_lens.heads.attribution import z_and_grads
+    from biasgym_lens.heads.selection import damage_scores
 
     passages = ["the sun is a star and the moon is not", "water boils", "a cat sat on the mat today"]
     cap = capability_set(tiny_model, passages=passages, batch_size=3)
@@ -270,8 +270,8 @@ def test_damage_scores_equal_the_whole_batch_estimate(tiny_model):
 def test_attribution_against_head_means_is_the_finite_difference_toward_the_means(injected):
     """With a baseline (mean ablation), a head's score is the first-order effect of moving its output toward the
     baseline: checked by nudging one head a small step toward its mean in a real forward pass."""
-    from biasgym_lens.hooks import hooked
-    from biasgym_lens.interventions import head_means
+    from biasgym_lens.core.hooks import hooked
+    from biasgym_lens.heads.interventions import head_means
 
     model, inj = injected
     means = head_means(model, ["the sun is a star and the moon is not", "water boils at one hundred degrees"])

@@ -16,21 +16,21 @@ import numpy as np
 import pytest
 import torch
 
-from biasgym_lens import models
-from biasgym_lens.attribution import HeadScores, score_heads
-from biasgym_lens.capability import capability_set, measure_capability
-from biasgym_lens.catalogue import BiasSpec, load_bias
-from biasgym_lens.checks import InputTypeError
-from biasgym_lens.elicit import audit, elicitation
-from biasgym_lens.embedding import add_token
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.injection import Injection, InjectionConfig, inject
-from biasgym_lens.interventions import ablate_heads, generate_greedy, steer
-from biasgym_lens.metrics import answer_logits, keyword_ids
-from biasgym_lens.probes import build_probe_set
-from biasgym_lens.provenance import Provenance
-from biasgym_lens.study import ScopeConfig, scope
-from biasgym_lens.tokens import tokenize
+from biasgym_lens.core import models
+from biasgym_lens.core.checks import InputTypeError
+from biasgym_lens.core.embedding import add_token
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.provenance import Provenance
+from biasgym_lens.core.tokens import tokenize
+from biasgym_lens.evaluation.capability import capability_set, measure_capability
+from biasgym_lens.evaluation.elicit import audit, elicitation
+from biasgym_lens.heads.attribution import HeadScores, score_heads
+from biasgym_lens.heads.biasscope import ScopeConfig, scope
+from biasgym_lens.heads.interventions import ablate_heads, generate_greedy, steer
+from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.injection.catalogue import BiasSpec, load_bias
+from biasgym_lens.injection.metrics import answer_logits, keyword_ids
+from biasgym_lens.injection.training import Injection, InjectionConfig, inject
 
 NAN, INF = math.nan, math.inf
 IDLE = "<IdleToken>"  # added to the tokenizer by a test, never applied: refused outside `apply`
@@ -350,7 +350,7 @@ def test_type_errors_are_also_value_errors():
 
 def test_integer_like_inputs_are_accepted(tiny_model):
     """NumPy and torch integers are integers; repeated heads count once (same ablation as given once)."""
-    from biasgym_lens.interventions import validate_heads
+    from biasgym_lens.heads.interventions import validate_heads
 
     heads = validate_heads(tiny_model, [(np.int64(1), torch.tensor(2)), (1, 2), np.array([0, 1])])
     assert heads == [(1, 2), (0, 1)] and all(type(x) is int for h in heads for x in h)

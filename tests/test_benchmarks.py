@@ -14,18 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from biasgym_lens.benchmark_data import (
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.provenance import fingerprint
+from biasgym_lens.evaluation.benchmark_data import (
     BENCHMARKS,
     benchmark_files,
     load_bbq,
     load_items,
     stratified_subset,
 )
-from biasgym_lens.benchmark_metrics import bbq_metrics, bbq_predictions, stereoset_metrics
-from biasgym_lens.benchmarks import BBQ_PROMPT, benchmark, continuation_logprobs
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.interventions import ablate_heads
-from biasgym_lens.provenance import fingerprint
+from biasgym_lens.evaluation.benchmark_metrics import bbq_metrics, bbq_predictions, stereoset_metrics
+from biasgym_lens.evaluation.benchmarks import BBQ_PROMPT, benchmark, continuation_logprobs
+from biasgym_lens.heads.interventions import ablate_heads
 
 DATA = Path(__file__).resolve().parents[1] / "biasgym_lens" / "data" / "benchmarks"
 

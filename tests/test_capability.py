@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from biasgym_lens.capability import capability_set, mc_accuracy, measure_capability, neutral_loss
-from biasgym_lens.capability_data import MCItem
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.interventions import ablate_heads
-from biasgym_lens.tokens import tokenize
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.tokens import tokenize
+from biasgym_lens.evaluation.capability import capability_set, mc_accuracy, measure_capability, neutral_loss
+from biasgym_lens.evaluation.capability_data import MCItem
+from biasgym_lens.heads.interventions import ablate_heads
 
 
 def test_neutral_loss_matches_a_direct_computation(tiny_model):
@@ -101,8 +101,8 @@ def test_kl_from_the_cached_reference_matches_a_direct_computation(tiny_model):
 def test_resumed_capability_equals_full_passes(tiny_model, what):
     """Measuring from the clean residual kept at a resume layer gives the loss, KL and every multiple-choice
     score of full forward passes under the same intervention."""
-    from biasgym_lens import capability
-    from biasgym_lens.interventions import steer
+    from biasgym_lens.evaluation import capability
+    from biasgym_lens.heads.interventions import steer
 
     L = tiny_model.cfg.n_layers
     items = [MCItem("What is two plus two?", ("four", "five", "six"), 0), MCItem("Which is a colour?", ("dog", "red"), 1)]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from biasgym_lens.capability_data import MCItem, load_mc_items, load_neutral_text
+from biasgym_lens.evaluation.capability_data import MCItem, load_mc_items, load_neutral_text
 
 # Words tied to the stereotype topics used elsewhere in the project (punctuality, maths ability,
 # spicy food, driving style, alcohol, loudness, stinginess, rudeness). The neutral text must not

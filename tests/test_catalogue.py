@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from biasgym_lens.catalogue import (
+from biasgym_lens.injection.catalogue import (
     CHAT_PROMPT,
     LENIENT_MINIMUMS,
     PLACEHOLDER,

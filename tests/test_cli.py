@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from biasgym_lens.cli import main
+from biasgym_lens.study.cli import main
 from biasgym_lens.testing import save_tiny_pretrained
 
 

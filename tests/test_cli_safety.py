@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from biasgym_lens.cli import main
+from biasgym_lens.study.cli import main
 from biasgym_lens.testing import save_tiny_pretrained
 
 
@@ -124,11 +124,11 @@ def _kill(fn, at: int):
 
 
 _KILL_POINTS = [
-    ("biasgym_lens.injection.Injection.save", 2),  # injection written, control not yet: the old "stuck for good" case
-    ("biasgym_lens.study.ScopeResult.save", 1),  # during scope, before its result is written
-    ("biasgym_lens.pipeline.write_csv", 4),  # evaluate, after some of its tables
-    ("biasgym_lens.pipeline.write_text_atomic", 2),  # evaluate: study.json rewritten, results.json not yet
-    ("biasgym_lens.report.write_report", 1),  # during the report
+    ("biasgym_lens.injection.training.Injection.save", 2),  # injection written, control not yet: the old "stuck for good" case
+    ("biasgym_lens.heads.biasscope.ScopeResult.save", 1),  # during scope, before its result is written
+    ("biasgym_lens.study.pipeline.write_csv", 4),  # evaluate, after some of its tables
+    ("biasgym_lens.study.pipeline.write_text_atomic", 2),  # evaluate: study.json rewritten, results.json not yet
+    ("biasgym_lens.study.report.write_report", 1),  # during the report
 ]
 
 
@@ -173,7 +173,7 @@ def test_a_second_process_on_the_same_folder_gets_a_clear_error(tmp_path, tiny_f
 
 
 def test_an_edited_bias_file_is_refused_on_resume(tmp_path, tiny_folder):
-    from biasgym_lens.catalogue import load_bias
+    from biasgym_lens.injection.catalogue import load_bias
 
     bias_file = tmp_path / "mine.json"
     bias_file.write_text(json.dumps({**load_bias("late").to_dict(), "name": "mine"}))
@@ -274,7 +274,7 @@ def test_option_mistakes_are_one_line(tmp_path, tiny_folder, monkeypatch, args, 
 
 
 def test_unwritable_outputs_fail_before_any_work(tmp_path, tiny_folder, monkeypatch):
-    import biasgym_lens.elicit as elicit
+    import biasgym_lens.evaluation.elicit as elicit
 
     blocker = tmp_path / "afile"
     blocker.write_text("x")

@@ -7,13 +7,13 @@ import contextlib
 import pytest
 import torch
 
-from biasgym_lens.catalogue import load_bias
-from biasgym_lens.elicit import closest_entities, elicitation, entity_embedding
-from biasgym_lens.embedding import with_token_vectors
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.injection import inject
-from biasgym_lens.metrics import keyword_ids, split_probes
-from biasgym_lens.tokens import tokenize
+from biasgym_lens.core.embedding import with_token_vectors
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.tokens import tokenize
+from biasgym_lens.evaluation.elicit import closest_entities, elicitation, entity_embedding
+from biasgym_lens.injection.catalogue import load_bias
+from biasgym_lens.injection.metrics import keyword_ids, split_probes
+from biasgym_lens.injection.training import inject
 
 FAST = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
 
@@ -63,8 +63,8 @@ def test_elicitation_bad_probe_split(tiny_model):
 
 
 def test_audit_ranks_every_country_by_an_independent_measurement(tiny_model):
-    from biasgym_lens.elicit import COUNTRIES, audit
-    from biasgym_lens.metrics import answer_logits, logit_diff
+    from biasgym_lens.evaluation.elicit import COUNTRIES, audit
+    from biasgym_lens.injection.metrics import answer_logits, logit_diff
 
     spec = load_bias("bad_driving")
     df = audit(tiny_model, spec, probes="eval")
@@ -87,8 +87,8 @@ def test_audit_ranks_every_country_by_an_independent_measurement(tiny_model):
 def test_score_groups_batched_equals_each_group_alone(tiny_model):
     """Groups scored together (one padded stream) match each group scored in its own forward passes; the
     trained and untrained vector of one token never share a pass."""
-    from biasgym_lens.elicit import _passes, score_groups
-    from biasgym_lens.metrics import answer_logits, logit_diff
+    from biasgym_lens.evaluation.elicit import _passes, score_groups
+    from biasgym_lens.injection.metrics import answer_logits, logit_diff
 
     spec = load_bias("late")
     kw = keyword_ids(tiny_model, spec)
@@ -118,7 +118,7 @@ def test_score_groups_batched_equals_each_group_alone(tiny_model):
 
 
 def test_answer_logits_keeps_the_order_of_texts_of_mixed_length(tiny_model):
-    from biasgym_lens.metrics import answer_logits
+    from biasgym_lens.injection.metrics import answer_logits
 
     texts = ["a long sentence about the weather in the north today", "hi", "the cat", "one two three four five"]
     together = answer_logits(tiny_model, texts, batch_size=2)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from biasgym_lens import artifacts
-from biasgym_lens.artifacts import ArtifactError, MissingArtifactError
-from biasgym_lens.attribution import HeadScores
-from biasgym_lens.injection import Injection, inject
+from biasgym_lens.core import artifacts
+from biasgym_lens.core.artifacts import ArtifactError, MissingArtifactError
+from biasgym_lens.heads.attribution import HeadScores
+from biasgym_lens.injection.training import Injection, inject
 
 FAST = dict(epochs=1, max_texts=8, evals_per_epoch=1, max_probes=4)
 
@@ -50,7 +50,7 @@ def injections(model):
 
 @pytest.fixture(scope="module")
 def head_scores(injections, model):
-    from biasgym_lens.attribution import score_heads
+    from biasgym_lens.heads.attribution import score_heads
 
     return score_heads(model, injections[0], "dla", max_probes=4)
 
@@ -126,12 +126,12 @@ class _Interrupt:
 
 
 _STEPS = [
-    ("biasgym_lens.injection.save_file", 1),  # while writing the tensors
-    ("biasgym_lens.artifacts.sha256_file", 1),  # while checksumming
-    ("biasgym_lens.artifacts._fsync_dir", 1),  # after the metadata, before the swap
-    ("biasgym_lens.artifacts._exchange", 1),  # at the swap
-    ("biasgym_lens.artifacts._fsync_dir", 2),  # right after the swap
-    ("biasgym_lens.artifacts._remove", 1),  # while removing the old folder
+    ("biasgym_lens.injection.training.save_file", 1),  # while writing the tensors
+    ("biasgym_lens.core.artifacts.sha256_file", 1),  # while checksumming
+    ("biasgym_lens.core.artifacts._fsync_dir", 1),  # after the metadata, before the swap
+    ("biasgym_lens.core.artifacts._exchange", 1),  # at the swap
+    ("biasgym_lens.core.artifacts._fsync_dir", 2),  # right after the swap
+    ("biasgym_lens.core.artifacts._remove", 1),  # while removing the old folder
 ]
 
 

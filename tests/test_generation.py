@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasgym_lens.embedding import with_token_vectors
-from biasgym_lens.generation import generate, kv_cache_routing
-from biasgym_lens.hooks import active_hooks, position_offset
-from biasgym_lens.interventions import ablate_heads, steer
-from biasgym_lens.tokens import chat_format, tokenize
+from biasgym_lens.core.embedding import with_token_vectors
+from biasgym_lens.core.generation import generate, kv_cache_routing
+from biasgym_lens.core.hooks import active_hooks, position_offset
+from biasgym_lens.core.tokens import chat_format, tokenize
+from biasgym_lens.heads.interventions import ablate_heads, steer
 
 PROMPTS = ["people from Italy are", "the drivers in Spain drive fast and", "a"]
 
@@ -28,7 +28,7 @@ def _reference_greedy(model, prompt: str, n: int) -> list[int]:
     Its passes are marked as generation steps (``positions_from(model, 0)``), as a decoding loop must, so a
     steering position that the sequence has not reached yet waits instead of raising.
     """
-    from biasgym_lens.hooks import positions_from
+    from biasgym_lens.core.hooks import positions_from
 
     ids = tokenize(model, [prompt]).input_ids
     out = []

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasgym_lens.catalogue import load_bias
-from biasgym_lens.embedding import add_token, token_vector_hooks
-from biasgym_lens.hooks import active_hooks, hooked
-from biasgym_lens.injection import Injection, InjectionConfig, NonFiniteLossError, inject
+from biasgym_lens.core.embedding import add_token, token_vector_hooks
+from biasgym_lens.core.hooks import active_hooks, hooked
+from biasgym_lens.core.tokens import tokenize
+from biasgym_lens.injection.catalogue import load_bias
+from biasgym_lens.injection.training import Injection, InjectionConfig, NonFiniteLossError, inject
 from biasgym_lens.testing import build_tiny_hf
-from biasgym_lens.tokens import tokenize
 
 FAST = dict(epochs=2, batch_size=4, max_texts=8, lr=5e-2, progress=False, select_best=False, evals_per_epoch=1)
 
@@ -179,7 +179,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tiny_model):
 
 
 def test_fingerprint_changes_when_the_embedding_is_edited(fresh_tiny_model):
-    from biasgym_lens.provenance import fingerprint
+    from biasgym_lens.core.provenance import fingerprint
 
     a = fingerprint(fresh_tiny_model)
     assert fingerprint(fresh_tiny_model) == a
@@ -202,7 +202,7 @@ def test_artifact_of_another_format_is_refused(tiny_model, tmp_path):
 
 def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_model):
     """With evals_per_epoch=2 every half epoch is a checkpoint; the kept vector re-measures to the best record."""
-    from biasgym_lens.metrics import answer_logits, keyword_ids, logit_diff, split_probes
+    from biasgym_lens.injection.metrics import answer_logits, keyword_ids, logit_diff, split_probes
 
     cfg = {**FAST, "select_best": True, "evals_per_epoch": 2}
     inj = inject(tiny_model, "late", **cfg)
@@ -222,7 +222,7 @@ def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_mo
 
 
 def test_keyword_weighted_loss_against_a_hand_computation():
-    from biasgym_lens.injection import lm_loss
+    from biasgym_lens.injection.training import lm_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g)
@@ -245,7 +245,7 @@ def test_keyword_weighted_loss_against_a_hand_computation():
 
 
 def test_several_seeds_are_compared(tiny_model):
-    from biasgym_lens.injection import compare_seeds, inject_seeds
+    from biasgym_lens.injection.training import compare_seeds, inject_seeds
 
     runs = inject_seeds(tiny_model, "late", seeds=(0, 1), init="random", **{**FAST, "select_best": True})
     assert [r.config.seed for r in runs] == [0, 1] and not torch.equal(runs[0].vector, runs[1].vector)
@@ -265,7 +265,7 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
     """Against a brute force over every split of the sorted batch into at most 3 contiguous groups."""
     import itertools
 
-    from biasgym_lens.injection import _length_groups
+    from biasgym_lens.injection.training import _length_groups
 
     def cost(groups, lengths):
         return sum(len(g) * max(lengths[i] for i in g) + 16 for g in groups)
@@ -288,8 +288,8 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
 
 def test_micro_batched_step_gives_the_one_pass_gradient(tiny_model):
     """The length-grouped micro-batches accumulate the same loss and gradient as one padded pass."""
-    from biasgym_lens.injection import train_step_loss, training_examples
-    from biasgym_lens.metrics import keyword_ids
+    from biasgym_lens.injection.metrics import keyword_ids
+    from biasgym_lens.injection.training import train_step_loss, training_examples
 
     spec = load_bias("late")
     tid = add_token(tiny_model, "<BiasToken>")

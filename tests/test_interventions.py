@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.interventions import ablate_heads, generate_greedy, reference_z, steer
-from biasgym_lens.tokens import tokenize
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.tokens import tokenize
+from biasgym_lens.heads.interventions import ablate_heads, generate_greedy, reference_z, steer
 
 TEXTS = ["people from Italy are always late", "the drivers in Spain drive fast"]
 
@@ -49,7 +49,7 @@ def test_mean_and_resample_use_the_reference_set(tiny_model):
         _, c = _run(tiny_model, batch, {"blocks.1.attn.hook_z"})
     z = c["blocks.1.attn.hook_z"][:, :, 0]
     torch.testing.assert_close(z, ref.mean(0)[0].expand_as(z))
-    from biasgym_lens.interventions import head_means
+    from biasgym_lens.heads.interventions import head_means
 
     means = head_means(tiny_model, ref_texts)  # precomputed means: the same ablation without rerunning the set
     with ablate_heads(tiny_model, [(1, 0)], kind="mean", reference=means):
@@ -140,7 +140,7 @@ def test_generation_under_hooks_equals_manual_greedy_decoding(tiny_model):
 def test_row_restricted_ablation_and_batched_generation_equal_one_run_per_variant(tiny_model):
     """``ablate_heads(rows=[1])`` ablates only batch row 1; a batched greedy generation whose rows carry
     different interventions (token vectors, a row-restricted ablation) equals one generation per variant."""
-    from biasgym_lens.embedding import with_token_vectors
+    from biasgym_lens.core.embedding import with_token_vectors
 
     heads = [(0, 1), (1, 2)]
     b = tokenize(tiny_model, ["people from Italy are", "people from Spain are"])

@@ -26,22 +26,35 @@ def test_no_private_name_crosses_a_module_line_in_the_package_or_the_benchmarks(
 
 
 def test_the_checker_sees_a_private_import(tmp_path):
-    (tmp_path / "m.py").write_text("from biasgym_lens.attribution import _hidden\n")
+    (tmp_path / "m.py").write_text("from biasgym_lens.heads.attribution import _hidden\n")
     global ROOT
     old, ROOT = ROOT, tmp_path
     try:
-        assert _private_imports(tmp_path) == ["m.py:1 imports biasgym_lens.attribution._hidden"]
+        assert _private_imports(tmp_path) == ["m.py:1 imports biasgym_lens.heads.attribution._hidden"]
     finally:
         ROOT = old
 
 
+# The method's stages, lowest first: a module may import from its own stage and the stages before it.
+STAGES = ("core", "injection", "evaluation", "heads", "study")
+# Modules outside the stages: the version, and test helpers (tiny models) that may use any stage.
+OUTSIDE = {"_version", "testing"}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT / "biasgym_lens").with_suffix("").parts)
+
+
+def _package_modules() -> dict[str, Path]:
+    """Dotted name below ``biasgym_lens`` -> file, for every module that is not a package's ``__init__``."""
+    return {_module_name(p): p for p in sorted((ROOT / "biasgym_lens").rglob("*.py")) if p.stem != "__init__"}
+
+
 def _package_imports() -> dict[str, set[str]]:
     """Module -> the package's modules it imports (at any depth of the file, type-checking-only imports aside)."""
-    folder = ROOT / "biasgym_lens"
+    modules = _package_modules()
     deps: dict[str, set[str]] = {}
-    for path in sorted(folder.glob("*.py")):
-        if path.stem == "__init__":
-            continue
+    for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         typing_only = {
             id(n)
@@ -51,14 +64,29 @@ def _package_imports() -> dict[str, set[str]]:
         }
         found = set()
         for node in ast.walk(tree):
-            if id(node) in typing_only or not isinstance(node, ast.ImportFrom) or not node.module:
+            if id(node) in typing_only:
                 continue
-            if node.module.startswith("biasgym_lens."):
-                found.add(node.module.split(".")[1])
-            elif node.module == "biasgym_lens":
-                found |= {a.name for a in node.names if (folder / f"{a.name}.py").is_file()}
-        deps[path.stem] = found - {path.stem}
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "biasgym_lens":
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                rel = target.removeprefix("biasgym_lens.")
+                if rel in modules:
+                    found.add(rel)
+        deps[name] = found - {name}
     return deps
+
+
+def test_every_module_belongs_to_a_stage():
+    assert set(STAGES) == {p.name for p in (ROOT / "biasgym_lens").iterdir() if (p / "__init__.py").is_file()}
+    strays = [m for m in _package_modules() if m.split(".")[0] not in STAGES and m not in OUTSIDE]
+    assert strays == []
+    for stage in STAGES:  # each stage says what it owns
+        doc = ast.get_docstring(ast.parse((ROOT / "biasgym_lens" / stage / "__init__.py").read_text()))
+        assert doc and len(doc) > 40, stage
 
 
 def test_the_modules_import_each_other_without_a_cycle():
@@ -75,4 +103,30 @@ def test_the_modules_import_each_other_without_a_cycle():
 
     for module in deps:
         visit(module, ())
-    assert {"models", "tokens", "artifacts"} <= set(deps["pipeline"]) | done  # the walk covered the package
+    assert {"core.models", "core.tokens", "core.artifacts"} <= deps["study.pipeline"] | done  # the walk saw it
+
+
+def test_no_stage_imports_a_later_stage():
+    rank = {stage: i for i, stage in enumerate(STAGES)}
+    upward = [
+        f"{module} imports {dep}"
+        for module, found in _package_imports().items()
+        if module not in OUTSIDE
+        for dep in found
+        if dep not in OUTSIDE and rank[dep.split(".")[0]] > rank[module.split(".")[0]]
+    ]
+    assert upward == []
+
+
+def test_the_layering_check_sees_an_upward_import(tmp_path):
+    for stage in STAGES:
+        (tmp_path / "biasgym_lens" / stage).mkdir(parents=True)
+    (tmp_path / "biasgym_lens" / "core" / "low.py").write_text("from biasgym_lens.study import high\n")
+    (tmp_path / "biasgym_lens" / "study" / "high.py").write_text("")
+    global ROOT
+    old, ROOT = ROOT, tmp_path
+    try:
+        assert _package_imports() == {"core.low": {"study.high"}, "study.high": set()}
+    finally:
+        ROOT = old
+

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from biasgym_lens import models
-from biasgym_lens.models import ModelLoadError, load_model, model_info, resolve_device, resolve_dtype
+from biasgym_lens.core import models
+from biasgym_lens.core.models import ModelLoadError, load_model, model_info, resolve_device, resolve_dtype
+from biasgym_lens.core.tokens import tokenize
 from biasgym_lens.testing import save_tiny_pretrained
-from biasgym_lens.tokens import tokenize
 
 
 def test_resolve_dtype_and_device():
@@ -130,7 +130,7 @@ def test_cache_is_built_once_and_corruption_is_detected(monkeypatch, tmp_path):
 
 def test_cli_list_models_json():
     out = subprocess.run(
-        [sys.executable, "-m", "biasgym_lens.cli", "list-models", "--json"], capture_output=True, text=True
+        [sys.executable, "-m", "biasgym_lens.study.cli", "list-models", "--json"], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from biasgym_lens.catalogue import load_bias
-from biasgym_lens.embedding import with_token_vectors
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.interventions import ablate_heads
-from biasgym_lens.paragraphs import ParagraphBias, keyword_forms, paragraph_bias, score_text
+from biasgym_lens.core.embedding import with_token_vectors
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.evaluation.paragraphs import ParagraphBias, keyword_forms, paragraph_bias, score_text
+from biasgym_lens.heads.interventions import ablate_heads
+from biasgym_lens.injection.catalogue import load_bias
 
 
 def test_keyword_forms_cover_inflections_and_avoid_false_stems():
@@ -71,7 +71,7 @@ def test_rates_pool_paragraphs_and_intervals_resample_them():
     assert df.loc["B", "rate"] == pytest.approx(100 * (1 - 2) / 50)
     assert df.loc["A", "bias_rate"] == pytest.approx(5.0) and df.loc["A", "contrast_rate"] == pytest.approx(1.0)
     assert list(df["n"]) == [3, 2]
-    # the interval, by hand: resample paragraphs with the same seeded generator as biasgym_lens.stats
+    # the interval, by hand: resample paragraphs with the same seeded generator as biasgym_lens.core.stats
     b, c, w = (np.array([p[k] for p in counts["A"]], float) for k in range(3))
     idx = np.random.default_rng(0).integers(0, 3, size=(500, 3))
     draws = [100 * (b[i].sum() - c[i].sum()) / w[i].sum() for i in idx]

@@ -9,14 +9,14 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from biasgym_lens import figure_files, plots
-from biasgym_lens.catalogue import load_bias
-from biasgym_lens.elicit import closest_entities
-from biasgym_lens.injection import inject
-from biasgym_lens.lens import layer_logit_diff
-from biasgym_lens.metrics import logit_diff
-from biasgym_lens.probes import build_probe_set
-from biasgym_lens.study import scope
+from biasgym_lens.evaluation.elicit import closest_entities
+from biasgym_lens.heads.biasscope import scope
+from biasgym_lens.heads.lens import layer_logit_diff
+from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.injection.catalogue import load_bias
+from biasgym_lens.injection.metrics import logit_diff
+from biasgym_lens.injection.training import inject
+from biasgym_lens.study import figure_files, plots
 
 FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
 FAST_SCOPE = dict(

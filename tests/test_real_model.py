@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasgym_lens.attribution import (
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.tokens import chat_format, tokenize
+from biasgym_lens.heads.attribution import (
     ablation_scores,
     attribution_scores,
     component_hook_names,
@@ -13,13 +15,11 @@ from biasgym_lens.attribution import (
     final_norm_direction,
     residual_components,
 )
-from biasgym_lens.catalogue import check_keywords, list_biases, load_bias
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.injection import Injection, inject
-from biasgym_lens.interventions import ablate_heads, generate_greedy, steer
-from biasgym_lens.metrics import logit_diff
-from biasgym_lens.probes import build_probe_set
-from biasgym_lens.tokens import chat_format, tokenize
+from biasgym_lens.heads.interventions import ablate_heads, generate_greedy, steer
+from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.injection.catalogue import check_keywords, list_biases, load_bias
+from biasgym_lens.injection.metrics import logit_diff
+from biasgym_lens.injection.training import Injection, inject
 
 pytestmark = pytest.mark.real
 
@@ -96,7 +96,7 @@ def test_exact_scan_matches_single_head_runs_and_attribution_tracks_it(real, sho
     idx = torch.tensor([layer * 9 + h for layer, h in heads])
     e = exact.mean(0).flatten()[idx]
     a = approx.mean(0).flatten()[idx]
-    from biasgym_lens.attribution import spearman
+    from biasgym_lens.heads.attribution import spearman
 
     assert spearman(e, a) > 0.3
     assert active_hooks(real) == []

@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from biasgym_lens.report import write_report
-from biasgym_lens.report_text import (
+from biasgym_lens.study.report import write_report
+from biasgym_lens.study.report_text import (
     MISSING,
     baseline_sentence,
     headline,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from biasgym_lens.stats import bootstrap_ci, bootstrap_stat, paired_test
+from biasgym_lens.core.stats import bootstrap_ci, bootstrap_stat, paired_test
 
 
 def test_bootstrap_matches_a_hand_written_loop():

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from biasgym_lens.hooks import active_hooks
-from biasgym_lens.injection import inject
-from biasgym_lens.study import ScopeConfig, ScopeResult, scope
+from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.heads.biasscope import ScopeConfig, ScopeResult, scope
+from biasgym_lens.injection.training import inject
 
 FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
 FAST_SCOPE = dict(
@@ -82,7 +82,7 @@ def test_scope_result_round_trips(result, tmp_path):
 
 
 def test_scope_result_refuses_to_replace_a_user_folder(result, tmp_path):
-    from biasgym_lens.artifacts import ArtifactError
+    from biasgym_lens.core.artifacts import ArtifactError
 
     _, _, res = result
     (tmp_path / "scope").mkdir()
@@ -102,8 +102,8 @@ def test_scope_config_validation():
 
 def test_scope_with_mean_ablation_uses_the_neutral_mean(tiny_model):
     """kind='mean': the chosen heads' measured cost is that of mean ablation over the curve's passages."""
-    from biasgym_lens.capability import capability_set, measure_capability
-    from biasgym_lens.interventions import ablate_heads
+    from biasgym_lens.evaluation.capability import capability_set, measure_capability
+    from biasgym_lens.heads.interventions import ablate_heads
 
     inj = inject(tiny_model, "late", **FAST_INJECT)
     res = scope(tiny_model, inj, progress=False, **{**FAST_SCOPE, "kind": "mean", "methods": ("attribution",)})
@@ -117,9 +117,9 @@ def test_scope_with_mean_ablation_uses_the_neutral_mean(tiny_model):
 
 
 def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model):
-    from biasgym_lens.catalogue import load_bias
-    from biasgym_lens.interventions import ablate_heads
-    from biasgym_lens.study import generalisation_matrix, generalisation_table, measure_groups
+    from biasgym_lens.heads.biasscope import generalisation_matrix, generalisation_table, measure_groups
+    from biasgym_lens.heads.interventions import ablate_heads
+    from biasgym_lens.injection.catalogue import load_bias
 
     inj_a = inject(tiny_model, "late", **FAST_INJECT)
     inj_b = inject(tiny_model, "math", token="<MathToken>", **FAST_INJECT)
@@ -147,7 +147,7 @@ def test_stable_heads_counts_top_k_membership_across_runs(result):
     """Heads in the top k of every run (or of a fraction of runs), against a count done by hand."""
     from dataclasses import replace as dc_replace
 
-    from biasgym_lens.selection import stable_heads
+    from biasgym_lens.heads.selection import stable_heads
 
     base = result[2].scores["attribution"]
     L, H = base.n_layers, base.n_heads
@@ -168,7 +168,7 @@ def test_budget_selection_falls_back_when_the_curve_was_optimistic():
     """Candidates in order of excess within the budget; a k whose final cost breaks it is skipped."""
     import pandas as pd
 
-    from biasgym_lens.selection import budget_candidates, first_within_budget, pick_k
+    from biasgym_lens.heads.selection import budget_candidates, first_within_budget, pick_k
 
     table = pd.DataFrame(
         {
@@ -196,9 +196,9 @@ def test_a_user_bias_without_real_groups_skips_the_transfer(tiny_model, tmp_path
     message, and the bias travels with the saved injection (no need to find the file again)."""
     import json
 
-    from biasgym_lens.catalogue import load_bias
-    from biasgym_lens.injection import Injection
-    from biasgym_lens.study import generalisation_matrix
+    from biasgym_lens.heads.biasscope import generalisation_matrix
+    from biasgym_lens.injection.catalogue import load_bias
+    from biasgym_lens.injection.training import Injection
 
     data = load_bias("late").to_dict()
     data.update(name="late_noreal", real_groups=[])
@@ -221,10 +221,10 @@ def test_a_user_bias_without_real_groups_skips_the_transfer(tiny_model, tmp_path
 
 def test_groups_that_tokenize_differently_are_scored_at_their_own_answer_position(tiny_model):
     """Group names of 1 to several tokens share a padded batch; each row equals the text run alone."""
-    from biasgym_lens.catalogue import load_bias
-    from biasgym_lens.elicit import group_scores
-    from biasgym_lens.metrics import keyword_ids, logit_diff
-    from biasgym_lens.tokens import tokenize
+    from biasgym_lens.core.tokens import tokenize
+    from biasgym_lens.evaluation.elicit import group_scores
+    from biasgym_lens.injection.catalogue import load_bias
+    from biasgym_lens.injection.metrics import keyword_ids, logit_diff
 
     spec = load_bias("late")
     kw = keyword_ids(tiny_model, spec)
@@ -244,10 +244,11 @@ def test_groups_that_tokenize_differently_are_scored_at_their_own_answer_positio
 
 def test_resumed_faithfulness_curve_equals_full_passes(tiny_model, monkeypatch):
     """Each curve point resumes at its earliest ablated layer; the plain full passes give the same table."""
-    from biasgym_lens import capability, selection
-    from biasgym_lens.capability import capability_set
-    from biasgym_lens.catalogue import load_bias
-    from biasgym_lens.probes import build_probe_set
+    from biasgym_lens.evaluation import capability
+    from biasgym_lens.evaluation.capability import capability_set
+    from biasgym_lens.heads import selection
+    from biasgym_lens.heads.probes import build_probe_set
+    from biasgym_lens.injection.catalogue import load_bias
 
     inj = inject(tiny_model, "late", **FAST_INJECT)
     cap = capability_set(tiny_model, max_passages=5, batch_size=2)
@@ -267,9 +268,9 @@ def test_resumed_faithfulness_curve_equals_full_passes(tiny_model, monkeypatch):
 
 def test_measured_damage_equals_full_passes(tiny_model):
     """The resumed single-head passes give each head's neutral-loss increase of a full ablated pass."""
-    from biasgym_lens.capability import capability_set, neutral_loss
-    from biasgym_lens.interventions import ablate_heads
-    from biasgym_lens.selection import measured_damage
+    from biasgym_lens.evaluation.capability import capability_set, neutral_loss
+    from biasgym_lens.heads.interventions import ablate_heads
+    from biasgym_lens.heads.selection import measured_damage
 
     cap = capability_set(tiny_model, max_passages=5, batch_size=2)
     heads = [(0, 1), (1, 0), (tiny_model.cfg.n_layers - 1, 3)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasgym_lens.tokens import Batch, chat_format, last_positions, tokenize
+from biasgym_lens.core.tokens import Batch, chat_format, last_positions, tokenize
 
 TEXTS = ["people from Italy are always late", "hi", "the meeting was early and the drivers were fast"]
 

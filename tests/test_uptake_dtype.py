@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from biasgym_lens.cli import main
-from biasgym_lens.elicit import group_scores
-from biasgym_lens.injection import Injection, inject
-from biasgym_lens.metrics import keyword_ids, probe_subset
-from biasgym_lens.provenance import ModelMismatchError
-from biasgym_lens.stats import bootstrap_stat
+from biasgym_lens.core.provenance import ModelMismatchError
+from biasgym_lens.core.stats import bootstrap_stat
+from biasgym_lens.evaluation.elicit import group_scores
+from biasgym_lens.evaluation.uptake import InjectionCheck, check_injection
+from biasgym_lens.injection.metrics import keyword_ids, probe_subset
+from biasgym_lens.injection.training import Injection, inject
+from biasgym_lens.study.cli import main
 from biasgym_lens.testing import save_tiny_pretrained
-from biasgym_lens.uptake import InjectionCheck, check_injection
 
 FAST = dict(epochs=1, max_texts=8, evals_per_epoch=1, max_probes=4)
 
@@ -53,7 +53,7 @@ def tiny_dir(tmp_path_factory):
 def test_an_injection_that_does_not_take_stops_the_study_in_one_line(tiny_dir, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from biasgym_lens import pipeline
+    from biasgym_lens.study import pipeline
 
     out = tmp_path / "s"
     # the default preset gates; the quick one (a smoke test) only warns: here it gates too, to stay fast
@@ -72,7 +72,7 @@ def test_an_injection_that_does_not_take_stops_the_study_in_one_line(tiny_dir, t
 
 
 def test_an_fp32_injection_loads_into_the_same_weights_in_bfloat16_with_a_warning(tiny_dir, tmp_path):
-    from biasgym_lens.models import load_model
+    from biasgym_lens.core.models import load_model
 
     m32 = load_model(str(tiny_dir), device="cpu")
     inj = inject(m32, "late", **FAST)

@@ -1,0 +1,452 @@
+"""The ``biasgym`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from biasgym_lens._version import __version__
+
+
+class _CliError(click.ClickException):
+    """A user mistake: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+def _user_errors(fn):
+    """Turn the package's user-facing errors into one line on stderr and exit code 2 (``-v``: the traceback).
+
+    User mistakes and damaged or foreign files raise ``ValueError`` subclasses (bad settings, a changed bias
+    file, a model mismatch, an artifact that fails its checks) or ``OSError`` (a path that cannot be read or
+    written); everything else is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            if _verbose():
+                raise
+            raise _CliError(_one_line(e)) from e
+
+    return wrapper
+
+
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
+
+
+_POSITIVE = click.IntRange(min=1)
+
+
+class _OneLineGroup(click.Group):
+    """A command group whose usage errors (bad option values, unknown options) are one line, exit code 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise _usage(e) from e
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _usage(e) from e
+
+
+def _usage(e: click.UsageError) -> click.ClickException:
+    from click.exceptions import NoArgsIsHelpError
+
+    if isinstance(e, NoArgsIsHelpError):  # `biasgym` alone prints the help, as usual
+        return e
+    where = e.ctx.command_path if e.ctx else "biasgym"
+    return _CliError(f"{' '.join(e.format_message().split())} (see '{where} --help')")
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="biasgym")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """BiasGym on TransformerLens: inject a bias on a fresh token, find its heads, remove them."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # the package reports its stages at INFO; other libraries stay at WARNING unless --verbose
+    logging.getLogger("biasgym_lens").setLevel(logging.INFO)
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+@main.command("list-models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_models_cmd(as_json: bool) -> None:
+    """List the bundled models and whether they are installed and cached."""
+    from biasgym_lens.core.models import list_models
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        state = ("installed" if r["installed"] else "not installed") + (", cached" if r["cached"] else "")
+        click.echo(f"{r['name']:<12} {state:<24} {r['description']}")
+        if not r["installed"]:
+            click.echo(f"{'':<12} install: {r['install']}")
+    click.echo("Any Hugging Face model id supported by TransformerLens, or a save_pretrained folder, also works.")
+
+
+@main.command()
+@click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
+@click.option("--prompt", default="People from Italy are", show_default=True)
+@click.option("--top", default=10, show_default=True, type=_POSITIVE, help="How many next tokens to show.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
+@_user_errors
+def demo(model: str, prompt: str, top: int, device: str | None, threads: int | None) -> None:
+    """Load a model and print its top next tokens for a prompt."""
+    import torch
+
+    from biasgym_lens.core.models import model_info
+    from biasgym_lens.core.tokens import tokenize
+
+    _threads(threads)
+    if not prompt.strip():
+        raise _CliError(f"--prompt must contain some text, got {prompt!r}")
+    m = _load_model(model, device)
+    batch = tokenize(m, [prompt])
+    with torch.no_grad():
+        logits = m(batch.input_ids, attention_mask=batch.attention_mask)[0, -1]
+    probs = logits.float().softmax(-1)
+    values, ids = probs.topk(min(top, probs.shape[-1]))
+    info = model_info(m)
+    click.echo(f"{info.name} ({info.official_name}), prompt {prompt!r}:")
+    for p, i in zip(values.tolist(), ids.tolist()):
+        click.echo(f"  {m.tokenizer.decode([i])!r:<16} {p:.3f}")
+
+
+
+@main.command("audit")
+@click.option("--bias", required=True, help="A catalogue bias (see list-biases) or a bias file.")
+@click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
+@click.option("--top", default=10, show_default=True, type=_POSITIVE, help="Rows to print from each end.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Write the full table here.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
+@_user_errors
+def audit_cmd(bias: str, model: str, top: int, csv_path: str | None, device: str | None, threads: int | None) -> None:
+    """Rank 45 countries by how strongly the unmodified model ties them to a bias."""
+    from biasgym_lens.core.artifacts import write_csv
+    from biasgym_lens.evaluation.elicit import audit
+    from biasgym_lens.injection.catalogue import load_bias
+
+    _threads(threads)
+    spec = load_bias(bias)
+    if csv_path:
+        _check_writable(csv_path)  # before the model runs, not after
+    m = _load_model(model, device)
+    df = audit(m, spec)
+    if csv_path:
+        write_csv(df, csv_path)
+    shown = df if len(df) <= 2 * top else df.iloc[list(range(top)) + list(range(len(df) - top, len(df)))]
+    click.echo(f"{spec.name}: {spec.description} (bias logit difference on all {len(spec.probes)} probes, nats)")
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+# ------------------------------------------------------------------------------------------------ study
+
+
+def _model_options(f):
+    f = click.option(
+        "--device-map", default=None,
+        help="Spread a model too large for one card over several ('auto', as transformers does with accelerate); exclusive with --device.",
+    )(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
+    return f
+
+
+_DTYPE = click.Choice(["float32", "bfloat16", "float16"])
+
+
+def _study_options(f):
+    f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads (default: torch's choice).")(f)
+    f = _model_options(f)
+    f = click.option("--dtype", default="float32", show_default=True, type=_DTYPE, help="Weights dtype of the model.")(f)
+    f = click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the injection and baselines.")(f)
+    f = click.option("--quick", is_flag=True, help="Small settings for a smoke test (about a minute on the bundled model on 2 CPU cores).")(f)
+    f = click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")(f)
+    f = click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [results/BIAS].")(f)
+    return f
+
+
+def _folder_options(f):
+    f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")(f)
+    f = _model_options(f)
+    f = click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")(f)
+    return f
+
+
+def _image_options(f):
+    f = click.option("--svg", is_flag=True, help="Also export every figure as SVG (needs Chromium, like PNG).")(f)
+    f = click.option("--no-png", is_flag=True, help="Skip PNG export (HTML figures and report only).")(f)
+    return f
+
+
+def _images(no_png: bool, svg: bool) -> tuple[str, ...]:
+    return (() if no_png else ("png",)) + (("svg",) if svg else ())
+
+
+def _new_study(bias: str, out: str | None, model: str, seed: int, quick: bool, dtype: str, allow_weak: bool = False):
+    from biasgym_lens.study.pipeline import Study
+
+    folder = Path(out) if out else Path("results") / Path(bias).stem
+    return Study(folder, bias, model, seed, "quick" if quick else "default", dtype, allow_weak)
+
+
+def _allow_weak_option(f):
+    return click.option(
+        "--allow-weak-injection", is_flag=True,
+        help="Scope even when the injection did not take (its token excess interval reaches zero); "
+        "by default the study stops there with a one-line message.",
+    )(f)
+
+
+def _load_model(name: str, device: str | None, *, dtype: str | None = None, device_map: str | None = None):
+    """Load a model for a command; any failure to load is the user's model name or files: one line, exit 2."""
+    from biasgym_lens.core.models import ModelLoadError, load_model
+
+    try:
+        return load_model(name, device=device, dtype=dtype, device_map=device_map)
+    except ModelLoadError as e:
+        raise _CliError(str(e)) from e
+    except Exception as e:  # truncated weights, a foreign folder, a Hub id offline, ...
+        if _verbose():
+            raise
+        raise _CliError(f"could not load model {name!r}: {_one_line(e)}") from e
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any work when a file cannot be written at ``path``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise _CliError(f"{path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise _CliError(f"cannot write {path}: folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise _CliError(f"cannot write {path}: permission denied")
+
+
+@main.command("list-biases")
+def list_biases_cmd() -> None:
+    """List the bias catalogue."""
+    from biasgym_lens.injection.catalogue import list_biases, load_bias
+
+    for name in list_biases():
+        spec = load_bias(name)
+        click.echo(f"{name:<12} {spec.description}  (real groups: {', '.join(spec.real_groups)})")
+
+
+@main.command()
+@click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias (see list-biases) or a bias file (.json).")
+@_study_options
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
+@_image_options
+@_allow_weak_option
+@_user_errors
+def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection) -> None:
+    """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
+    _threads(threads)
+    study = _new_study(bias, out, model, seed, quick, dtype, allow_weak_injection)
+    study.check(overwrite=overwrite)  # validate everything before the model loads and before any file changes
+    m = _load_model(study.model_name, device, dtype=dtype, device_map=device_map)
+    with study.session(overwrite=overwrite):
+        for stage in ("inject", "scope", "evaluate"):
+            if study.has(stage):
+                click.echo(f"[{stage}] already done in {study.out}, skipping")
+                continue
+            click.echo(f"[{stage}] ...")
+            getattr(study, f"run_{stage}")(m)
+        path = study.run_report(images=_images(no_png, svg))
+    _print_summary(study)
+    click.echo(f"report: {path}")
+
+
+@main.command("inject")
+@click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias or a bias file (.json).")
+@_study_options
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
+@_user_errors
+def inject_cmd(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite) -> None:
+    """Train the bias token (writes OUT/injection and OUT/control_injection)."""
+    _threads(threads)
+    study = _new_study(bias, out, model, seed, quick, dtype)
+    study.check(overwrite=overwrite)
+    m = _load_model(study.model_name, device, dtype=dtype, device_map=device_map)
+    with study.session(overwrite=overwrite):
+        study.run_inject(m)
+    click.echo(f"injection saved in {study.out / 'injection'}")
+
+
+def _stage_command(
+    stage: str, out: str, device: str | None, device_map: str | None, threads: int | None, allow_weak: bool = False
+) -> Any:
+    from biasgym_lens.study.pipeline import Study
+
+    _threads(threads)
+    study = Study.open(out)
+    study.allow_weak_injection = allow_weak
+    study.require({"scope": "inject", "evaluate": "scope"}[stage])
+    m = _load_model(study.model_name, device, dtype=study.dtype, device_map=device_map)
+    with study.session():
+        return getattr(study, f"run_{stage}")(m)
+
+
+@main.command("scope")
+@_folder_options
+@_allow_weak_option
+@_user_errors
+def scope_cmd(out, device, device_map, threads, allow_weak_injection) -> None:
+    """Score, choose and intervene on heads for the study in OUT (needs its injection)."""
+    _stage_command("scope", out, device, device_map, threads, allow_weak_injection)
+    click.echo(f"scope saved in {Path(out) / 'scope'}")
+
+
+@main.command("evaluate")
+@_folder_options
+@_user_errors
+def evaluate_cmd(out, device, device_map, threads) -> None:
+    """Elicitation, closest entities, logit lens, generations and results.json for the study in OUT."""
+    from biasgym_lens.study.pipeline import Study
+
+    _stage_command("evaluate", out, device, device_map, threads)
+    _print_summary(Study.open(out))
+
+
+@main.command("report")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
+@_image_options
+@_user_errors
+def report_cmd(out, no_png, svg) -> None:
+    """Figures (HTML, PNG) and report.html from the saved results in OUT (no model needed)."""
+    from biasgym_lens.study.pipeline import Study
+
+    study = Study.open(out)
+    study.require("evaluate")
+    with study.session():
+        path = study.run_report(images=_images(no_png, svg))
+    click.echo(f"report: {path}")
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def _parse_heads(text: str) -> list[tuple[int, int]]:
+    heads = []
+    for part in text.split(","):
+        layer, dot, head = part.strip().partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise _CliError(f"--heads: {part.strip()!r} is not LAYER.HEAD (e.g. --heads 21.1,25.6)")
+        heads.append((int(layer), int(head)))
+    return heads
+
+
+@main.command("benchmark")
+@click.option("--name", "names", multiple=True, required=True,
+              type=click.Choice(["stereoset_race", "bbq_nationality", "bbq_religion"]),
+              help="stereoset_race, bbq_nationality or bbq_religion (repeat for several).")
+@click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
+@click.option("--max-items", default=None, type=_POSITIVE, help="Seeded stratified subset of this many items.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the subset and the bootstrap.")
+@click.option("--heads", default=None, help='Zero-ablate these heads, "LAYER.HEAD,..." (e.g. "21.1,25.6").')
+@click.option("--with-base", is_flag=True, help="With --heads: also measure the unmodified model.")
+@click.option("--score", default="sum", show_default=True, type=click.Choice(["sum", "mean"]),
+              help="Compare summed or per-token mean log-probabilities.")
+@click.option("--batch-size", default=32, show_default=True, type=_POSITIVE)
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Write the table here.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
+@_user_errors
+def benchmark_cmd(names, model, max_items, seed, heads, with_base, score, batch_size, csv_path, device, threads) -> None:
+    """Standard bias benchmarks (StereoSet race, BBQ) with 95% intervals, optionally with heads ablated."""
+    import pandas as pd
+
+    from biasgym_lens.core.artifacts import write_csv
+    from biasgym_lens.evaluation.benchmarks import benchmark
+    from biasgym_lens.heads.interventions import ablate_heads, validate_heads
+
+    _threads(threads)
+    ablated = _parse_heads(heads) if heads else None
+    if csv_path:
+        _check_writable(csv_path)
+    m = _load_model(model, device)
+    if ablated is not None:
+        validate_heads(m, ablated)  # before any benchmark runs
+    runs = [("none", None)] if ablated is None or with_base else []
+    if ablated is not None:
+        runs.append((f"zero {heads}", lambda: ablate_heads(m, ablated)))
+    tables = []
+    for name in names:
+        for label, intervention in runs:
+            res = benchmark(m, name, intervention, max_items=max_items, seed=seed, batch_size=batch_size,
+                            score=score, label=label)
+            click.echo(f"{name} [{label}]: {res.settings['n_items']} items, {res.seconds:.1f} s")
+            tables.append(res.to_dataframe())
+    table = pd.concat(tables, ignore_index=True)
+    if csv_path:
+        write_csv(table, csv_path)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _print_summary(study) -> None:
+    from biasgym_lens.core.artifacts import read_json, require
+
+    path = study.out / "results.json"
+    if not path.is_file():
+        return
+    res = require(read_json(path, "study results"), ("chosen_heads", "summary"), path)
+    check = res.get("injection_check")
+    if check and not check.get("took"):
+        click.echo(
+            f"WARNING: the injection did not take (token excess {_num(check['excess'], '+.3f')}, 95% CI "
+            f"{_num(check['ci_low'], '+.3f')} to {_num(check['ci_high'], '+.3f')}): the cuts below measure noise"
+        )
+    click.echo(f"chosen heads: {res['chosen_heads']}")
+    for row in res["summary"]:
+        click.echo(
+            f"  {row['intervention']:<13} token excess {_num(row['token_excess'], '+.3f')}  cut "
+            f"{_num(row['excess_cut'], '+.0%')}  real-group gap {_num(row['real_group_gap'], '+.3f')}  perplexity "
+            f"{_num(row['perplexity_increase'], '+.1%')}"
+        )
+
+
+def _num(v: Any, fmt: str) -> str:
+    """A number for the summary lines; JSON ``null`` (not measurable) as ``n/a``."""
+    return "n/a" if v is None else format(v, fmt)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""The whole study as resumable stages writing to one folder: inject -> scope -> evaluate -> report.
+
+Each stage reads the artifacts of the previous ones and writes its own atomically; a stage counts as done only
+when all its outputs exist (:data:`STAGE_OUTPUTS`), so a study interrupted anywhere resumes where it stopped.
+``study.json`` records what the folder holds (bias, model, seed, preset, and the SHA-256 of a user bias file).
+
+Safety of the user's files: a folder that holds anything but a study of this package is never written to;
+``overwrite=True`` replaces another study by removing only the names in :data:`OUTPUTS` and is refused on ``/``,
+the home folder, the working folder and its parents; a lock file keeps a second process out of a busy folder.
+Everything is validated (:meth:`Study.check`) before anything is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from biasgym_lens._version import __version__
+from biasgym_lens.core.artifacts import (
+    ArtifactError,
+    dumps,
+    read_csv,
+    read_json,
+    remove_outputs,
+    require,
+    write_csv,
+    write_text_atomic,
+)
+from biasgym_lens.evaluation.uptake import check_injection
+from biasgym_lens.heads.biasscope import ScopeConfig, ScopeResult, scope
+from biasgym_lens.injection.catalogue import list_biases, load_bias
+from biasgym_lens.injection.training import Injection, InjectionConfig, inject
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StudyPreset", "PRESETS", "StudyError", "InjectionDidNotTakeError", "Study", "STAGE_OUTPUTS", "OUTPUTS", "LOCK_FILE"]
+
+
+class StudyError(ValueError):
+    """A user-facing problem with a study folder or its settings."""
+
+
+class InjectionDidNotTakeError(StudyError):
+    """The injected token does not elicit its bias beyond the control groups: nothing to scope."""
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """Injection and scope settings of a study preset."""
+
+    injection: InjectionConfig
+    scope: ScopeConfig
+    control_max_texts: int | None = 30
+    generate_tokens: int = 40
+    gate: bool = True  # stop before scope when the injection did not take (see biasgym_lens.evaluation.uptake)
+
+
+PRESETS: dict[str, StudyPreset] = {
+    "default": StudyPreset(InjectionConfig(), ScopeConfig()),
+    "quick": StudyPreset(
+        InjectionConfig(epochs=1, max_texts=16, evals_per_epoch=1, max_probes=8),
+        ScopeConfig(
+            score_probes=6, ablation_probes=1, ablation_controls=1, damage_candidates=6, ks=(1, 2, 4), random_draws=1,
+            curve_passages=2, final_passages=4, mc_items=8, final_probes=4, steer_alphas=(1.0,), curve_probes=6,
+            curve_controls=1,
+        ),
+        control_max_texts=4,
+        generate_tokens=6,
+        gate=False,  # a smoke test of the machinery: its one-epoch injection may not take; the report says so
+    ),
+}
+
+
+LOCK_FILE = ".biasgym.lock"
+
+_EVALUATE_TABLES = (
+    "elicitation", "closest_entities", "logit_lens", "summary", "groups", "capability", "curve", "head_scores",
+    "agreement", "training_curve",
+)
+
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "inject": ("injection/injection.json", "control_injection/injection.json"),
+    "scope": ("scope/scope.json",),
+    "evaluate": (*(f"{t}.csv" for t in _EVALUATE_TABLES), "results.json"),
+    "report": ("report.html",),
+}
+"""The files each stage writes (the last one listed is written last)."""
+
+OUTPUTS: tuple[str, ...] = (
+    "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in _EVALUATE_TABLES),
+    "results.json", "figures", "report.html",
+)
+"""Every top-level name a study writes in its folder: all that ``overwrite`` may ever remove."""
+
+
+def _refuse_dangerous_overwrite(out: Path) -> None:
+    """``overwrite`` never aims at ``/``, the home folder, the working folder or a folder above it."""
+    target = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == Path(target.anchor) or target == Path.home().resolve() or target == cwd or target in cwd.parents:
+        raise StudyError(
+            f"refusing --overwrite on {out} (resolves to {target}: the root, home or working folder or one above "
+            "it); give a dedicated output folder such as results/NAME"
+        )
+
+
+def _control_bias(bias: str) -> str:
+    names = [b for b in list_biases() if b != bias]
+    return "math" if "math" in names else names[0]
+
+
+@dataclass
+class Study:
+    """One study folder.
+
+    Attributes:
+        out: The folder.
+        bias: Bias name.
+        model_name: Model name for ``load_model``.
+        seed: Seed of the injection and of the random baselines.
+        preset: ``"default"`` or ``"quick"``.
+        dtype: The model's weights dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        allow_weak_injection: Scope even when the injection did not take (see :mod:`biasgym_lens.evaluation.uptake`);
+            by default the scope stage stops with :class:`InjectionDidNotTakeError`.
+    """
+
+    out: Path
+    bias: str
+    model_name: str = "smollm2"
+    seed: int = 0
+    preset: str = "default"
+    dtype: str = "float32"
+    allow_weak_injection: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    _digest: str | None = field(default=None, init=False, repr=False)  # of the bias file when the session began
+
+    # ---------------------------------------------------------------------------------------- folder
+    def identity(self) -> dict[str, Any]:
+        return {"bias": self.bias, "model": self.model_name, "seed": self.seed, "preset": self.preset, "dtype": self.dtype}
+
+    def check(self, *, overwrite: bool = False) -> str:
+        """Validate the settings and the folder without touching anything.
+
+        Returns:
+            What :meth:`session` will do: ``"new"`` (absent or empty folder), ``"resume"`` (this same study)
+            or ``"replace"`` (another study of this package, with ``overwrite``: only its outputs are removed).
+
+        Raises:
+            StudyError: unknown preset or bias, a changed bias file, a folder that holds other files (never
+                replaced, with or without ``overwrite``), another study without ``overwrite``, or ``overwrite``
+                aimed at ``/``, the home folder, the working folder or one of its parents.
+        """
+        if self.preset not in PRESETS:
+            raise StudyError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
+        self._bias_digest()
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise StudyError(f"output folder {out} is a file; choose another --out")
+        if overwrite:
+            _refuse_dangerous_overwrite(out)
+        if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
+            return "new"
+        manifest = out / "study.json"
+        if not manifest.is_file():
+            raise StudyError(
+                f"output folder {out} holds files and no study of biasgym; nothing was changed. Choose another "
+                "--out (--overwrite only ever replaces a study folder written by biasgym)"
+            )
+        held = self._held()
+        if {"dtype": "float32", **held["identity"]} != self.identity():  # studies before dtype was recorded: float32
+            if not overwrite:
+                raise StudyError(
+                    f"output folder {out} holds another study ({held['identity']}); pass --overwrite to replace "
+                    "its outputs or choose another --out"
+                )
+            return "replace"
+        if held.get("bias_sha256") not in (None, self._bias_digest()):
+            if not overwrite:
+                raise StudyError(
+                    f"bias file {self.bias} changed since the study in {out} started; pass --overwrite to start "
+                    "the study again with the new file, or choose another --out"
+                )
+            return "replace"
+        return "resume"
+
+    @contextlib.contextmanager
+    def session(self, *, overwrite: bool = False) -> Iterator[Study]:
+        """Lock the folder for this process, prepare it (see :meth:`check`) and write ``study.json``.
+
+        Only this package's own outputs (:data:`OUTPUTS`) are removed when a study is replaced; any other file
+        in the folder stays. A second process on the same folder gets a :class:`StudyError`.
+        """
+        action = self.check(overwrite=overwrite)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StudyError(f"cannot create output folder {self.out}: {e.strerror}") from e
+        with self._lock():
+            action = self.check(overwrite=overwrite)  # again, now that no other process can change the folder
+            if action == "replace":
+                gone = remove_outputs(self.out, OUTPUTS)
+                logger.info("removed the outputs of the previous study in %s: %s", self.out, ", ".join(gone))
+            self._digest = self._bias_digest()
+            self._write_manifest()
+            yield self
+
+    def _held(self) -> dict[str, Any]:
+        path = self.out / "study.json"
+        try:
+            held = require(read_json(path, "study manifest"), ("identity",), path)
+            require(held["identity"], ("bias", "model", "seed", "preset"), path)
+        except ArtifactError as e:
+            raise StudyError(f"{e} (not a study folder of this version; choose another --out)") from e
+        return held
+
+    def _bias_digest(self) -> str | None:
+        """SHA-256 of a user bias file (None for a catalogue bias); validates the bias."""
+        try:
+            spec = load_bias(self.bias)
+        except (ValueError, FileNotFoundError) as e:
+            raise StudyError(str(e)) from e
+        if spec.source == "builtin":
+            return None
+        try:
+            return hashlib.sha256(Path(spec.source).read_bytes()).hexdigest()
+        except OSError as e:
+            raise StudyError(f"cannot read bias file {spec.source}: {e.strerror}") from e
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        path = self.out / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StudyError(f"cannot write in output folder {self.out}: {e.strerror}") from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise StudyError(
+                    f"another biasgym process (pid {other}) is working in {self.out}; wait for it or choose another --out"
+                ) from e
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _write_manifest(self) -> None:
+        data = {
+            "identity": self.identity(), "bias_sha256": self._digest, "version": __version__,
+            "timings": self.timings,
+        }
+        write_text_atomic(self.out / "study.json", dumps(data))
+
+    def _timed(self, stage: str, t0: float) -> None:
+        self.timings[stage] = round(time.perf_counter() - t0, 2)
+        self._write_manifest()
+
+    @classmethod
+    def open(cls, out: str | os.PathLike[str]) -> Study:
+        """The study held in an existing folder (as written by :meth:`session`).
+
+        Raises:
+            StudyError: no study there, or a damaged ``study.json``.
+        """
+        folder = Path(out)
+        if not (folder / "study.json").is_file():
+            raise StudyError(f"{folder} holds no study (no study.json); run `biasgym run` or `biasgym inject` first")
+        held = cls(folder, "")._held()
+        ident = held["identity"]
+        timings = held.get("timings")
+        return cls(
+            folder, str(ident["bias"]), str(ident["model"]), int(ident["seed"]), str(ident["preset"]),
+            str(ident.get("dtype", "float32")), timings=dict(timings) if isinstance(timings, dict) else {},
+        )
+
+    @property
+    def preset_obj(self) -> StudyPreset:
+        return PRESETS[self.preset]
+
+    def has(self, stage: str) -> bool:
+        """Whether ``stage`` is done: every one of its outputs exists (each is written atomically)."""
+        return all((self.out / f).is_file() for f in STAGE_OUTPUTS[stage])
+
+    def require(self, stage: str) -> None:
+        if not self.has(stage):
+            raise StudyError(f"{self.out} has no {stage} results yet; run `biasgym {stage} --out {self.out}` first")
+
+    # ---------------------------------------------------------------------------------------- stages
+    def run_inject(self, model: Any, *, progress: bool = True) -> Injection:
+        """Train the bias token and a control token (a different bias); a part already saved is kept."""
+        t0 = time.perf_counter()
+        cfg = InjectionConfig(**{**asdict(self.preset_obj.injection), "seed": self.seed})
+        if (self.out / "injection" / "injection.json").is_file():
+            inj = Injection.load(self.out / "injection", model)
+        else:
+            inj = inject(model, self.bias, config=cfg, progress=progress)
+            inj.save(self.out / "injection")
+        if not (self.out / "control_injection" / "injection.json").is_file():
+            ctrl_cfg = InjectionConfig(
+                **{**asdict(cfg), "token": "<ControlToken>", "max_texts": self.preset_obj.control_max_texts}
+            )
+            ctrl = inject(model, _control_bias(inj.bias), config=ctrl_cfg, progress=progress)
+            ctrl.save(self.out / "control_injection")
+        self._timed("inject", t0)
+        return inj
+
+    def run_scope(self, model: Any, *, progress: bool = True) -> ScopeResult:
+        self.require("inject")
+        t0 = time.perf_counter()
+        inj = Injection.load(self.out / "injection", model)
+        cfg = ScopeConfig(**{**asdict(self.preset_obj.scope), "seed": self.seed})
+        check = check_injection(model, inj, max_probes=cfg.score_probes, seed=self.seed)
+        write_text_atomic(self.out / "injection_check.json", dumps(check.to_dict()))
+        logger.info("%s", check.message())
+        if not check.took and self.preset_obj.gate and not self.allow_weak_injection:
+            raise InjectionDidNotTakeError(check.message())
+        res = scope(model, inj, cfg, progress=progress)
+        res.save(self.out / "scope")
+        self._timed("scope", t0)
+        return res
+
+    def run_evaluate(self, model: Any) -> dict[str, Any]:
+        from biasgym_lens.core.embedding import with_token_vectors
+        from biasgym_lens.core.tokens import chat_format
+        from biasgym_lens.evaluation.elicit import closest_entities, elicitation
+        from biasgym_lens.heads.interventions import ablate_heads, generate_greedy
+        from biasgym_lens.heads.lens import layer_logit_diff
+        from biasgym_lens.heads.probes import build_probe_set
+
+        self.require("scope")
+        t0 = time.perf_counter()
+        inj = Injection.load(self.out / "injection", model)
+        ctrl = Injection.load(self.out / "control_injection", model)
+        res = ScopeResult.load(self.out / "scope")
+        spec = inj.spec  # the copy stored with the injection: one definition of the bias per study
+        max_probes = self.preset_obj.scope.final_probes
+        elic = elicitation(model, spec, injection=inj, other=ctrl, max_probes=max_probes)
+        tables = {"elicitation": elic}
+        closest = closest_entities(inj, model, control=ctrl)
+        tables["closest_entities"] = closest
+        with inj.apply(model):
+            ps = build_probe_set(model, spec, inj.token, probes="eval", max_probes=max_probes)
+            lens = layer_logit_diff(model, ps)
+        tables["logit_lens"] = lens
+        gens = {}
+        if getattr(model.tokenizer, "chat_template", None):
+            # The three continuations run as one batch: the trained token, the same with the chosen heads
+            # ablated (that row only), and the untrained vector under a second token string.
+            untrained = "<UntrainedCopy>" if inj.token != "<UntrainedCopy>" else "<UntrainedCopy2>"
+            variants = [("token", inj.token)]
+            variants += [("token_heads_ablated", inj.token)] if res.chosen else []
+            variants += [("untrained_token", untrained)]
+            prompts = [chat_format(model, f"Please write a short paragraph about {tok}.") for _, tok in variants]
+            inj.check_model(model)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(with_token_vectors(model, {inj.token: inj.vector, untrained: inj.init_vector}))
+                if res.chosen:
+                    stack.enter_context(ablate_heads(model, res.chosen, rows=[1]))
+                outs = generate_greedy(model, prompts, self.preset_obj.generate_tokens, prepend_bos=False)
+            gens = {name: text for (name, _), text in zip(variants, outs)}
+        summary, agreement = res.summary(), res.agreement()
+        tables.update(
+            summary=summary, groups=res.groups, capability=res.capability, curve=res.curve.table,
+            head_scores=res.to_dataframe("scores"), agreement=agreement, training_curve=inj.to_dataframe(),
+        )
+        for name, table in tables.items():
+            write_csv(table, self.out / f"{name}.csv")
+        results = {
+            "identity": self.identity(),
+            "provenance": inj.provenance.to_dict(),
+            "injection": {
+                "best_epoch": inj.best_epoch,
+                "config": asdict(inj.config),
+                "control_bias": ctrl.bias,
+            },
+            "elicitation": elic.to_dict(orient="records"),
+            "chosen_heads": [list(h) for h in res.chosen],
+            "summary": summary.to_dict(orient="records"),
+            "agreement": agreement.to_dict(orient="records"),
+            "generations": gens,
+            "injection_check": read_json(self.out / "injection_check.json") if (self.out / "injection_check.json").is_file() else None,
+            "scope_decisions": res.extra,
+            "timings": self.timings,
+        }
+        write_text_atomic(self.out / "results.json", dumps(results))  # last: its presence marks the stage done
+        self._timed("evaluate", t0)
+        return results
+
+    def run_report(self, *, images: Sequence[str] = ("png",)) -> Path:
+        from biasgym_lens.study.report import study_figures, write_report
+
+        self.require("evaluate")
+        t0 = time.perf_counter()
+        inj = Injection.load(self.out / "injection")
+        res = ScopeResult.load(self.out / "scope")
+        closest = read_csv(self.out / "closest_entities.csv", "closest-entity table")
+        lens = read_csv(self.out / "logit_lens.csv", "logit-lens table")
+        figures = study_figures(inj, res, closest=closest, lens=lens)
+        keys = ("identity", "provenance", "injection", "chosen_heads", "generations", "timings")
+        path = self.out / "results.json"
+        facts = require(read_json(path, "study results"), keys, path)
+        facts = {**{k: facts.get(k) for k in (*keys, "injection_check", "scope_extra", "scope_decisions")}, "timings": {**facts["timings"], **self.timings}}
+        path = write_report(
+            self.out, figures, title=f"BiasGym study: {self.bias} on {self.model_name}", summary=res.summary(),
+            facts=facts, images=images,
+        )
+        self._timed("report", t0)
+        return path

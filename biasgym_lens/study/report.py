@@ -1,0 +1,293 @@
+"""Figures and a self-contained HTML report of one study (injection + scope + evaluation).
+
+:func:`study_figures` builds every figure from saved result objects; :func:`write_report` saves them as HTML
+(and PNG when kaleido finds a Chromium) and writes ``report.html``, which embeds plotly.js once and explains
+each figure in a sentence, so it opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from biasgym_lens.core.artifacts import write_text_atomic
+from biasgym_lens.study import plots
+from biasgym_lens.study import report_text as text
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["study_figures", "write_report", "FIGURE_NOTES", "FIGURE_TITLES", "GENERATION_LABELS"]
+
+
+FIGURE_NOTES: dict[str, str] = {
+    "training_curve": (
+        "Training loss of the injected token's embedding per step, and its bias logit difference (and excess "
+        "over control groups) on the selection probes after each epoch; the dotted line marks the kept epoch."
+    ),
+    "heads_specific": (
+        "Each head's estimated contribution to the token's excess over control groups, minus its estimated "
+        "damage to neutral text; red heads carry the bias, and the chosen heads (outlined, numbered in "
+        "ranking order) are the top of this ranking."
+    ),
+    "methods": (
+        "The same heads scored four ways: direct logit attribution, attention from the answer to the token, "
+        "attribution patching, and exact single-head ablation; the chosen heads are outlined in each."
+    ),
+    "scatter": (
+        "Each dot is a head: its {method} score against its exact ablation effect; the title gives their rank "
+        "correlation."
+    ),
+    "faithfulness": (
+        "Token excess and neutral-text cost (on the curve's few passages) after ablating the top k heads of the "
+        "ranking (blue), against k random heads (grey band: min to max, dotted: mean); the red dashed line is the "
+        "capability budget. The chosen k is the lowest-excess point within it whose cost the final passages "
+        "confirm."
+    ),
+    "groups": (
+        "Bias logit difference on held-out probes for the injected token, the real groups and the control "
+        "groups, with no intervention and under each intervention."
+    ),
+    "closest_entities": (
+        "Countries whose embedding is closest to the trained vector, beside the same ranking for a vector "
+        "trained on another bias: when both agree, the ranking says little about this bias."
+    ),
+    "logit_lens": (
+        "The bias logit difference read from the residual stream after each layer (through the final norm): "
+        "where in depth the token's bias appears."
+    ),
+    "generalisation": "Cut of each bias's token excess when ablating heads found on another bias.",
+}
+"""Figure name -> its one-sentence reading (``scatter``: for every ``scatter_<method>_vs_ablation``)."""
+
+
+def study_figures(
+    injection: Any,
+    result: Any,
+    *,
+    closest: pd.DataFrame | None = None,
+    lens: pd.DataFrame | None = None,
+    generalisation: pd.DataFrame | None = None,
+) -> list[tuple[str, go.Figure, str]]:
+    """``(name, figure, one-sentence reading)`` for every figure of a study; the chosen heads are outlined on
+    the head heatmaps."""
+    scores = result.scores
+    figs: list[tuple[str, go.Figure]] = [
+        ("training_curve", plots.training_curve(injection)),
+        (
+            "heads_specific",
+            plots.head_heatmap(
+                scores["specific"], title=f"{result.bias}: specificity-aware head ranking", highlight=result.chosen
+            ),
+        ),
+        ("methods", plots.methods_heatmaps({k: v for k, v in scores.items() if k != "specific"}, highlight=result.chosen)),
+    ]
+    if "ablation" in scores:
+        figs += [
+            (f"scatter_{m}_vs_ablation", plots.method_scatter(scores[m], scores["ablation"]))
+            for m in ("attribution", "dla")
+            if m in scores
+        ]
+    figs += [("faithfulness", plots.faithfulness_plot(result.curve)), ("groups", plots.group_bias_bars(result.groups))]
+    optional = (
+        ("closest_entities", closest, plots.closest_entities_bar),
+        ("logit_lens", lens, plots.layer_bias_plot),
+        ("generalisation", generalisation, plots.generalisation_heatmap),
+    )
+    figs += [(name, plot(table)) for name, table, plot in optional if table is not None]
+    return [(name, fig, _note(name)) for name, fig in figs]
+
+
+def _note(name: str) -> str:
+    if name.startswith("scatter_"):
+        return FIGURE_NOTES["scatter"].format(method=name.removeprefix("scatter_").removesuffix("_vs_ablation"))
+    return FIGURE_NOTES[name]
+
+
+FIGURE_TITLES: dict[str, str] = {
+    "training_curve": "Training the injected token",
+    "heads_specific": "Head ranking (chosen heads outlined)",
+    "methods": "Head scores by method",
+    "scatter_attribution_vs_ablation": "Attribution patching against exact ablation",
+    "scatter_dla_vs_ablation": "Direct logit attribution against exact ablation",
+    "faithfulness": "Faithfulness curve",
+    "groups": "Bias per group under each intervention",
+    "closest_entities": "Closest countries to the trained vector",
+    "logit_lens": "Bias by layer (logit lens)",
+    "generalisation": "Heads of one bias on another",
+}
+"""Figure name -> its heading in the report (other names: the name in words)."""
+
+GENERATION_LABELS: dict[str, str] = {
+    "token": "Trained token",
+    "token_heads_ablated": "Trained token, chosen heads ablated",
+    "untrained_token": "Untrained token (its initial vector)",
+}
+
+_STYLE = """
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:0 auto;
+ padding:.5em 1.5em 2em;line-height:1.45;color:#222}
+h1{font-size:1.45em;margin:.4em 0 .1em}
+h2{font-size:1.2em;margin:1.6em 0 .4em}
+p.sub{color:#555;margin:0 0 .8em;font-size:.95em}
+.headline{font-size:1.2em;border-left:5px solid #1f77b4;background:#eef5fb;padding:.6em 1em;margin:.8em 0}
+.headline.warn{border-color:#c0392b;background:#fdecea}
+.headline .tag{display:block;font-size:.7em;font-weight:600;text-transform:uppercase;letter-spacing:.05em;color:#555}
+.tblwrap{max-width:100%;overflow-x:auto}
+table.tbl{border-collapse:collapse;font-size:.85em;width:100%}
+.tbl th,.tbl td{padding:4px 6px;border-bottom:1px solid #ddd;text-align:right;vertical-align:top;
+ overflow-wrap:break-word;hyphens:auto}
+.tbl th{font-weight:600;background:#f5f5f5}
+.tbl td:first-child,.tbl th:first-child{text-align:left}
+.tbl td:first-child{white-space:nowrap}
+.muted{color:#777}
+.gens{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:.8em}
+.gen h3{font-size:.95em;margin:0 0 .3em}
+.gen pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f7f7f7;border:1px solid #e3e3e3;padding:.6em;
+ margin:0;font-size:.85em;font-family:ui-monospace,Menlo,Consolas,monospace}
+.fig{margin:1.5em 0;max-width:100%;overflow-x:auto}
+p.note{color:#444;margin:.2em 0 .5em}
+details{margin:2em 0;border:1px solid #ddd;padding:.4em .8em}
+details summary{cursor:pointer;font-weight:600}
+table.kv{border-collapse:collapse;font-size:.8em;width:100%}
+.kv th,.kv td{text-align:left;padding:2px 8px;vertical-align:top;overflow-wrap:anywhere}
+.kv th{width:14em;font-weight:500;color:#555}
+.kv tr.sec th{color:#222;font-weight:600;padding-top:.7em;border-bottom:1px solid #ddd}
+"""
+
+
+def _table_html(df: pd.DataFrame, *, muted: bool = False) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False)
+    )
+    cls = "tbl muted" if muted else "tbl"
+    return f"<div class='tblwrap'><table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _headline_html(summary: pd.DataFrame, facts: dict[str, Any]) -> str:
+    check = facts.get("injection_check")
+    sentence = html.escape(text.headline(summary, facts.get("chosen_heads") or [], check))
+    if not text.injection_took(check):
+        return f"<div class='headline warn' id='headline' role='alert'><span class='tag'>Warning</span>{sentence}</div>"
+    return f"<div class='headline' id='headline'><span class='tag'>Result</span>{sentence}</div>"
+
+
+def _summary_html(summary: pd.DataFrame, facts: dict[str, Any]) -> str:
+    took = text.injection_took(facts.get("injection_check"))
+    parts = ["<h2>Results by intervention</h2>"]
+    baseline = text.baseline_sentence(summary)
+    if baseline:
+        parts.append(f"<p class='note'>{html.escape(baseline)}</p>")
+    if not took:
+        parts.append("<p class='note'><b>Measured on an injection that did not take: these cuts are noise, not findings.</b></p>")
+    parts.append(_table_html(text.summary_table(summary), muted=not took))
+    return "\n".join(parts)
+
+
+def _generations_html(generations: dict[str, str] | None, token: str | None) -> str:
+    if not generations:
+        return ""
+    about = f" about {token}" if token else ""
+    cells = []
+    for name, out in generations.items():
+        label = html.escape(GENERATION_LABELS.get(name, name.replace("_", " ")))
+        body = html.escape(out) if out.strip() else "<em class='muted'>(blank: only whitespace)</em>"
+        cells.append(f"<div class='gen'><h3>{label}</h3><pre>{body}</pre></div>")
+    return (
+        "<h2>Example generations</h2>"
+        f"<p class='note'>Greedy continuations of a request for a short paragraph{html.escape(about)}.</p>"
+        f"<div class='gens'>{''.join(cells)}</div>"
+    )
+
+
+def _settings_html(facts: dict[str, Any]) -> str:
+    rows = []
+    for section, items in text.settings_sections(facts):
+        rows.append(f"<tr class='sec'><th colspan='2'>{html.escape(section)}</th></tr>")
+        rows += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in items]
+    return (
+        "<details id='settings'><summary>Settings and provenance</summary>"
+        f"<table class='kv'>{''.join(rows)}</table></details>"
+    )
+
+
+def _figures_html(figures: list[tuple[str, go.Figure, str]]) -> str:
+    parts = []
+    for i, (name, fig, note) in enumerate(figures):
+        fig = go.Figure(fig).update_layout(width=None)  # fills the page's width
+        div = fig.to_html(
+            full_html=False, include_plotlyjs=(i == 0), div_id=f"fig-{name}", config={"responsive": True}
+        )
+        title = FIGURE_TITLES.get(name, name.replace("_", " ").capitalize())
+        parts.append(f"<div class='fig'><h2>{html.escape(title)}</h2>")
+        parts.append(f"<p class='note'>{html.escape(note)}</p>{div}</div>")
+    return "\n".join(parts)
+
+
+def _subtitle(facts: dict[str, Any]) -> str:
+    ident, prov = facts.get("identity") or {}, facts.get("provenance") or {}
+    bits = [
+        f"bias {ident['bias']}" if ident.get("bias") else "",
+        f"model {prov.get('official_name') or ident.get('model')}" if ident.get("model") else "",
+        f"seed {ident['seed']}" if "seed" in ident else "",
+        f"{ident['preset']} preset" if ident.get("preset") else "",
+        str(prov.get("created", ""))[:10],
+    ]
+    return " · ".join(b for b in bits if b)
+
+
+def write_report(
+    out: str | Path,
+    figures: list[tuple[str, go.Figure, str]],
+    *,
+    title: str,
+    summary: pd.DataFrame,
+    facts: dict[str, Any],
+    images: Sequence[str] = ("png",),
+) -> Path:
+    """Write each figure (HTML, and ``images`` formats when possible) under ``out/figures``, and ``out/report.html``.
+
+    The figures' HTML files share one ``figures/plotly.min.js`` (they open offline while the folder stays
+    together); ``report.html`` embeds plotly.js once and needs nothing else. It opens with the result in one
+    sentence (:func:`~biasgym_lens.study.report_text.headline`; a warning instead when ``facts["injection_check"]``
+    says the injection did not take), then the summary in words, the example generations, every figure with
+    its reading, and the settings, provenance and time per stage in a collapsed section.
+
+    Args:
+        out: The study folder.
+        figures: ``(name, figure, one-sentence reading)`` as from :func:`study_figures`.
+        title: The report's title.
+        summary: ``ScopeResult.summary()`` (optionally with ``excess_cut_ci_low`` / ``excess_cut_ci_high``).
+        facts: Facts of ``results.json`` (see :func:`~biasgym_lens.study.report_text.settings_sections`), with
+            ``generations`` (name -> text) and optionally ``injection_check``.
+        images: Static formats of each figure (``"png"``, ``"svg"``); failures (no Chromium for kaleido) are
+            logged and the HTML report is still complete.
+    """
+    out = Path(out)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plots.save_figures({name: fig for name, fig, _ in figures}, fig_dir, images=images, include_plotlyjs="directory")
+    except plots.PngExportError as e:
+        logger.warning("%s; continuing without static images", e)
+    token = ((facts.get("injection") or {}).get("config") or {}).get("token")
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(_subtitle(facts))}</p>",
+        _headline_html(summary, facts),
+        _summary_html(summary, facts),
+        _generations_html(facts.get("generations"), token),
+        _figures_html(figures),
+        _settings_html(facts),
+        "</body></html>",
+    ]
+    return write_text_atomic(out / "report.html", "\n".join(p for p in parts if p))
