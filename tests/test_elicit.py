@@ -12,7 +12,7 @@ from biasgym_lens.core.hooks import active_hooks
 from biasgym_lens.core.tokens import tokenize
 from biasgym_lens.evaluation.elicit import closest_entities, elicitation, entity_embedding
 from biasgym_lens.injection.catalogue import load_bias
-from biasgym_lens.injection.metrics import keyword_ids, split_probes
+from biasgym_lens.injection.metrics import keyword_ids, probe_subset, split_probes
 from biasgym_lens.injection.training import inject
 
 FAST = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
@@ -32,7 +32,7 @@ def test_elicitation_rows_and_excess(tiny_model):
     assert active_hooks(tiny_model) == []
     # independent check of one real group's number: plain forward, keyword logits by hand
     kw = keyword_ids(tiny_model, spec)
-    _, evaluate = split_probes(spec.probes)
+    evaluate = split_probes(spec.probes).test
     batch = tokenize(tiny_model, [spec.fill(p, "Spain") for p in evaluate])
     with torch.no_grad():
         logits = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
@@ -76,7 +76,7 @@ def test_audit_ranks_every_country_by_an_independent_measurement(tiny_model):
     assert all(roles[g] == "real" for g in spec.real_groups if g in roles)
     assert all(roles[g] == "control" for g in spec.control_groups if g in roles)
     # one group re-measured by hand
-    _, ev = split_probes(spec.probes)
+    ev = tuple(spec.probes)[1::2]  # "eval": the probes the injection's epoch never saw
     direct = logit_diff(answer_logits(tiny_model, [spec.fill(p, "Brazil") for p in ev]), keyword_ids(tiny_model, spec))
     assert df.set_index("group").loc["Brazil", "logit_diff"] == pytest.approx(float(direct.mean()), abs=1e-5)
     with pytest.raises(ValueError, match="at least two distinct"):
@@ -124,3 +124,15 @@ def test_answer_logits_keeps_the_order_of_texts_of_mixed_length(tiny_model):
     together = answer_logits(tiny_model, texts, batch_size=2)
     alone = torch.cat([answer_logits(tiny_model, [t]) for t in texts])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_three_probe_splits_are_disjoint_and_cover_every_probe():
+    from biasgym_lens import list_biases
+
+    for name in list_biases():
+        probes = load_bias(name).probes
+        s = split_probes(probes)
+        assert set(s.select).isdisjoint(s.tune) and set(s.select).isdisjoint(s.test) and set(s.tune).isdisjoint(s.test)
+        assert sorted((*s.select, *s.tune, *s.test)) == sorted(probes) and len(set(probes)) == len(probes)
+        assert len(s.tune) >= 10 and len(s.test) >= 10, name
+        assert set(probe_subset(probes, "eval")) == {*s.tune, *s.test}

@@ -213,7 +213,7 @@ def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_mo
     assert inj.best_epoch == best.epoch
     # Independent re-measurement of the kept vector on the selection probes.
     spec = load_bias("late")
-    select, _ = split_probes(spec.probes)
+    select = split_probes(spec.probes).select
     with inj.apply(tiny_model):
         ld = logit_diff(answer_logits(tiny_model, [spec.fill(p, inj.token) for p in select]), keyword_ids(tiny_model, spec))
     assert float(ld.mean()) == pytest.approx(best.logit_diff, abs=1e-5)

@@ -158,7 +158,7 @@ def elicitation(
     injection: Any | None = None,
     other: Any | None = None,
     groups: Mapping[str, str] | None = None,
-    probes: str = "eval",
+    probes: str = "test",
     max_probes: int | None = None,
     batch_size: int = 16,
 ) -> pd.DataFrame:
@@ -172,7 +172,8 @@ def elicitation(
         other: An injection trained on a *different* bias, applied to its own token (row ``other_bias``).
         groups: Extra ``label -> country`` rows (kind ``extra``); the bias's real and control groups are
             always included.
-        probes: ``"eval"`` (default, never used to pick the epoch), ``"select"`` or ``"all"``.
+        probes: ``"test"`` (default: the split no choice of the study sees), ``"tune"``, ``"select"``, ``"eval"``
+            (tune and test) or ``"all"`` (see :func:`~biasgym_lens.injection.metrics.split_probes`).
         max_probes: Use at most this many of those probes (None: all).
 
     Returns:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -26,6 +26,7 @@ __all__ = [
     "logit_diff",
     "best_rank",
     "answer_logits",
+    "ProbeSplits",
     "split_probes",
     "probe_subset",
 ]
@@ -128,23 +129,40 @@ def answer_logits(
     return logits[torch.argsort(order).to(logits.device)]
 
 
-def split_probes(probes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Deterministic split of a bias's probes into (selection, evaluation) halves: even and odd indices.
+class ProbeSplits(NamedTuple):
+    """The three disjoint probe splits of a bias (see :func:`split_probes`)."""
 
-    The selection half picks the best training epoch and scores heads; the evaluation half is only measured.
+    select: tuple[str, ...]
+    tune: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+def split_probes(probes: Sequence[str]) -> ProbeSplits:
+    """Deterministic, disjoint split of a bias's probes into the three splits of the study's protocol.
+
+    - ``"select"`` (even indices, half the probes): picks the injection's training epoch, scores and ranks
+      the heads, and gives the steering direction;
+    - ``"tune"`` (indices 1, 5, 9, ...): the faithfulness curve, hence the number of heads;
+    - ``"test"`` (indices 3, 7, 11, ...): only measured, after every choice is made; every reported number.
+
+    Examples:
+        >>> split_probes(["p0", "p1", "p2", "p3", "p4", "p5"])
+        ProbeSplits(select=('p0', 'p2', 'p4'), tune=('p1', 'p5'), test=('p3',))
     """
     probes = tuple(probes)
-    return probes[0::2], probes[1::2]
+    return ProbeSplits(probes[0::2], probes[1::4], probes[3::4])
 
 
 def probe_subset(probes: Sequence[str], which: str) -> tuple[str, ...]:
-    """``"select"`` or ``"eval"`` half of :func:`split_probes`, or ``"all"`` probes.
+    """One split of :func:`split_probes` (``"select"``, ``"tune"``, ``"test"``), ``"eval"`` (tune and test
+    together: every probe the injection's epoch never saw, in catalogue order) or ``"all"`` probes.
 
     Raises:
         ValueError: for any other name, listing the valid ones.
     """
-    select, evaluate = split_probes(probes)
-    table = {"select": select, "eval": evaluate, "all": tuple(probes)}
+    table = split_probes(probes)._asdict()
+    table["eval"] = tuple(probes)[1::2]
+    table["all"] = tuple(probes)
     if which not in table:
         raise ValueError(f"probes must be one of {sorted(table)}, got {which!r}")
     return table[which]
