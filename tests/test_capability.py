@@ -141,3 +141,28 @@ def test_resumed_capability_equals_full_passes(tiny_model, what):
 def test_capability_set_rejects_resume_layers_outside_the_model(tiny_model):
     with pytest.raises(ValueError, match=r"resume_layers \[99\].*valid: 0\.\.1"):
         capability_set(tiny_model, passages=["a cat sat"], resume_layers=[1, 99])
+
+
+def test_capability_intervals_resample_passages_and_items_in_pairs(tiny_model):
+    """The per-passage losses add up to the mean loss; the intervals match a hand-written paired bootstrap
+    (same seed, same resampled passages in both measurements) and contain the point estimate."""
+    import numpy as np
+
+    cap = capability_set(tiny_model, max_passages=10, batch_size=4, max_mc_items=12)
+    base = measure_capability(tiny_model, cap)
+    hit = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, [(1, 0), (1, 1)]))
+    assert len(hit.passage_nll) == 10 and sum(hit.passage_tokens) == cap.n_tokens
+    assert sum(hit.passage_nll) / sum(hit.passage_tokens) == pytest.approx(hit.neutral_loss, rel=1e-9)
+    assert sum(hit.mc_correct) / len(hit.mc_correct) == hit.mc_accuracy
+    ci = hit.intervals(base, seed=3)
+    a, b, n = (np.array(x, dtype=float) for x in (hit.passage_nll, base.passage_nll, base.passage_tokens))
+    idx = np.random.default_rng(3).integers(0, 10, size=(2000, 10))
+    draws = [np.exp((a[i].sum() - b[i].sum()) / n[i].sum()) - 1 for i in idx]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    assert (ci["perplexity_increase_ci_low"], ci["perplexity_increase_ci_high"]) == pytest.approx((lo, hi), rel=1e-9)
+    ppl = hit.relative_to(base)["perplexity_increase"]
+    assert ci["perplexity_increase_ci_low"] <= ppl <= ci["perplexity_increase_ci_high"]
+    mc = hit.relative_to(base)["mc_accuracy_change"]
+    assert ci["mc_accuracy_change_ci_low"] <= mc <= ci["mc_accuracy_change_ci_high"]
+    assert set(base.intervals(base).values()) == {0.0}  # no change: a zero-width interval at zero
+    assert all(math.isnan(v) for v in hit.intervals(measure_capability(tiny_model, cap, with_mc=False, with_neutral=False)).values())

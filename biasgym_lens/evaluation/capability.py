@@ -11,13 +11,15 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from biasgym_lens.core.checks import InputTypeError, check_bool, check_int, check_int_list, check_str_list
+from biasgym_lens.core.stats import bootstrap_stat
 from biasgym_lens.core.tokens import Batch, tokenize
 from biasgym_lens.core.unembed import (
     forward_keeping,
@@ -77,6 +79,9 @@ class Capability:
         kl: Mean KL(unmodified || this) of the next-token distribution on the KL subset (0 for the unmodified).
         mc_accuracy: Fraction of multiple-choice items answered right (NaN when no items were measured).
         n_tokens: Tokens the loss was measured on.
+        passage_nll: Summed next-token loss of each passage (the units of the loss's interval).
+        passage_tokens: Predicted tokens of each passage.
+        mc_correct: Whether each multiple-choice item was answered right (the units of the accuracy's interval).
     """
 
     neutral_loss: float
@@ -84,9 +89,13 @@ class Capability:
     kl: float
     mc_accuracy: float
     n_tokens: int
+    passage_nll: tuple[float, ...] = field(default=(), repr=False)
+    passage_tokens: tuple[int, ...] = field(default=(), repr=False)
+    mc_correct: tuple[bool, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The summary numbers (not the per-passage and per-item values)."""
+        return {k: getattr(self, k) for k in ("neutral_loss", "perplexity", "kl", "mc_accuracy", "n_tokens")}
 
     def relative_to(self, base: Capability) -> dict[str, float]:
         """Changes against a baseline: relative loss and perplexity increase, KL, accuracy change."""
@@ -96,6 +105,34 @@ class Capability:
             "kl": self.kl,
             "mc_accuracy_change": self.mc_accuracy - base.mc_accuracy,
         }
+
+    def intervals(self, base: Capability, *, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+        """Paired bootstrap intervals of :meth:`relative_to`'s changes: the same passages (for the loss and
+        perplexity increase) and the same items (for the accuracy change) are resampled in both measurements.
+
+        Returns:
+            ``{name}_ci_low`` and ``{name}_ci_high`` for ``loss_increase``, ``perplexity_increase`` and
+            ``mc_accuracy_change`` (NaN where the per-unit values are missing or do not pair up).
+        """
+        out: dict[str, float] = {}
+        pairs = len(self.passage_nll) == len(base.passage_nll) > 0
+        nll, base_nll, tokens = (np.asarray(x, dtype=np.float64) for x in (self.passage_nll, base.passage_nll, self.passage_tokens))
+
+        def loss_ratio(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> float:
+            return float(a.sum() / b.sum() - 1.0)
+
+        def ppl_ratio(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> float:
+            return float(np.exp((a.sum() - b.sum()) / n.sum()) - 1.0)
+
+        for name, stat in (("loss_increase", loss_ratio), ("perplexity_increase", ppl_ratio)):
+            iv = bootstrap_stat(stat, nll, base_nll, tokens, level=level, seed=seed) if pairs else None
+            out.update({f"{name}_ci_low": iv.ci_low if iv else math.nan, f"{name}_ci_high": iv.ci_high if iv else math.nan})
+        items = len(self.mc_correct) == len(base.mc_correct) > 0
+        diff = np.asarray(self.mc_correct, dtype=np.float64) - np.asarray(base.mc_correct, dtype=np.float64) if items else None
+        iv = bootstrap_stat(np.mean, diff, level=level, seed=seed) if items else None
+        out.update({"mc_accuracy_change_ci_low": iv.ci_low if iv else math.nan,
+                    "mc_accuracy_change_ci_high": iv.ci_high if iv else math.nan})
+        return out
 
 
 def capability_set(
@@ -150,15 +187,16 @@ def with_resume_layers(cap: CapabilitySet, layers: Sequence[int]) -> CapabilityS
     return CapabilitySet(cap.neutral, cap.n_tokens, cap.kl_batches, cap.mc_items, wanted)
 
 
-def _row_nll_sum(logits: Tensor, batch: Batch) -> tuple[float, int]:
-    """Summed next-token loss over the real positions, one row at a time (no batch-sized log-softmax copy)."""
-    total, count = 0.0, 0
+def _row_nll(logits: Tensor, batch: Batch) -> tuple[list[float], list[int]]:
+    """Each row's summed next-token loss over its real positions and their number, one row at a time (no
+    batch-sized log-softmax copy)."""
+    sums, counts = [], []
     for r in range(logits.shape[0]):
         real = batch.attention_mask[r, 1:].bool()
         logp = logits[r, :-1][real].float().log_softmax(-1)
-        total += float(-logp.gather(-1, batch.input_ids[r, 1:][real, None]).sum())
-        count += int(real.sum())
-    return total, count
+        sums.append(float(-logp.gather(-1, batch.input_ids[r, 1:][real, None]).sum()))
+        counts.append(int(real.sum()))
+    return sums, counts
 
 
 def _real_logp(logits: Tensor, batch: Batch) -> Tensor:
@@ -218,9 +256,10 @@ def _run(model: Any, ids: Tensor, mask: Tensor, keep: Sequence[int], resume: int
 @torch.no_grad()
 def _neutral_pass(
     model: Any, cap: CapabilitySet, intervention: Intervention, with_kl: bool, start: int = 0
-) -> tuple[float, float]:
+) -> tuple[float, float, list[float], list[int]]:
     """Mean next-token loss on the neutral passages and mean KL(unmodified || intervened) on the KL batches,
-    in one pass of the intervened model (the unmodified pass is cached in ``cap``)."""
+    in one pass of the intervened model (the unmodified pass is cached in ``cap``); then each passage's summed
+    loss and token count."""
     store = cap.clean.setdefault(id(model), {})
     if intervention is None:
         keep, resume = _capture_layers(model, cap, "neutral"), 0
@@ -230,7 +269,9 @@ def _neutral_pass(
         keep, resume = (), _resume_layer(model, cap, "neutral", start)
         keep_ref = False
         ref = _reference_logp(model, cap) if with_kl and cap.kl_batches else []
-    total, count, kl_total, kl_count, kept, new_ref = 0.0, 0, 0.0, 0, [], []
+    sums: list[float] = []
+    counts: list[int] = []
+    kl_total, kl_count, kept, new_ref = 0.0, 0, [], []
     cached = store.get("neutral")
     with intervention() if intervention else contextlib.nullcontext():
         for i, batch in enumerate(cap.neutral):
@@ -239,21 +280,21 @@ def _neutral_pass(
                 final_only=False,
             )
             kept.append(resid)
-            t, c = _row_nll_sum(logits, batch)
-            total, count = total + t, count + c
+            row_sums, row_counts = _row_nll(logits, batch)
+            sums, counts = sums + row_sums, counts + row_counts
             if i < len(ref):
                 kl_total += _row_kl_sum(ref[i], logits, batch)
                 kl_count += ref[i].shape[0]
             if keep_ref and i < cap.kl_batches:
                 new_ref.append(_real_logp(logits, batch))
             del logits
-    loss = total / count
+    loss = sum(sums) / sum(counts)
     if intervention is None:
         if keep:
             store["neutral"] = kept
         if keep_ref:
             cap.reference_logp[id(model)] = new_ref
-    return loss, (kl_total / kl_count if kl_count else 0.0)
+    return loss, (kl_total / kl_count if kl_count else 0.0), sums, counts
 
 
 def neutral_loss(model: Any, cap: CapabilitySet, intervention: Intervention = None, *, start: int = 0) -> float:
@@ -333,13 +374,14 @@ def _mc_scores(
     return scores
 
 
-def _mc_correct(items: Sequence[MCItem], scores: Tensor) -> float:
-    correct, k = 0, 0
+def _mc_correct(items: Sequence[MCItem], scores: Tensor) -> list[bool]:
+    """Whether each item's highest-scoring choice is its answer."""
+    correct, k = [], 0
     for item in items:
         n = len(item.choices)
-        correct += int(int(scores[k : k + n].argmax()) == item.answer)
+        correct.append(int(scores[k : k + n].argmax()) == item.answer)
         k += n
-    return correct / len(items)
+    return correct
 
 
 def mc_accuracy(model: Any, items: Sequence[MCItem], intervention: Intervention = None, batch_size: int = 32) -> float:
@@ -350,7 +392,8 @@ def mc_accuracy(model: Any, items: Sequence[MCItem], intervention: Intervention 
     """
     if not items:
         return float("nan")
-    return _mc_correct(items, _mc_scores(model, items, intervention, batch_size))
+    correct = _mc_correct(items, _mc_scores(model, items, intervention, batch_size))
+    return sum(correct) / len(correct)
 
 
 def measure_capability(
@@ -379,8 +422,9 @@ def measure_capability(
     _check_intervention(model, intervention, start)
     with_mc, with_neutral = check_bool(with_mc, "with_mc"), check_bool(with_neutral, "with_neutral")
     nan = float("nan")
-    loss, kl = _neutral_pass(model, cap, intervention, with_kl=True, start=start) if with_neutral else (nan, nan)
-    mc = nan
-    if with_mc and cap.mc_items:
-        mc = _mc_correct(cap.mc_items, _mc_scores(model, cap.mc_items, intervention, 32, cap, start))
-    return Capability(neutral_loss=loss, perplexity=math.exp(loss), kl=kl, mc_accuracy=mc, n_tokens=cap.n_tokens)
+    loss, kl, sums, counts = _neutral_pass(model, cap, intervention, True, start) if with_neutral else (nan, nan, [], [])
+    correct = _mc_correct(cap.mc_items, _mc_scores(model, cap.mc_items, intervention, 32, cap, start)) if with_mc and cap.mc_items else []
+    return Capability(
+        neutral_loss=loss, perplexity=math.exp(loss), kl=kl, mc_accuracy=sum(correct) / len(correct) if correct else nan,
+        n_tokens=cap.n_tokens, passage_nll=tuple(sums), passage_tokens=tuple(counts), mc_correct=tuple(correct),
+    )
