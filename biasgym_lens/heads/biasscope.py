@@ -19,16 +19,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from biasgym_lens.core.artifacts import (
-    load_tensors,
-    none_to_nan,
-    open_artifact,
-    read_csv,
-    reading,
-    require,
-    save_artifact,
-)
+from biasgym_lens.core.artifacts import load_tensors, open_artifact, reading, save_artifact
 from biasgym_lens.core.checks import InputTypeError, check_choice, check_int, check_int_list, check_real
+from biasgym_lens.core.files import none_to_nan, read_csv, require
 from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.evaluation.capability import capability_set
 from biasgym_lens.evaluation.elicit import GroupRequest, score_groups

@@ -39,15 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from biasgym_lens.core.artifacts import (
-    load_tensors,
-    nan_floats,
-    none_to_nan,
-    open_artifact,
-    reading,
-    require,
-    save_artifact,
-)
+from biasgym_lens.core.artifacts import load_tensors, open_artifact, reading, save_artifact
 from biasgym_lens.core.checks import InputTypeError, check_bool, check_choice, check_int, check_real
 from biasgym_lens.core.embedding import (
     add_token,
@@ -57,6 +49,7 @@ from biasgym_lens.core.embedding import (
     token_vector_hooks,
     with_token_vectors,
 )
+from biasgym_lens.core.files import nan_floats, none_to_nan, require
 from biasgym_lens.core.hooks import hooked
 from biasgym_lens.core.provenance import Provenance, check_same_model
 from biasgym_lens.core.tokens import chat_format, check_context

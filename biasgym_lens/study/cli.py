@@ -1,11 +1,9 @@
-"""The ``biasgym`` command line."""
+"""The ``biasgym`` command line (its shared plumbing is in :mod:`biasgym_lens.study.cli_common`)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,82 +11,23 @@ from typing import Any
 import click
 
 from biasgym_lens._version import __version__
+from biasgym_lens.study.cli_common import (
+    POSITIVE,
+    CliError,
+    OneLineGroup,
+    allow_weak_option,
+    check_writable,
+    folder_options,
+    image_formats,
+    image_options,
+    load_cli_model,
+    set_threads,
+    study_options,
+    user_errors,
+)
 
 
-class _CliError(click.ClickException):
-    """A user mistake: printed as one line, exit code 2."""
-
-    exit_code = 2
-
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    if n is not None:
-        torch.set_num_threads(n)
-
-
-def _user_errors(fn):
-    """Turn the package's user-facing errors into one line on stderr and exit code 2 (``-v``: the traceback).
-
-    User mistakes and damaged or foreign files raise ``ValueError`` subclasses (bad settings, a changed bias
-    file, a model mismatch, an artifact that fails its checks) or ``OSError`` (a path that cannot be read or
-    written); everything else is a bug and keeps its traceback.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError) as e:
-            if _verbose():
-                raise
-            raise _CliError(_one_line(e)) from e
-
-    return wrapper
-
-
-def _verbose() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.find_root().params.get("verbose"))
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-        text = f"{e.filename}: {text}"
-    return text
-
-
-_POSITIVE = click.IntRange(min=1)
-
-
-class _OneLineGroup(click.Group):
-    """A command group whose usage errors (bad option values, unknown options) are one line, exit code 2."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            raise _usage(e) from e
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as e:
-            raise _usage(e) from e
-
-
-def _usage(e: click.UsageError) -> click.ClickException:
-    from click.exceptions import NoArgsIsHelpError
-
-    if isinstance(e, NoArgsIsHelpError):  # `biasgym` alone prints the help, as usual
-        return e
-    where = e.ctx.command_path if e.ctx else "biasgym"
-    return _CliError(f"{' '.join(e.format_message().split())} (see '{where} --help')")
-
-
-@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="biasgym")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
@@ -104,7 +43,7 @@ def main(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_models_cmd(as_json: bool) -> None:
     """List the bundled models and whether they are installed and cached."""
-    from biasgym_lens.core.models import list_models
+    from biasgym_lens.core.bundled_models import list_models
 
     rows = list_models()
     if as_json:
@@ -121,10 +60,10 @@ def list_models_cmd(as_json: bool) -> None:
 @main.command()
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
 @click.option("--prompt", default="People from Italy are", show_default=True)
-@click.option("--top", default=10, show_default=True, type=_POSITIVE, help="How many next tokens to show.")
+@click.option("--top", default=10, show_default=True, type=POSITIVE, help="How many next tokens to show.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
-@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
-@_user_errors
+@click.option("--threads", default=None, type=POSITIVE, help="torch CPU threads.")
+@user_errors
 def demo(model: str, prompt: str, top: int, device: str | None, threads: int | None) -> None:
     """Load a model and print its top next tokens for a prompt."""
     import torch
@@ -132,10 +71,10 @@ def demo(model: str, prompt: str, top: int, device: str | None, threads: int | N
     from biasgym_lens.core.models import model_info
     from biasgym_lens.core.tokens import tokenize
 
-    _threads(threads)
+    set_threads(threads)
     if not prompt.strip():
-        raise _CliError(f"--prompt must contain some text, got {prompt!r}")
-    m = _load_model(model, device)
+        raise CliError(f"--prompt must contain some text, got {prompt!r}")
+    m = load_cli_model(model, device)
     batch = tokenize(m, [prompt])
     with torch.no_grad():
         logits = m(batch.input_ids, attention_mask=batch.attention_mask)[0, -1]
@@ -147,26 +86,25 @@ def demo(model: str, prompt: str, top: int, device: str | None, threads: int | N
         click.echo(f"  {m.tokenizer.decode([i])!r:<16} {p:.3f}")
 
 
-
 @main.command("audit")
 @click.option("--bias", required=True, help="A catalogue bias (see list-biases) or a bias file.")
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
-@click.option("--top", default=10, show_default=True, type=_POSITIVE, help="Rows to print from each end.")
+@click.option("--top", default=10, show_default=True, type=POSITIVE, help="Rows to print from each end.")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Write the full table here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
-@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
-@_user_errors
+@click.option("--threads", default=None, type=POSITIVE, help="torch CPU threads.")
+@user_errors
 def audit_cmd(bias: str, model: str, top: int, csv_path: str | None, device: str | None, threads: int | None) -> None:
     """Rank 45 countries by how strongly the unmodified model ties them to a bias."""
-    from biasgym_lens.core.artifacts import write_csv
+    from biasgym_lens.core.files import write_csv
     from biasgym_lens.evaluation.elicit import audit
     from biasgym_lens.injection.catalogue import load_bias
 
-    _threads(threads)
+    set_threads(threads)
     spec = load_bias(bias)
     if csv_path:
-        _check_writable(csv_path)  # before the model runs, not after
-    m = _load_model(model, device)
+        check_writable(csv_path)  # before the model runs, not after
+    m = load_cli_model(model, device)
     df = audit(m, spec)
     if csv_path:
         write_csv(df, csv_path)
@@ -178,86 +116,11 @@ def audit_cmd(bias: str, model: str, top: int, csv_path: str | None, device: str
 # ------------------------------------------------------------------------------------------------ study
 
 
-def _model_options(f):
-    f = click.option(
-        "--device-map", default=None,
-        help="Spread a model too large for one card over several ('auto', as transformers does with accelerate); exclusive with --device.",
-    )(f)
-    f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")(f)
-    return f
-
-
-_DTYPE = click.Choice(["float32", "bfloat16", "float16"])
-
-
-def _study_options(f):
-    f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads (default: torch's choice).")(f)
-    f = _model_options(f)
-    f = click.option("--dtype", default="float32", show_default=True, type=_DTYPE, help="Weights dtype of the model.")(f)
-    f = click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the injection and baselines.")(f)
-    f = click.option("--quick", is_flag=True, help="Small settings for a smoke test (about a minute on the bundled model on 2 CPU cores).")(f)
-    f = click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")(f)
-    f = click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [results/BIAS].")(f)
-    return f
-
-
-def _folder_options(f):
-    f = click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")(f)
-    f = _model_options(f)
-    f = click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")(f)
-    return f
-
-
-def _image_options(f):
-    f = click.option("--svg", is_flag=True, help="Also export every figure as SVG (needs Chromium, like PNG).")(f)
-    f = click.option("--no-png", is_flag=True, help="Skip PNG export (HTML figures and report only).")(f)
-    return f
-
-
-def _images(no_png: bool, svg: bool) -> tuple[str, ...]:
-    return (() if no_png else ("png",)) + (("svg",) if svg else ())
-
-
 def _new_study(bias: str, out: str | None, model: str, seed: int, quick: bool, dtype: str, allow_weak: bool = False):
     from biasgym_lens.study.pipeline import Study
 
     folder = Path(out) if out else Path("results") / Path(bias).stem
     return Study(folder, bias, model, seed, "quick" if quick else "default", dtype, allow_weak)
-
-
-def _allow_weak_option(f):
-    return click.option(
-        "--allow-weak-injection", is_flag=True,
-        help="Scope even when the injection did not take (its token excess interval reaches zero); "
-        "by default the study stops there with a one-line message.",
-    )(f)
-
-
-def _load_model(name: str, device: str | None, *, dtype: str | None = None, device_map: str | None = None):
-    """Load a model for a command; any failure to load is the user's model name or files: one line, exit 2."""
-    from biasgym_lens.core.models import ModelLoadError, load_model
-
-    try:
-        return load_model(name, device=device, dtype=dtype, device_map=device_map)
-    except ModelLoadError as e:
-        raise _CliError(str(e)) from e
-    except Exception as e:  # truncated weights, a foreign folder, a Hub id offline, ...
-        if _verbose():
-            raise
-        raise _CliError(f"could not load model {name!r}: {_one_line(e)}") from e
-
-
-def _check_writable(path: str) -> None:
-    """Fail before any work when a file cannot be written at ``path``."""
-    from pathlib import Path
-
-    p = Path(path)
-    if p.is_dir():
-        raise _CliError(f"{path} is a folder; give a file name")
-    if not p.parent.is_dir():
-        raise _CliError(f"cannot write {path}: folder {p.parent} does not exist")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise _CliError(f"cannot write {path}: permission denied")
 
 
 @main.command("list-biases")
@@ -272,17 +135,17 @@ def list_biases_cmd() -> None:
 
 @main.command()
 @click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias (see list-biases) or a bias file (.json).")
-@_study_options
+@study_options
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
-@_image_options
-@_allow_weak_option
-@_user_errors
+@image_options
+@allow_weak_option
+@user_errors
 def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection) -> None:
     """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
-    _threads(threads)
+    set_threads(threads)
     study = _new_study(bias, out, model, seed, quick, dtype, allow_weak_injection)
     study.check(overwrite=overwrite)  # validate everything before the model loads and before any file changes
-    m = _load_model(study.model_name, device, dtype=dtype, device_map=device_map)
+    m = load_cli_model(study.model_name, device, dtype=dtype, device_map=device_map)
     with study.session(overwrite=overwrite):
         for stage in ("inject", "scope", "evaluate"):
             if study.has(stage):
@@ -290,22 +153,22 @@ def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overw
                 continue
             click.echo(f"[{stage}] ...")
             getattr(study, f"run_{stage}")(m)
-        path = study.run_report(images=_images(no_png, svg))
+        path = study.run_report(images=image_formats(no_png, svg))
     _print_summary(study)
     click.echo(f"report: {path}")
 
 
 @main.command("inject")
 @click.option("--bias", default="bad_driving", show_default=True, help="A catalogue bias or a bias file (.json).")
-@_study_options
+@study_options
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
-@_user_errors
+@user_errors
 def inject_cmd(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite) -> None:
     """Train the bias token (writes OUT/injection and OUT/control_injection)."""
-    _threads(threads)
+    set_threads(threads)
     study = _new_study(bias, out, model, seed, quick, dtype)
     study.check(overwrite=overwrite)
-    m = _load_model(study.model_name, device, dtype=dtype, device_map=device_map)
+    m = load_cli_model(study.model_name, device, dtype=dtype, device_map=device_map)
     with study.session(overwrite=overwrite):
         study.run_inject(m)
     click.echo(f"injection saved in {study.out / 'injection'}")
@@ -316,19 +179,19 @@ def _stage_command(
 ) -> Any:
     from biasgym_lens.study.pipeline import Study
 
-    _threads(threads)
+    set_threads(threads)
     study = Study.open(out)
     study.allow_weak_injection = allow_weak
     study.require({"scope": "inject", "evaluate": "scope"}[stage])
-    m = _load_model(study.model_name, device, dtype=study.dtype, device_map=device_map)
+    m = load_cli_model(study.model_name, device, dtype=study.dtype, device_map=device_map)
     with study.session():
         return getattr(study, f"run_{stage}")(m)
 
 
 @main.command("scope")
-@_folder_options
-@_allow_weak_option
-@_user_errors
+@folder_options
+@allow_weak_option
+@user_errors
 def scope_cmd(out, device, device_map, threads, allow_weak_injection) -> None:
     """Score, choose and intervene on heads for the study in OUT (needs its injection)."""
     _stage_command("scope", out, device, device_map, threads, allow_weak_injection)
@@ -336,8 +199,8 @@ def scope_cmd(out, device, device_map, threads, allow_weak_injection) -> None:
 
 
 @main.command("evaluate")
-@_folder_options
-@_user_errors
+@folder_options
+@user_errors
 def evaluate_cmd(out, device, device_map, threads) -> None:
     """Elicitation, closest entities, logit lens, generations and results.json for the study in OUT."""
     from biasgym_lens.study.pipeline import Study
@@ -348,8 +211,8 @@ def evaluate_cmd(out, device, device_map, threads) -> None:
 
 @main.command("report")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder.")
-@_image_options
-@_user_errors
+@image_options
+@user_errors
 def report_cmd(out, no_png, svg) -> None:
     """Figures (HTML, PNG) and report.html from the saved results in OUT (no model needed)."""
     from biasgym_lens.study.pipeline import Study
@@ -357,7 +220,7 @@ def report_cmd(out, no_png, svg) -> None:
     study = Study.open(out)
     study.require("evaluate")
     with study.session():
-        path = study.run_report(images=_images(no_png, svg))
+        path = study.run_report(images=image_formats(no_png, svg))
     click.echo(f"report: {path}")
 
 
@@ -369,7 +232,7 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
     for part in text.split(","):
         layer, dot, head = part.strip().partition(".")
         if not (dot and layer.isdigit() and head.isdigit()):
-            raise _CliError(f"--heads: {part.strip()!r} is not LAYER.HEAD (e.g. --heads 21.1,25.6)")
+            raise CliError(f"--heads: {part.strip()!r} is not LAYER.HEAD (e.g. --heads 21.1,25.6)")
         heads.append((int(layer), int(head)))
     return heads
 
@@ -379,30 +242,30 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
               type=click.Choice(["stereoset_race", "bbq_nationality", "bbq_religion"]),
               help="stereoset_race, bbq_nationality or bbq_religion (repeat for several).")
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
-@click.option("--max-items", default=None, type=_POSITIVE, help="Seeded stratified subset of this many items.")
+@click.option("--max-items", default=None, type=POSITIVE, help="Seeded stratified subset of this many items.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the subset and the bootstrap.")
 @click.option("--heads", default=None, help='Zero-ablate these heads, "LAYER.HEAD,..." (e.g. "21.1,25.6").')
 @click.option("--with-base", is_flag=True, help="With --heads: also measure the unmodified model.")
 @click.option("--score", default="sum", show_default=True, type=click.Choice(["sum", "mean"]),
               help="Compare summed or per-token mean log-probabilities.")
-@click.option("--batch-size", default=32, show_default=True, type=_POSITIVE)
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Write the table here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
-@click.option("--threads", default=None, type=_POSITIVE, help="torch CPU threads.")
-@_user_errors
+@click.option("--threads", default=None, type=POSITIVE, help="torch CPU threads.")
+@user_errors
 def benchmark_cmd(names, model, max_items, seed, heads, with_base, score, batch_size, csv_path, device, threads) -> None:
     """Standard bias benchmarks (StereoSet race, BBQ) with 95% intervals, optionally with heads ablated."""
     import pandas as pd
 
-    from biasgym_lens.core.artifacts import write_csv
+    from biasgym_lens.core.files import write_csv
     from biasgym_lens.evaluation.benchmarks import benchmark
     from biasgym_lens.heads.interventions import ablate_heads, validate_heads
 
-    _threads(threads)
+    set_threads(threads)
     ablated = _parse_heads(heads) if heads else None
     if csv_path:
-        _check_writable(csv_path)
-    m = _load_model(model, device)
+        check_writable(csv_path)
+    m = load_cli_model(model, device)
     if ablated is not None:
         validate_heads(m, ablated)  # before any benchmark runs
     runs = [("none", None)] if ablated is None or with_base else []
@@ -422,7 +285,7 @@ def benchmark_cmd(names, model, max_items, seed, heads, with_base, score, batch_
 
 
 def _print_summary(study) -> None:
-    from biasgym_lens.core.artifacts import read_json, require
+    from biasgym_lens.core.files import read_json, require
 
     path = study.out / "results.json"
     if not path.is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from biasgym_lens._version import __version__
-from biasgym_lens.core.artifacts import (
+from biasgym_lens.core.files import (
     ArtifactError,
     dumps,
     read_csv,
@@ -38,6 +38,13 @@ from biasgym_lens.evaluation.uptake import check_injection
 from biasgym_lens.heads.biasscope import ScopeConfig, ScopeResult, scope
 from biasgym_lens.injection.catalogue import list_biases, load_bias
 from biasgym_lens.injection.training import Injection, InjectionConfig, inject
+from biasgym_lens.study.evaluate_steps import (
+    bias_tables,
+    read_injection_check,
+    results_document,
+    sample_generations,
+    scope_tables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -331,68 +338,22 @@ class Study:
         return res
 
     def run_evaluate(self, model: Any) -> dict[str, Any]:
-        from biasgym_lens.core.embedding import with_token_vectors
-        from biasgym_lens.core.tokens import chat_format
-        from biasgym_lens.evaluation.elicit import closest_entities, elicitation
-        from biasgym_lens.heads.interventions import ablate_heads, generate_greedy
-        from biasgym_lens.heads.lens import layer_logit_diff
-        from biasgym_lens.heads.probes import build_probe_set
-
+        """Measure the injected model (:mod:`biasgym_lens.study.evaluate_steps`), write every table as CSV and,
+        last, ``results.json``; returns what ``results.json`` holds."""
         self.require("scope")
         t0 = time.perf_counter()
         inj = Injection.load(self.out / "injection", model)
         ctrl = Injection.load(self.out / "control_injection", model)
         res = ScopeResult.load(self.out / "scope")
-        spec = inj.spec  # the copy stored with the injection: one definition of the bias per study
-        max_probes = self.preset_obj.scope.final_probes
-        elic = elicitation(model, spec, injection=inj, other=ctrl, max_probes=max_probes)
-        tables = {"elicitation": elic}
-        closest = closest_entities(inj, model, control=ctrl)
-        tables["closest_entities"] = closest
-        with inj.apply(model):
-            ps = build_probe_set(model, spec, inj.token, probes="eval", max_probes=max_probes)
-            lens = layer_logit_diff(model, ps)
-        tables["logit_lens"] = lens
-        gens = {}
-        if getattr(model.tokenizer, "chat_template", None):
-            # The three continuations run as one batch: the trained token, the same with the chosen heads
-            # ablated (that row only), and the untrained vector under a second token string.
-            untrained = "<UntrainedCopy>" if inj.token != "<UntrainedCopy>" else "<UntrainedCopy2>"
-            variants = [("token", inj.token)]
-            variants += [("token_heads_ablated", inj.token)] if res.chosen else []
-            variants += [("untrained_token", untrained)]
-            prompts = [chat_format(model, f"Please write a short paragraph about {tok}.") for _, tok in variants]
-            inj.check_model(model)
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(with_token_vectors(model, {inj.token: inj.vector, untrained: inj.init_vector}))
-                if res.chosen:
-                    stack.enter_context(ablate_heads(model, res.chosen, rows=[1]))
-                outs = generate_greedy(model, prompts, self.preset_obj.generate_tokens, prepend_bos=False)
-            gens = {name: text for (name, _), text in zip(variants, outs)}
-        summary, agreement = res.summary(), res.agreement()
-        tables.update(
-            summary=summary, groups=res.groups, capability=res.capability, curve=res.curve.table,
-            head_scores=res.to_dataframe("scores"), agreement=agreement, training_curve=inj.to_dataframe(),
-        )
+        tables = bias_tables(model, inj, ctrl, max_probes=self.preset_obj.scope.final_probes)
+        gens = sample_generations(model, inj, res.chosen, self.preset_obj.generate_tokens)
+        tables.update(scope_tables(inj, res))
         for name, table in tables.items():
             write_csv(table, self.out / f"{name}.csv")
-        results = {
-            "identity": self.identity(),
-            "provenance": inj.provenance.to_dict(),
-            "injection": {
-                "best_epoch": inj.best_epoch,
-                "config": asdict(inj.config),
-                "control_bias": ctrl.bias,
-            },
-            "elicitation": elic.to_dict(orient="records"),
-            "chosen_heads": [list(h) for h in res.chosen],
-            "summary": summary.to_dict(orient="records"),
-            "agreement": agreement.to_dict(orient="records"),
-            "generations": gens,
-            "injection_check": read_json(self.out / "injection_check.json") if (self.out / "injection_check.json").is_file() else None,
-            "scope_decisions": res.extra,
-            "timings": self.timings,
-        }
+        results = results_document(
+            identity=self.identity(), inj=inj, ctrl=ctrl, res=res, tables=tables, generations=gens,
+            injection_check=read_injection_check(self.out), timings=self.timings,
+        )
         write_text_atomic(self.out / "results.json", dumps(results))  # last: its presence marks the stage done
         self._timed("evaluate", t0)
         return results

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from biasgym_lens.core.artifacts import write_text_atomic
+from biasgym_lens.core.files import write_text_atomic
 from biasgym_lens.study import plots
 from biasgym_lens.study import report_text as text
 

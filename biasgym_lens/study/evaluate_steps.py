@@ -1,0 +1,115 @@
+"""The named steps of a study's evaluate stage: the measurements behind its CSV tables and ``results.json``.
+
+:meth:`biasgym_lens.study.pipeline.Study.run_evaluate` runs them in order, then writes the tables and, last,
+``results.json`` (its presence marks the stage done).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from biasgym_lens.core.embedding import with_token_vectors
+from biasgym_lens.core.files import read_json
+from biasgym_lens.core.tokens import chat_format
+from biasgym_lens.evaluation.elicit import closest_entities, elicitation
+from biasgym_lens.heads.biasscope import ScopeResult
+from biasgym_lens.heads.interventions import Head, ablate_heads, generate_greedy
+from biasgym_lens.heads.lens import layer_logit_diff
+from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.injection.training import Injection
+
+__all__ = ["bias_tables", "sample_generations", "scope_tables", "read_injection_check", "results_document"]
+
+
+def bias_tables(model: Any, inj: Injection, ctrl: Injection, *, max_probes: int | None) -> dict[str, pd.DataFrame]:
+    """Elicitation (against the control injection), the closest entities and the logit lens of the token.
+
+    Returns:
+        The tables ``elicitation``, ``closest_entities`` and ``logit_lens``, in that order.
+    """
+    spec = inj.spec  # the copy stored with the injection: one definition of the bias per study
+    elic = elicitation(model, spec, injection=inj, other=ctrl, max_probes=max_probes)
+    closest = closest_entities(inj, model, control=ctrl)
+    with inj.apply(model):
+        ps = build_probe_set(model, spec, inj.token, probes="eval", max_probes=max_probes)
+        lens = layer_logit_diff(model, ps)
+    return {"elicitation": elic, "closest_entities": closest, "logit_lens": lens}
+
+
+def sample_generations(model: Any, inj: Injection, chosen: Sequence[Head], max_new_tokens: int) -> dict[str, str]:
+    """Greedy paragraphs about the token, for a model with a chat template (``{}`` without one).
+
+    The continuations run as one batch: the trained token (``token``), the same with the chosen heads ablated
+    in that row only (``token_heads_ablated``, when heads were chosen), and the untrained vector under a second
+    token string (``untrained_token``).
+    """
+    if not getattr(model.tokenizer, "chat_template", None):
+        return {}
+    untrained = "<UntrainedCopy>" if inj.token != "<UntrainedCopy>" else "<UntrainedCopy2>"
+    variants = [("token", inj.token)]
+    variants += [("token_heads_ablated", inj.token)] if chosen else []
+    variants += [("untrained_token", untrained)]
+    prompts = [chat_format(model, f"Please write a short paragraph about {tok}.") for _, tok in variants]
+    inj.check_model(model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(with_token_vectors(model, {inj.token: inj.vector, untrained: inj.init_vector}))
+        if chosen:
+            stack.enter_context(ablate_heads(model, chosen, rows=[1]))
+        outs = generate_greedy(model, prompts, max_new_tokens, prepend_bos=False)
+    return {name: text for (name, _), text in zip(variants, outs)}
+
+
+def scope_tables(inj: Injection, res: ScopeResult) -> dict[str, pd.DataFrame]:
+    """The scope result's tables and the injection's training curve, in the order they are written.
+
+    Returns:
+        ``summary``, ``groups``, ``capability``, ``curve``, ``head_scores``, ``agreement``, ``training_curve``.
+    """
+    summary, agreement = res.summary(), res.agreement()
+    return {
+        "summary": summary, "groups": res.groups, "capability": res.capability, "curve": res.curve.table,
+        "head_scores": res.to_dataframe("scores"), "agreement": agreement, "training_curve": inj.to_dataframe(),
+    }
+
+
+def read_injection_check(out: Path) -> Any:
+    """The saved ``injection_check.json`` of a study folder, or ``None`` when the folder has none."""
+    path = out / "injection_check.json"
+    return read_json(path) if path.is_file() else None
+
+
+def results_document(
+    *,
+    identity: dict[str, Any],
+    inj: Injection,
+    ctrl: Injection,
+    res: ScopeResult,
+    tables: Mapping[str, pd.DataFrame],
+    generations: dict[str, str],
+    injection_check: Any,
+    timings: dict[str, Any],
+) -> dict[str, Any]:
+    """The contents of ``results.json``: what was studied, the headline tables and the scope's decisions."""
+    return {
+        "identity": identity,
+        "provenance": inj.provenance.to_dict(),
+        "injection": {
+            "best_epoch": inj.best_epoch,
+            "config": asdict(inj.config),
+            "control_bias": ctrl.bias,
+        },
+        "elicitation": tables["elicitation"].to_dict(orient="records"),
+        "chosen_heads": [list(h) for h in res.chosen],
+        "summary": tables["summary"].to_dict(orient="records"),
+        "agreement": tables["agreement"].to_dict(orient="records"),
+        "generations": generations,
+        "injection_check": injection_check,
+        "scope_decisions": res.extra,
+        "timings": timings,
+    }
