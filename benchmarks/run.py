@@ -44,7 +44,7 @@ from bench_generation import bench_generation  # noqa: E402
 from biasgym_lens import load_model  # noqa: E402
 from biasgym_lens.core.embedding import add_token, token_vector_hooks  # noqa: E402
 from biasgym_lens.core.hooks import hooked  # noqa: E402
-from biasgym_lens.heads.attribution import ablation_scores, attribution_scores  # noqa: E402
+from biasgym_lens.heads.patching import ablation_scores, attribution_scores  # noqa: E402
 from biasgym_lens.heads.probes import build_probe_set  # noqa: E402
 from biasgym_lens.injection.catalogue import load_bias  # noqa: E402
 from biasgym_lens.injection.training import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402

@@ -6,22 +6,18 @@ import pytest
 import torch
 
 from biasgym_lens.core.hooks import active_hooks
-from biasgym_lens.heads.attribution import (
-    HeadScores,
-    ablation_scores,
+from biasgym_lens.core.unembed import suffix_answer_logits, suffix_supported
+from biasgym_lens.heads.decomposition import (
     attention_scores,
-    attribution_scores,
     component_hook_names,
     dla_scores,
     final_norm_direction,
     has_post_norms,
     residual_components,
-    score_heads,
-    spearman,
-    suffix_answer_logits,
-    suffix_supported,
 )
+from biasgym_lens.heads.head_scores import HeadScores, score_heads, spearman
 from biasgym_lens.heads.interventions import ablate_heads
+from biasgym_lens.heads.patching import ablation_scores, attribution_scores
 from biasgym_lens.heads.probes import build_probe_set
 from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.injection.metrics import logit_diff
@@ -250,7 +246,7 @@ def test_chunked_attribution_equals_one_pass(injected):
 def test_damage_scores_equal_the_whole_batch_estimate(tiny_model):
     """Passage-by-passage backward passes sum to the whole-batch attribution estimate of the loss increase."""
     from biasgym_lens.evaluation.capability import capability_set
-    from biasgym_lens.heads.attribution import z_and_grads
+    from biasgym_lens.heads.patching import z_and_grads
     from biasgym_lens.heads.selection import damage_scores
 
     passages = ["the sun is a star and the moon is not", "water boils", "a cat sat on the mat today"]

@@ -24,10 +24,11 @@ from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.core.tokens import tokenize
 from biasgym_lens.evaluation.capability import capability_set, measure_capability
 from biasgym_lens.evaluation.elicit import audit, elicitation
-from biasgym_lens.heads.attribution import HeadScores, score_heads
-from biasgym_lens.heads.biasscope import ScopeConfig, scope
+from biasgym_lens.heads.biasscope import scope
+from biasgym_lens.heads.head_scores import HeadScores, score_heads
 from biasgym_lens.heads.interventions import ablate_heads, generate_greedy, steer
 from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.heads.scope_config import ScopeConfig
 from biasgym_lens.injection.catalogue import BiasSpec, load_bias
 from biasgym_lens.injection.metrics import answer_logits, keyword_ids
 from biasgym_lens.injection.training import Injection, InjectionConfig, inject

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from biasgym_lens.core import artifacts, files
 from biasgym_lens.core.files import ArtifactError, MissingArtifactError
-from biasgym_lens.heads.attribution import HeadScores
+from biasgym_lens.heads.head_scores import HeadScores
 from biasgym_lens.injection.training import Injection, inject
 
 FAST = dict(epochs=1, max_texts=8, evals_per_epoch=1, max_probes=4)
@@ -50,7 +50,7 @@ def injections(model):
 
 @pytest.fixture(scope="module")
 def head_scores(injections, model):
-    from biasgym_lens.heads.attribution import score_heads
+    from biasgym_lens.heads.head_scores import score_heads
 
     return score_heads(model, injections[0], "dla", max_probes=4)
 

@@ -26,11 +26,11 @@ def test_no_private_name_crosses_a_module_line_in_the_package_or_the_benchmarks(
 
 
 def test_the_checker_sees_a_private_import(tmp_path):
-    (tmp_path / "m.py").write_text("from biasgym_lens.heads.attribution import _hidden\n")
+    (tmp_path / "m.py").write_text("from biasgym_lens.heads.head_scores import _hidden\n")
     global ROOT
     old, ROOT = ROOT, tmp_path
     try:
-        assert _private_imports(tmp_path) == ["m.py:1 imports biasgym_lens.heads.attribution._hidden"]
+        assert _private_imports(tmp_path) == ["m.py:1 imports biasgym_lens.heads.head_scores._hidden"]
     finally:
         ROOT = old
 

@@ -7,15 +7,14 @@ import torch
 
 from biasgym_lens.core.hooks import active_hooks
 from biasgym_lens.core.tokens import chat_format, tokenize
-from biasgym_lens.heads.attribution import (
-    ablation_scores,
-    attribution_scores,
+from biasgym_lens.heads.decomposition import (
     component_hook_names,
     dla_scores,
     final_norm_direction,
     residual_components,
 )
 from biasgym_lens.heads.interventions import ablate_heads, generate_greedy, steer
+from biasgym_lens.heads.patching import ablation_scores, attribution_scores
 from biasgym_lens.heads.probes import build_probe_set
 from biasgym_lens.injection.catalogue import check_keywords, list_biases, load_bias
 from biasgym_lens.injection.metrics import logit_diff
@@ -96,7 +95,7 @@ def test_exact_scan_matches_single_head_runs_and_attribution_tracks_it(real, sho
     idx = torch.tensor([layer * 9 + h for layer, h in heads])
     e = exact.mean(0).flatten()[idx]
     a = approx.mean(0).flatten()[idx]
-    from biasgym_lens.heads.attribution import spearman
+    from biasgym_lens.heads.head_scores import spearman
 
     assert spearman(e, a) > 0.3
     assert active_hooks(real) == []

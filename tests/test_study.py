@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from biasgym_lens.core.hooks import active_hooks
-from biasgym_lens.heads.biasscope import ScopeConfig, ScopeResult, scope
+from biasgym_lens.heads.biasscope import scope
+from biasgym_lens.heads.scope_config import ScopeConfig
+from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.training import inject
 
 FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
@@ -117,8 +119,8 @@ def test_scope_with_mean_ablation_uses_the_neutral_mean(tiny_model):
 
 
 def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model):
-    from biasgym_lens.heads.biasscope import generalisation_matrix, generalisation_table, measure_groups
     from biasgym_lens.heads.interventions import ablate_heads
+    from biasgym_lens.heads.transfer import generalisation_matrix, generalisation_table, measure_groups
     from biasgym_lens.injection.catalogue import load_bias
 
     inj_a = inject(tiny_model, "late", **FAST_INJECT)
@@ -196,7 +198,7 @@ def test_a_user_bias_without_real_groups_skips_the_transfer(tiny_model, tmp_path
     message, and the bias travels with the saved injection (no need to find the file again)."""
     import json
 
-    from biasgym_lens.heads.biasscope import generalisation_matrix
+    from biasgym_lens.heads.transfer import generalisation_matrix
     from biasgym_lens.injection.catalogue import load_bias
     from biasgym_lens.injection.training import Injection
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,54 +128,77 @@ def head_ablation_hooks(
     seed = check_int(seed, "seed")
     if rows is not None:
         rows = check_int_list(rows, "rows", minimum=0)
-    heads = validate_heads(model, heads)
+    by_layer = _heads_by_layer(validate_heads(model, heads))
+    ref, means = _reference_outputs(model, kind, reference, list(by_layer))
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (f"blocks.{layer}.attn.hook_z", _ablation_hook(layer, hs, kind, scale, means, ref, gen, rows))
+        for layer, hs in by_layer.items()
+    ]
+
+
+def _heads_by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    """Layer -> its heads (each once), layers in the order first met."""
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
         if head not in by_layer[layer]:
             by_layer[layer].append(head)
-    ref: dict[int, Tensor] = {}
-    means: Mapping[int, Tensor] = {}
-    if kind in ("mean", "resample"):
-        if reference is None:
-            raise ValueError(f"kind={kind!r} needs a reference set (texts or a Batch)")
-        if isinstance(reference, Mapping):
-            if kind != "mean":
-                raise ValueError("precomputed head means (a mapping) only serve kind='mean'")
-            missing = sorted(set(by_layer) - set(reference))
-            if missing:
-                raise ValueError(f"the precomputed head means lack layers {missing}")
-            means = reference
-        else:
-            ref = reference_z(model, reference, sorted(by_layer))
-            means = {layer: z.mean(0) for layer, z in ref.items()}
-    gen = torch.Generator().manual_seed(seed)
-    hooks: list[HookSpec] = []
-    for layer, hs in by_layer.items():
-        idx = torch.tensor(hs, dtype=torch.long)
+    return by_layer
 
-        def hook(z: Tensor, hook: Any, layer: int = layer, idx: Tensor = idx) -> Tensor:
-            original = z
-            z = z.clone()
-            i = idx.to(z.device)
-            if kind == "zero":
-                z[:, :, i] = 0.0
-            elif kind == "scale":
-                z[:, :, i] = z[:, :, i] * scale
-            elif kind == "mean":
-                z[:, :, i] = means[layer][i].to(z.device, z.dtype)
-            else:  # resample: each (row, position) takes the head output of a random reference position
-                pick = torch.randint(0, ref[layer].shape[0], z.shape[:2], generator=gen)
-                z[:, :, i] = ref[layer][pick][:, :, i].to(z.dtype)
-            if rows is not None:  # only these batch rows are ablated; the others keep their output
-                if max(rows) >= z.shape[0]:
-                    raise ValueError(f"ablation rows {list(rows)} out of range for a batch of {z.shape[0]}")
-                on = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-                on[torch.as_tensor(list(rows), device=z.device)] = True
-                z = torch.where(on[:, None, None, None], z, original)
-            return z
 
-        hooks.append((f"blocks.{layer}.attn.hook_z", hook))
-    return hooks
+def _reference_outputs(
+    model: Any, kind: str, reference: Sequence[str] | Batch | Mapping[int, Tensor] | None, layers: list[int]
+) -> tuple[dict[int, Tensor], Mapping[int, Tensor]]:
+    """What mean and resample ablation replace a head's output with: the reference ``hook_z`` of each layer
+    (computed from texts or a Batch) and each head's mean of it (or the precomputed means); empty otherwise.
+
+    Raises:
+        ValueError: no reference, precomputed means for another kind than ``"mean"``, or lacking a layer.
+    """
+    if kind not in ("mean", "resample"):
+        return {}, {}
+    if reference is None:
+        raise ValueError(f"kind={kind!r} needs a reference set (texts or a Batch)")
+    if isinstance(reference, Mapping):
+        if kind != "mean":
+            raise ValueError("precomputed head means (a mapping) only serve kind='mean'")
+        missing = sorted(set(layers) - set(reference))
+        if missing:
+            raise ValueError(f"the precomputed head means lack layers {missing}")
+        return {}, reference
+    ref = reference_z(model, reference, sorted(layers))
+    return ref, {layer: z.mean(0) for layer, z in ref.items()}
+
+
+def _ablation_hook(
+    layer: int, heads: list[int], kind: str, scale: float, means: Mapping[int, Tensor], ref: Mapping[int, Tensor],
+    gen: torch.Generator, rows: Sequence[int] | None,
+) -> Callable[[Tensor, Any], Tensor]:
+    """The ``hook_z`` hook of one layer: its ``heads`` ablated the ``kind`` way (in ``rows`` only, if given)."""
+    idx = torch.tensor(heads, dtype=torch.long)
+
+    def hook(z: Tensor, hook: Any) -> Tensor:
+        original = z
+        z = z.clone()
+        i = idx.to(z.device)
+        if kind == "zero":
+            z[:, :, i] = 0.0
+        elif kind == "scale":
+            z[:, :, i] = z[:, :, i] * scale
+        elif kind == "mean":
+            z[:, :, i] = means[layer][i].to(z.device, z.dtype)
+        else:  # resample: each (row, position) takes the head output of a random reference position
+            pick = torch.randint(0, ref[layer].shape[0], z.shape[:2], generator=gen)
+            z[:, :, i] = ref[layer][pick][:, :, i].to(z.dtype)
+        if rows is not None:  # only these batch rows are ablated; the others keep their output
+            if max(rows) >= z.shape[0]:
+                raise ValueError(f"ablation rows {list(rows)} out of range for a batch of {z.shape[0]}")
+            on = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+            on[torch.as_tensor(list(rows), device=z.device)] = True
+            z = torch.where(on[:, None, None, None], z, original)
+        return z
+
+    return hook
 
 
 def first_layer(heads: Sequence[Head]) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from biasgym_lens.heads.attribution import final_norm_direction, final_norm_kind
+from biasgym_lens.heads.decomposition import final_norm_direction, final_norm_kind
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = ["layer_logit_diff"]

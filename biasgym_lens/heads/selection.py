@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +22,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from biasgym_lens.core.tokens import Batch
-from biasgym_lens.core.unembed import clean_residuals, logits_at, suffix_supported
+from biasgym_lens.core.unembed import clean_residuals, logits_at, suffix_answer_logits, suffix_supported
 from biasgym_lens.evaluation.capability import CapabilitySet, neutral_loss, with_resume_layers
-from biasgym_lens.heads.attribution import HeadScores, suffix_answer_logits, z_and_grads
+from biasgym_lens.heads.head_scores import HeadScores
 from biasgym_lens.heads.interventions import Head, ablate_heads, first_layer
+from biasgym_lens.heads.patching import z_and_grads
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = [
@@ -210,6 +211,59 @@ def _excess(model: Any, ps: ProbeSet) -> tuple[float, float]:
     return float(ps.metric_per_probe(logits, "excess").mean()), float(ps.metric_per_probe(logits, "token").mean())
 
 
+@torch.no_grad()
+def _resumed_excess(model: Any, ps: ProbeSet, probe_resid: list[Tensor], start: int) -> tuple[float, float]:
+    """:func:`_excess` of a pass resumed at block ``start`` from the probes' clean residual entering it."""
+    b = ps.batch
+    last = suffix_answer_logits(model, probe_resid[start], start, b.attention_mask, ps.answer_positions)
+    return float(ps.metric_per_probe(last, "excess").mean()), float(ps.metric_per_probe(last, "token").mean())
+
+
+def _curve_heads(
+    ranked_heads: Sequence[Head], all_heads: list[Head], k: int, random_draws: int, rng: random.Random
+) -> Iterator[tuple[list[Head], str, int]]:
+    """The head sets of point ``k``: the first ``k`` ranked heads, then ``random_draws`` random sets of ``k``
+    (drawn from ``rng`` only when reached), as ``(heads, selection, draw)``."""
+    yield list(ranked_heads[:k]), "top", 0
+    for d in range(random_draws):
+        yield rng.sample(all_heads, k), "random", d
+
+
+def _ablated_measures(
+    model: Any, ps: ProbeSet, cap: CapabilitySet, heads: list[Head], kind: str, reference: Any,
+    probe_resid: list[Tensor] | None,
+) -> tuple[float, float, float]:
+    """``(excess, token logit difference, neutral loss)`` with ``heads`` ablated; both passes resume at the
+    earliest ablated layer (the probes' only where ``probe_resid`` is kept)."""
+    start = first_layer(heads)
+
+    def intervention() -> Any:
+        return ablate_heads(model, heads, kind=kind, reference=reference)
+
+    resume = probe_resid is not None and start > 0
+    with intervention():
+        ex, tok = _resumed_excess(model, ps, probe_resid, start) if resume else _excess(model, ps)
+    return ex, tok, neutral_loss(model, cap, intervention, start=start)
+
+
+def _curve_row(
+    k: int, selection: str, draw: int, measures: tuple[float, float, float], base_excess: float, base_loss: float
+) -> dict[str, Any]:
+    """One row of the curve's table."""
+    ex, tok, loss = measures
+    return {
+        "k": k,
+        "selection": selection,
+        "draw": draw,
+        "excess": ex,
+        "token_logit_diff": tok,
+        "neutral_loss": loss,
+        "loss_increase": relative_increase(loss, base_loss, "loss"),
+        "perplexity_increase": relative_increase(loss, base_loss, "perplexity"),
+        "excess_cut": 1.0 - ex / base_excess if base_excess != 0 else float("nan"),
+    }
+
+
 def faithfulness_curve(
     model: Any,
     ps: ProbeSet,
@@ -252,47 +306,16 @@ def faithfulness_curve(
     cap = with_resume_layers(cap, range(1, L))
     base_loss = neutral_loss(model, cap)
     rng = random.Random(seed)
-    rows = []
-    resume = suffix_supported(model)
-    if resume:
+    probe_resid = None
+    if suffix_supported(model):
         with torch.no_grad():
             probe_resid = clean_residuals(model, ps.batch.input_ids, ps.batch.attention_mask)
-
-    @torch.no_grad()
-    def resumed(start: int) -> tuple[float, float]:
-        b = ps.batch
-        last = suffix_answer_logits(model, probe_resid[start], start, b.attention_mask, ps.answer_positions)
-        return float(ps.metric_per_probe(last, "excess").mean()), float(ps.metric_per_probe(last, "token").mean())
-
-    def point(heads: list[Head], k: int, selection: str, draw: int) -> None:
-        start = first_layer(heads)
-
-        def intervention() -> Any:
-            return ablate_heads(model, heads, kind=kind, reference=reference)
-
-        with intervention():
-            ex, tok = resumed(start) if resume and start > 0 else _excess(model, ps)
-        loss = neutral_loss(model, cap, intervention, start=start)
-        rows.append(
-            {
-                "k": k,
-                "selection": selection,
-                "draw": draw,
-                "excess": ex,
-                "token_logit_diff": tok,
-                "neutral_loss": loss,
-                "loss_increase": relative_increase(loss, base_loss, "loss"),
-                "perplexity_increase": relative_increase(loss, base_loss, "perplexity"),
-                "excess_cut": 1.0 - ex / base_excess if base_excess != 0 else float("nan"),
-            }
-        )
-
+    rows = []
     bar = tqdm(total=len(ks) * (1 + random_draws), desc="faithfulness curve", disable=not progress, leave=False)
     for k in ks:
-        point(list(ranked_heads[:k]), k, "top", 0)
-        bar.update(1)
-        for d in range(random_draws):
-            point(rng.sample(all_heads, k), k, "random", d)
+        for heads, selection, draw in _curve_heads(ranked_heads, all_heads, k, random_draws, rng):
+            measures = _ablated_measures(model, ps, cap, heads, kind, reference, probe_resid)
+            rows.append(_curve_row(k, selection, draw, measures, base_excess, base_loss))
             bar.update(1)
     bar.close()
     table = pd.DataFrame(rows)

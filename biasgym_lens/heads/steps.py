@@ -1,12 +1,15 @@
 """The named steps of BiasScope, each a function with typed inputs and outputs (see :func:`biasgym_lens.heads.biasscope.scope`).
 
+0. :func:`resolve_config`, :func:`check_inputs` - the settings, checked against the model and the injection.
 1. :func:`score_all` - the four head scores (plus attribution patching, which the ranking needs).
-2. :func:`rank_candidates` - effect minus damage; the leading candidates' damage measured exactly.
+2. :func:`curve_capability`, :func:`rank_candidates` - effect minus damage; the leading candidates' damage
+   measured exactly.
 3. :func:`curve_and_direction` - the faithfulness curve on the evaluation probes and the steering direction.
-4. :func:`choose_heads`, :func:`choose_alpha` - the decisions under the capability budget.
-5. :func:`measure_all` - bias and capability under every :class:`Intervention`.
+4. :func:`resume_starts`, :func:`choose_heads`, :func:`choose_alpha` - the decisions under the capability budget.
+5. :func:`measure_all` - bias and capability under every :class:`~biasgym_lens.heads.scope_records.Intervention`.
 
-The decisions are recorded in a :class:`ScopeDecisions`, a typed record that saves itself.
+The decisions are recorded in a :class:`~biasgym_lens.heads.scope_records.ScopeDecisions`, a typed record that
+saves itself.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import pandas as pd
 
+from biasgym_lens.core.checks import InputTypeError
 from biasgym_lens.evaluation.capability import (
     Capability,
     CapabilitySet,
@@ -27,9 +30,11 @@ from biasgym_lens.evaluation.capability import (
     measure_capability,
     neutral_loss,
 )
-from biasgym_lens.heads.attribution import HeadScores, score_heads
+from biasgym_lens.heads.head_scores import HeadScores, score_heads
 from biasgym_lens.heads.interventions import Head, ablate_heads, first_layer, head_means, steer
 from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.heads.scope_config import ScopeConfig
+from biasgym_lens.heads.scope_records import BudgetCheck, CandidateDamage, Intervention, Ranking
 from biasgym_lens.heads.selection import (
     FaithfulnessCurve,
     damage_scores,
@@ -40,21 +45,19 @@ from biasgym_lens.heads.selection import (
     specific_scores,
 )
 from biasgym_lens.heads.steering import bias_direction
-
-if TYPE_CHECKING:  # pragma: no cover
-    from biasgym_lens.heads.biasscope import ScopeConfig
+from biasgym_lens.heads.transfer import NO_REAL_GROUPS
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Intervention",
-    "CandidateDamage",
-    "BudgetCheck",
-    "ScopeDecisions",
-    "Ranking",
+    "DEBIAS_PREFIX",
+    "resolve_config",
+    "check_inputs",
     "score_all",
+    "curve_capability",
     "rank_candidates",
     "curve_and_direction",
+    "resume_starts",
     "choose_heads",
     "choose_alpha",
     "FinalMeasures",
@@ -64,106 +67,36 @@ __all__ = [
     "steering_intervention",
 ]
 
+DEBIAS_PREFIX = "Treat every nationality the same and do not rely on stereotypes. "
 
-# --------------------------------------------------------------------------------------------- records
 
+def resolve_config(config: Any, settings: Mapping[str, Any]) -> ScopeConfig:
+    """Step 0a: ``config``, or a :class:`ScopeConfig` of ``settings``; settings given beside a config replace
+    its fields.
 
-@dataclass(frozen=True)
-class Intervention:
-    """A named change of the model, measured in the final step.
-
-    Attributes:
-        name: ``"none"``, ``"heads"``, ``"random_heads"``, ``"steering"``, ``"prefix"``, ...
-        make: Returns the context manager that applies it (``None``: the unmodified model).
-        first_layer: The first layer it changes (passes resume from the clean residual entering it).
-        prefix: Text put before every bias probe (changes the prompts only, not the model).
+    Raises:
+        InputTypeError: ``config`` is neither None nor a :class:`ScopeConfig`.
     """
-
-    name: str
-    make: Callable[[], AbstractContextManager[Any]] | None = None
-    first_layer: int = 0
-    prefix: str = ""
-
-
-@dataclass(frozen=True)
-class CandidateDamage:
-    """A leading candidate head's exactly measured damage to the neutral text."""
-
-    layer: int
-    head: int
-    loss_increase: float
-    cost: float
+    if config is None:
+        return ScopeConfig(**settings)
+    if not isinstance(config, ScopeConfig):
+        raise InputTypeError(f"config must be a ScopeConfig, got {type(config).__name__}")
+    return replace(config, **settings) if settings else config
 
 
-@dataclass(frozen=True)
-class BudgetCheck:
-    """One candidate (a number of heads, a steering multiplier) checked against the budget."""
+def check_inputs(model: Any, injection: Any, config: ScopeConfig) -> None:
+    """Step 0b: the injection was trained in ``model`` and the steering layer is one of its layers; a warning
+    when the bias names no real groups (the transfer to them is then skipped).
 
-    candidate: int | float  # a number of heads or a steering multiplier
-    curve_cost: float
-    final_cost: float
-
-
-@dataclass(frozen=True)
-class ScopeDecisions:
-    """What :func:`~biasgym_lens.heads.biasscope.scope` chose, and the checks each choice rests on.
-
-    Attributes:
-        ranked: The head ranking the curve follows (best first).
-        candidate_damage: The leading candidates' measured damage.
-        budget_checks: The numbers of heads tried on the final passages, in order, until one held the budget.
-        steering_checks: Likewise for the steering multipliers.
-        random_heads: The random heads of the baseline.
-        steer_layer: Layer of the steering baseline.
-        steer_alpha: The multiplier used (0: none held the budget).
-        prefix: The debiasing prefix of the prompt baseline.
+    Raises:
+        ValueError: an injection from another model, a steering layer beyond the model's.
     """
-
-    ranked: tuple[Head, ...]
-    candidate_damage: tuple[CandidateDamage, ...]
-    budget_checks: tuple[BudgetCheck, ...]
-    steering_checks: tuple[BudgetCheck, ...]
-    random_heads: tuple[Head, ...]
-    steer_layer: int
-    steer_alpha: float
-    prefix: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ScopeDecisions:
-        """From :meth:`to_dict` output, or from the ``extra`` dict of results saved by earlier versions."""
-        def damage(row: Any) -> CandidateDamage:
-            return CandidateDamage(**row) if isinstance(row, Mapping) else CandidateDamage(*row)
-
-        def checks(rows: Sequence[Mapping[str, Any]]) -> tuple[BudgetCheck, ...]:
-            return tuple(BudgetCheck(**r) for r in rows)
-
-        return cls(
-            ranked=tuple(tuple(h) for h in d["ranked"]),  # type: ignore[misc]
-            candidate_damage=tuple(damage(r) for r in d["candidate_damage"]),
-            budget_checks=checks(d["budget_checks"]),
-            steering_checks=checks(d["steering_checks"]),
-            random_heads=tuple(tuple(h) for h in d["random_heads"]),  # type: ignore[misc]
-            steer_layer=int(d["steer_layer"]),
-            steer_alpha=float(d["steer_alpha"]),
-            prefix=str(d["prefix"]),
-        )
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """The output of :func:`rank_candidates`."""
-
-    specific: HeadScores
-    ranked: list[Head]
-    candidate_damage: tuple[CandidateDamage, ...]
-    damage: Any
-    reference: dict[int, Any] | None
-
-
-# --------------------------------------------------------------------------------------------- steps
+    injection.check_model(model)
+    L = model.cfg.n_layers
+    if config.steer_layer is not None and config.steer_layer >= L:
+        raise ValueError(f"steer_layer must be a layer of this model (0..{L - 1}), got {config.steer_layer}")
+    if not injection.spec.real_groups:
+        logger.warning(NO_REAL_GROUPS, injection.bias)
 
 
 def score_all(model: Any, injection: Any, config: ScopeConfig, *, progress: bool) -> dict[str, HeadScores]:
@@ -184,10 +117,18 @@ def score_all(model: Any, injection: Any, config: ScopeConfig, *, progress: bool
     return scores
 
 
+def curve_capability(model: Any, config: ScopeConfig) -> CapabilitySet:
+    """Step 2a: the curve's neutral passages (no multiple choice). The clean residual entering every layer is
+    kept once, so the damage checks, the curve and the steering checks resume at their first changed layer
+    instead of recomputing the layers before it."""
+    L = model.cfg.n_layers
+    return capability_set(model, max_passages=config.curve_passages, mc_items=[], resume_layers=range(1, L))
+
+
 def rank_candidates(
     model: Any, injection: Any, scores: Mapping[str, HeadScores], cap_curve: CapabilitySet, config: ScopeConfig
 ) -> Ranking:
-    """Step 2: rank heads by effect minus estimated damage; measure the leading candidates' damage exactly.
+    """Step 2b: rank heads by effect minus estimated damage; measure the leading candidates' damage exactly.
 
     The first-order damage estimate misses heads the model cannot lose (zeroing is no small change): the
     leading candidates' cost is measured exactly, those that alone break the budget are dropped, and the rest
@@ -245,6 +186,14 @@ def random_heads(model: Any, k: int, seed: int) -> list[Head]:
     """``k`` (at least one) heads drawn uniformly without replacement, seeded (``seed + 1``)."""
     all_heads = [(a, b) for a in range(model.cfg.n_layers) for b in range(model.cfg.n_heads)]
     return random.Random(seed + 1).sample(all_heads, max(1, k))
+
+
+def resume_starts(model: Any, curve: FaithfulnessCurve, layer: int, seed: int) -> set[int]:
+    """Step 4 (before the choices): the first changed layer of every intervention the final measures may run
+    (the heads of each curve candidate, as many random heads, steering after ``layer``), whose clean residuals
+    :meth:`FinalMeasures.prepare` keeps once."""
+    starts = {first_layer(list(curve.heads[:k])) for k in curve.candidates()} | {layer}
+    return starts | {first_layer(random_heads(model, k, seed)) for k in (0, *curve.candidates())}
 
 
 @dataclass

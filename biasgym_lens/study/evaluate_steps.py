@@ -18,10 +18,10 @@ from biasgym_lens.core.embedding import with_token_vectors
 from biasgym_lens.core.files import read_json
 from biasgym_lens.core.tokens import chat_format
 from biasgym_lens.evaluation.elicit import closest_entities, elicitation
-from biasgym_lens.heads.biasscope import ScopeResult
 from biasgym_lens.heads.interventions import Head, ablate_heads, generate_greedy
 from biasgym_lens.heads.lens import layer_logit_diff
 from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.training import Injection
 
 __all__ = ["bias_tables", "sample_generations", "scope_tables", "read_injection_check", "results_document"]

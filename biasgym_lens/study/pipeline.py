@@ -35,7 +35,9 @@ from biasgym_lens.core.files import (
     write_text_atomic,
 )
 from biasgym_lens.evaluation.uptake import check_injection
-from biasgym_lens.heads.biasscope import ScopeConfig, ScopeResult, scope
+from biasgym_lens.heads.biasscope import scope
+from biasgym_lens.heads.scope_config import ScopeConfig
+from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.catalogue import list_biases, load_bias
 from biasgym_lens.injection.training import Injection, InjectionConfig, inject
 from biasgym_lens.study.evaluate_steps import (

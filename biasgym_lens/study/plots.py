@@ -111,7 +111,7 @@ def head_heatmap(
     signed: bool | None = None,
     highlight: Sequence[tuple[int, int]] | None = None,
 ) -> go.Figure:
-    """Layer x head heatmap of a :class:`~biasgym_lens.heads.attribution.HeadScores` (or a ``[L, H]`` array).
+    """Layer x head heatmap of a :class:`~biasgym_lens.heads.head_scores.HeadScores` (or a ``[L, H]`` array).
 
     Diverging scale centred at 0 for signed scores, sequential for attention; hover shows layer, head, value.
 
@@ -177,7 +177,7 @@ def methods_heatmaps(
 
 def method_scatter(a: Any, b: Any, *, title: str | None = None) -> go.Figure:
     """Scatter of two methods' scores over heads, with their Spearman correlation in the title."""
-    from biasgym_lens.heads.attribution import spearman
+    from biasgym_lens.heads.head_scores import spearman
 
     xa, xb = _grid(a.scores).ravel(), _grid(b.scores).ravel()
     H = a.n_heads
