@@ -164,5 +164,13 @@ def test_capability_intervals_resample_passages_and_items_in_pairs(tiny_model):
     assert ci["perplexity_increase_ci_low"] <= ppl <= ci["perplexity_increase_ci_high"]
     mc = hit.relative_to(base)["mc_accuracy_change"]
     assert ci["mc_accuracy_change_ci_low"] <= mc <= ci["mc_accuracy_change_ci_high"]
-    assert set(base.intervals(base).values()) == {0.0}  # no change: a zero-width interval at zero
-    assert all(math.isnan(v) for v in hit.intervals(measure_capability(tiny_model, cap, with_mc=False, with_neutral=False)).values())
+    same = base.intervals(base)  # no change: zero-width intervals at zero
+    assert {v for k, v in same.items() if not k.startswith("mc_accuracy_ci")} == {0.0}
+    acc = np.array(base.mc_correct, dtype=float)  # the accuracy's own interval, by hand
+    boot = [acc[i].mean() for i in np.random.default_rng(0).integers(0, len(acc), size=(2000, len(acc)))]
+    assert (same["mc_accuracy_ci_low"], same["mc_accuracy_ci_high"]) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
+    kl = np.array(hit.passage_kl) / np.array(hit.passage_kl_tokens)
+    assert len(kl) == min(16, 10) and sum(hit.passage_kl) / sum(hit.passage_kl_tokens) == pytest.approx(hit.kl, rel=1e-9)
+    assert ci["kl_ci_low"] <= hit.kl <= ci["kl_ci_high"]
+    unpaired = hit.intervals(measure_capability(tiny_model, cap, with_mc=False, with_neutral=False))
+    assert all(math.isnan(v) for k, v in unpaired.items() if "increase" in k or "change" in k)

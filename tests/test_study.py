@@ -9,15 +9,18 @@ import pytest
 import torch
 
 from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.evaluation.capability import capability_set, measure_capability
+from biasgym_lens.evaluation.capability_data import load_neutral_text
 from biasgym_lens.heads.biasscope import scope
+from biasgym_lens.heads.interventions import ablate_heads
 from biasgym_lens.heads.scope_config import ScopeConfig
 from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.training import inject
 
 FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
 FAST_SCOPE = dict(
-    ablation_probes=4, ablation_controls=1, ks=(1, 2, 3), random_draws=2, curve_passages=4, final_passages=4,
-    mc_items=8, steer_alphas=(0.5,), curve_controls=None,
+    ablation_probes=4, ablation_controls=1, ks=(1, 2, 3), random_draws=2, curve_passages=4, tune_passages=6,
+    final_passages=4, mc_items=8, steer_alphas=(0.5,), curve_controls=None,
 )
 
 
@@ -40,31 +43,39 @@ def test_scope_tables_are_consistent(result):
     for row in summary.itertuples():
         expected = math.exp(base_loss * row.loss_increase) - 1
         assert row.perplexity_increase == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    # the curve's k=0 baseline is the same measurement as the 'none' row's token excess
-    assert res.curve.baseline_excess == pytest.approx(
-        res.groups.query("intervention == 'none' and kind == 'token'")["excess"].item(), abs=1e-4
-    )
+    # the curve's k=0 baseline is the token's excess on the tune probes; the 'none' row's is on the test probes
+    from biasgym_lens.heads.transfer import measure_groups
+
+    for split, value in (("tune", res.curve.baseline_excess), ("test", res.groups.query("intervention == 'none' and kind == 'token'")["excess"].item())):
+        direct = measure_groups(model, inj.spec, inj, probes=split).query("kind == 'token'")["excess"].item()
+        assert value == pytest.approx(direct, abs=1e-4), split
     # the curve's perplexity column follows from its loss column
     top = res.curve.table.query("selection == 'top'")
     expected = (top.neutral_loss - res.curve.baseline_loss).map(math.exp) - 1
     assert (top.perplexity_increase - expected).abs().max() < 1e-9
-    # chosen: the first curve candidate (lowest excess within budget) whose cost on the final passages holds
+    # chosen: the first curve candidate (lowest excess within budget) whose cost on the tune passages holds
     checks, budget = res.extra["budget_checks"], res.config.budget
     assert [c["candidate"] for c in checks] == res.curve.candidates()[: len(checks)]
-    assert all(c["final_cost"] > budget for c in checks[:-1])
+    assert all(c["tune_cost"] > budget for c in checks[:-1])
     heads_row = summary[summary.intervention == "heads"].iloc[0]
+    passages = load_neutral_text()
+    tune_cap = capability_set(model, passages=passages[:6], mc_items=[])
+    test_cap = capability_set(model, passages=passages[6:10], max_mc_items=8)
     if res.chosen:
-        assert checks[-1]["final_cost"] <= budget and len(res.chosen) == checks[-1]["candidate"]
+        assert checks[-1]["tune_cost"] <= budget and len(res.chosen) == checks[-1]["candidate"]
         assert res.chosen == list(res.curve.heads[: len(res.chosen)])
-        assert heads_row.perplexity_increase == pytest.approx(checks[-1]["final_cost"], abs=1e-9)
-        assert heads_row.within_budget
+        # the decisive check is the cost on the tune passages, the reported one that on the test passages
+        base, hit = (measure_capability(model, tune_cap, iv, with_mc=False) for iv in (None, lambda: ablate_heads(model, res.chosen)))
+        assert checks[-1]["tune_cost"] == pytest.approx(hit.relative_to(base)["perplexity_increase"], rel=1e-4, abs=1e-7)
+        base, hit = (measure_capability(model, test_cap, iv) for iv in (None, lambda: ablate_heads(model, res.chosen)))
+        assert heads_row.perplexity_increase == pytest.approx(hit.relative_to(base)["perplexity_increase"], rel=1e-4, abs=1e-7)
+        assert heads_row.mc_accuracy == pytest.approx(hit.mc_accuracy)
     else:
-        assert all(c["final_cost"] > budget for c in checks) and heads_row.excess_cut == pytest.approx(0.0)
+        assert all(c["tune_cost"] > budget for c in checks) and heads_row.excess_cut == pytest.approx(0.0)
     steer_checks = res.extra["steering_checks"]
     if res.extra["steer_alpha"]:
-        assert summary[summary.intervention == "steering"].iloc[0].within_budget
-        assert steer_checks[-1]["candidate"] == res.extra["steer_alpha"] and steer_checks[-1]["final_cost"] <= budget
-    assert all(c["final_cost"] > budget for c in steer_checks[: len(steer_checks) - bool(res.extra["steer_alpha"])])
+        assert steer_checks[-1]["candidate"] == res.extra["steer_alpha"] and steer_checks[-1]["tune_cost"] <= budget
+    assert all(c["tune_cost"] > budget for c in steer_checks[: len(steer_checks) - bool(res.extra["steer_alpha"])])
     assert active_hooks(model) == []
 
 
@@ -111,7 +122,7 @@ def test_scope_with_mean_ablation_uses_the_neutral_mean(tiny_model):
     res = scope(tiny_model, inj, progress=False, **{**FAST_SCOPE, "kind": "mean", "methods": ("attribution",)})
     heads = res.chosen
     assert heads, "the tiny model's heads cost little: the budget admits some"
-    cap = capability_set(tiny_model, max_passages=FAST_SCOPE["final_passages"], max_mc_items=0)
+    cap = capability_set(tiny_model, passages=load_neutral_text()[6:10], max_mc_items=0)  # the test passages
     ref = capability_set(tiny_model, max_passages=FAST_SCOPE["curve_passages"], mc_items=[]).neutral[0]
     mean_loss = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads, kind="mean", reference=ref), with_mc=False).neutral_loss
     assert res.capability.query("intervention == 'heads'")["neutral_loss"].item() == pytest.approx(mean_loss, rel=1e-5)

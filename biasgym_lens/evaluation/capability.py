@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ class Capability:
         n_tokens: Tokens the loss was measured on.
         passage_nll: Summed next-token loss of each passage (the units of the loss's interval).
         passage_tokens: Predicted tokens of each passage.
+        passage_kl: Summed KL of each passage of the KL subset; ``passage_kl_tokens``: its positions.
         mc_correct: Whether each multiple-choice item was answered right (the units of the accuracy's interval).
     """
 
@@ -91,6 +92,8 @@ class Capability:
     n_tokens: int
     passage_nll: tuple[float, ...] = field(default=(), repr=False)
     passage_tokens: tuple[int, ...] = field(default=(), repr=False)
+    passage_kl: tuple[float, ...] = field(default=(), repr=False)
+    passage_kl_tokens: tuple[int, ...] = field(default=(), repr=False)
     mc_correct: tuple[bool, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, float]:
@@ -107,31 +110,31 @@ class Capability:
         }
 
     def intervals(self, base: Capability, *, level: float = 0.95, seed: int = 0) -> dict[str, float]:
-        """Paired bootstrap intervals of :meth:`relative_to`'s changes: the same passages (for the loss and
-        perplexity increase) and the same items (for the accuracy change) are resampled in both measurements.
+        """Percentile bootstrap intervals of every number of :meth:`relative_to` and of the accuracy itself.
+
+        The changes are paired: the same passages (loss and perplexity increase) and the same items (accuracy
+        change) are resampled in both measurements; the KL resamples the passages of the KL subset.
 
         Returns:
-            ``{name}_ci_low`` and ``{name}_ci_high`` for ``loss_increase``, ``perplexity_increase`` and
-            ``mc_accuracy_change`` (NaN where the per-unit values are missing or do not pair up).
+            ``{name}_ci_low`` and ``{name}_ci_high`` for ``loss_increase``, ``perplexity_increase``, ``kl``,
+            ``mc_accuracy`` and ``mc_accuracy_change`` (NaN where the per-unit values are missing or do not pair).
         """
-        out: dict[str, float] = {}
-        pairs = len(self.passage_nll) == len(base.passage_nll) > 0
         nll, base_nll, tokens = (np.asarray(x, dtype=np.float64) for x in (self.passage_nll, base.passage_nll, self.passage_tokens))
-
-        def loss_ratio(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> float:
-            return float(a.sum() / b.sum() - 1.0)
-
-        def ppl_ratio(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> float:
-            return float(np.exp((a.sum() - b.sum()) / n.sum()) - 1.0)
-
-        for name, stat in (("loss_increase", loss_ratio), ("perplexity_increase", ppl_ratio)):
-            iv = bootstrap_stat(stat, nll, base_nll, tokens, level=level, seed=seed) if pairs else None
-            out.update({f"{name}_ci_low": iv.ci_low if iv else math.nan, f"{name}_ci_high": iv.ci_high if iv else math.nan})
-        items = len(self.mc_correct) == len(base.mc_correct) > 0
-        diff = np.asarray(self.mc_correct, dtype=np.float64) - np.asarray(base.mc_correct, dtype=np.float64) if items else None
-        iv = bootstrap_stat(np.mean, diff, level=level, seed=seed) if items else None
-        out.update({"mc_accuracy_change_ci_low": iv.ci_low if iv else math.nan,
-                    "mc_accuracy_change_ci_high": iv.ci_high if iv else math.nan})
+        correct, base_correct = (np.asarray(x, dtype=np.float64) for x in (self.mc_correct, base.mc_correct))
+        paired = len(nll) == len(base_nll) > 0
+        items = len(correct) == len(base_correct) > 0
+        stats: dict[str, tuple[Callable[..., float], tuple[np.ndarray, ...], bool]] = {
+            "loss_increase": (lambda a, b, n: a.sum() / b.sum() - 1.0, (nll, base_nll, tokens), paired),
+            "perplexity_increase": (lambda a, b, n: np.exp((a.sum() - b.sum()) / n.sum()) - 1.0, (nll, base_nll, tokens), paired),
+            "kl": (lambda s, n: s.sum() / n.sum(), tuple(np.asarray(x, dtype=np.float64) for x in (self.passage_kl, self.passage_kl_tokens)), len(self.passage_kl) > 0),
+            "mc_accuracy": (np.mean, (correct,), len(correct) > 0),
+            "mc_accuracy_change": (lambda a, b: (a - b).mean(), (correct, base_correct), items),
+        }
+        out: dict[str, float] = {}
+        for name, (stat, arrays, ok) in stats.items():
+            iv = bootstrap_stat(stat, *arrays, level=level, seed=seed) if ok else None
+            out[f"{name}_ci_low"] = iv.ci_low if iv else math.nan
+            out[f"{name}_ci_high"] = iv.ci_high if iv else math.nan
         return out
 
 
@@ -204,15 +207,22 @@ def _real_logp(logits: Tensor, batch: Batch) -> Tensor:
     return torch.cat([logits[r][batch.attention_mask[r].bool()].float().log_softmax(-1) for r in range(len(batch))])
 
 
-def _row_kl_sum(ref: Tensor, logits: Tensor, batch: Batch) -> float:
-    """Summed KL(ref || model) over the real positions, one row at a time."""
-    total, offset = 0.0, 0
+def _row_kl(ref: Tensor | None, logits: Tensor, batch: Batch) -> tuple[list[float], list[int]]:
+    """Each row's summed KL(ref || model) over its real positions and their number, one row at a time (``ref``
+    None: the unmodified model itself, KL 0)."""
+    sums, counts, offset = [], [], 0
     for r in range(logits.shape[0]):
-        new = logits[r][batch.attention_mask[r].bool()].float().log_softmax(-1)
-        old = ref[offset : offset + new.shape[0]]
-        total += float((old.exp() * (old - new)).sum())
-        offset += new.shape[0]
-    return total
+        real = batch.attention_mask[r].bool()
+        n = int(real.sum())
+        if ref is None:
+            sums.append(0.0)
+        else:
+            new = logits[r][real].float().log_softmax(-1)
+            old = ref[offset : offset + n]
+            sums.append(float((old.exp() * (old - new)).sum()))
+        counts.append(n)
+        offset += n
+    return sums, counts
 
 
 def _reference_logp(model: Any, cap: CapabilitySet) -> list[Tensor]:
@@ -253,13 +263,24 @@ def _run(model: Any, ids: Tensor, mask: Tensor, keep: Sequence[int], resume: int
         return model(ids, attention_mask=mask), {}
 
 
+class NeutralPass(NamedTuple):
+    """One pass over the neutral passages: mean loss and KL, and their per-passage sums and token counts."""
+
+    loss: float
+    kl: float
+    nll: tuple[float, ...] = ()
+    tokens: tuple[int, ...] = ()
+    kl_sums: tuple[float, ...] = ()
+    kl_tokens: tuple[int, ...] = ()
+
+
 @torch.no_grad()
 def _neutral_pass(
     model: Any, cap: CapabilitySet, intervention: Intervention, with_kl: bool, start: int = 0
-) -> tuple[float, float, list[float], list[int]]:
+) -> NeutralPass:
     """Mean next-token loss on the neutral passages and mean KL(unmodified || intervened) on the KL batches,
-    in one pass of the intervened model (the unmodified pass is cached in ``cap``); then each passage's summed
-    loss and token count."""
+    in one pass of the intervened model (the unmodified pass is cached in ``cap``), with each passage's summed
+    loss and KL and their token counts."""
     store = cap.clean.setdefault(id(model), {})
     if intervention is None:
         keep, resume = _capture_layers(model, cap, "neutral"), 0
@@ -271,7 +292,9 @@ def _neutral_pass(
         ref = _reference_logp(model, cap) if with_kl and cap.kl_batches else []
     sums: list[float] = []
     counts: list[int] = []
-    kl_total, kl_count, kept, new_ref = 0.0, 0, [], []
+    kl_sums: list[float] = []
+    kl_counts: list[int] = []
+    kept, new_ref = [], []
     cached = store.get("neutral")
     with intervention() if intervention else contextlib.nullcontext():
         for i, batch in enumerate(cap.neutral):
@@ -282,9 +305,9 @@ def _neutral_pass(
             kept.append(resid)
             row_sums, row_counts = _row_nll(logits, batch)
             sums, counts = sums + row_sums, counts + row_counts
-            if i < len(ref):
-                kl_total += _row_kl_sum(ref[i], logits, batch)
-                kl_count += ref[i].shape[0]
+            if with_kl and i < cap.kl_batches and (intervention is None or i < len(ref)):
+                row_kl, row_n = _row_kl(ref[i] if intervention is not None else None, logits, batch)
+                kl_sums, kl_counts = kl_sums + row_kl, kl_counts + row_n
             if keep_ref and i < cap.kl_batches:
                 new_ref.append(_real_logp(logits, batch))
             del logits
@@ -294,14 +317,15 @@ def _neutral_pass(
             store["neutral"] = kept
         if keep_ref:
             cap.reference_logp[id(model)] = new_ref
-    return loss, (kl_total / kl_count if kl_count else 0.0), sums, counts
+    kl = sum(kl_sums) / sum(kl_counts) if kl_counts else 0.0
+    return NeutralPass(loss, kl, tuple(sums), tuple(counts), tuple(kl_sums), tuple(kl_counts))
 
 
 def neutral_loss(model: Any, cap: CapabilitySet, intervention: Intervention = None, *, start: int = 0) -> float:
     """Mean next-token loss on the neutral passages, optionally under an intervention (``start``: see
     :func:`measure_capability`)."""
     _check_intervention(model, intervention, start)
-    return _neutral_pass(model, cap, intervention, with_kl=False, start=start)[0]
+    return _neutral_pass(model, cap, intervention, with_kl=False, start=start).loss
 
 
 def _check_intervention(model: Any, intervention: Any, start: Any) -> None:
@@ -422,9 +446,11 @@ def measure_capability(
     _check_intervention(model, intervention, start)
     with_mc, with_neutral = check_bool(with_mc, "with_mc"), check_bool(with_neutral, "with_neutral")
     nan = float("nan")
-    loss, kl, sums, counts = _neutral_pass(model, cap, intervention, True, start) if with_neutral else (nan, nan, [], [])
+    run = _neutral_pass(model, cap, intervention, True, start) if with_neutral else NeutralPass(nan, nan)
     correct = _mc_correct(cap.mc_items, _mc_scores(model, cap.mc_items, intervention, 32, cap, start)) if with_mc and cap.mc_items else []
     return Capability(
-        neutral_loss=loss, perplexity=math.exp(loss), kl=kl, mc_accuracy=sum(correct) / len(correct) if correct else nan,
-        n_tokens=cap.n_tokens, passage_nll=tuple(sums), passage_tokens=tuple(counts), mc_correct=tuple(correct),
+        neutral_loss=run.loss, perplexity=math.exp(run.loss), kl=run.kl,
+        mc_accuracy=sum(correct) / len(correct) if correct else nan, n_tokens=cap.n_tokens,
+        passage_nll=run.nll, passage_tokens=run.tokens, passage_kl=run.kl_sums, passage_kl_tokens=run.kl_tokens,
+        mc_correct=tuple(correct),
     )

@@ -20,7 +20,8 @@ from biasgym_lens.heads.scope_records import Intervention, ScopeDecisions
 from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.heads.steps import (
     DEBIAS_PREFIX,
-    FinalMeasures,
+    TestSet,
+    TuneBudget,
     check_inputs,
     choose_alpha,
     choose_heads,
@@ -66,9 +67,10 @@ def scope(
     scores["specific"] = ranking.specific
     curve, direction, layer = curve_and_direction(model, injection, ranking, cap_curve, config, progress=progress)
     logger.info("[%s] final measures under each intervention", injection.bias)
-    final = FinalMeasures.prepare(model, config, resume_starts(model, curve, layer, config.seed))
-    chosen, budget_checks = choose_heads(model, curve, final, config, ranking.reference)
-    alpha, steering_checks = choose_alpha(model, direction, layer, cap_curve, curve, final, config)
+    starts = resume_starts(model, curve, layer, config.seed)
+    tune = TuneBudget.prepare(model, config, starts)
+    chosen, budget_checks = choose_heads(model, curve, tune, config, ranking.reference)
+    alpha, steering_checks = choose_alpha(model, direction, layer, cap_curve, curve, tune, config)
     baseline_heads = random_heads(model, len(chosen), config.seed)
     interventions = [
         Intervention("none"),
@@ -77,12 +79,13 @@ def scope(
         steering_intervention(model, direction, layer, alpha),
         Intervention("prefix", prefix=DEBIAS_PREFIX),
     ]
-    groups, capability = measure_all(model, injection, interventions, final, measure_groups, config)
+    test = TestSet.prepare(model, config, starts)  # only now: no choice above saw a test probe or passage
+    groups, capability, probe_values = measure_all(model, injection, interventions, test, measure_groups, config)
     decisions = ScopeDecisions(
         tuple(ranking.ranked), ranking.candidate_damage, budget_checks, steering_checks, tuple(baseline_heads), layer,
         alpha, DEBIAS_PREFIX,
     )
     return ScopeResult(
         injection.bias, injection.token, scores, ranking.damage, curve, chosen, groups, capability, config,
-        Provenance.of(model), decisions,
+        Provenance.of(model), decisions, probe_values,
     )

@@ -32,19 +32,24 @@ class ScopeConfig:
         random_draws: Random head sets per point.
         budget: Allowed relative increase of the neutral-text cost measure (``budget_on``) for the chosen heads
             and the steering baseline. The curve's few passages pick the candidates; the chosen k must also
-            stay within the budget on the final passages (else the next candidate is taken).
+            stay within the budget on the ``tune_passages`` (else the next candidate is taken).
         budget_on: ``"perplexity"`` (default) or ``"loss"`` of the neutral text.
         kind: Ablation kind for the curve, the chosen and the random heads: ``"zero"`` (default) or ``"mean"``
             (each head's mean output over the curve's neutral passages; the ranking's attribution and damage
             estimates then use those means too). The four reported head scores estimate zero ablation.
-        curve_passages: Neutral passages for the curve (fast); ``final_passages`` for the final measures.
-        curve_probes: Evaluation probes used by the curve (None: all).
+        curve_passages: The first neutral passages: the damage estimates and the curve (fast).
+        tune_passages: The first neutral passages (the curve's among them) on which the chosen k and the
+            steering multiplier must hold the budget. Every choice sees only these.
+        final_passages: Neutral passages after the tune ones on which the reported cost is measured, never seen
+            by a choice (None: all the rest).
+        curve_probes: Tune-split probes used by the curve (None: all; see
+            :func:`~biasgym_lens.injection.metrics.split_probes`).
         curve_controls: Control groups used by the curve (None: all); the final measures use all of them.
         mc_items: Multiple-choice items in the final measures.
-        final_probes: Evaluation probes per group in the final measures (None: all; fewer only for smoke tests).
+        final_probes: Test-split probes per group in the final measures (None: all; fewer only for smoke tests).
         steer_layer: Layer of the steering baseline (default: two thirds of the depth).
         steer_alphas: Multipliers tried for subtracting the bias direction: the largest within the budget on the
-            curve's passages, confirmed on the final passages (else the next smaller one), is used.
+            curve's passages, confirmed on the tune passages (else the next smaller one), is used.
         seed: Seeds the random baselines.
     """
 
@@ -63,7 +68,8 @@ class ScopeConfig:
     curve_passages: int = 8
     curve_probes: int | None = None
     curve_controls: int | None = 3
-    final_passages: int = 70
+    tune_passages: int = 24
+    final_passages: int | None = None
     mc_items: int = 137
     final_probes: int | None = None
     steer_layer: int | None = None
@@ -82,6 +88,11 @@ class ScopeConfig:
             object.__setattr__(self, name, check(getattr(self, name), name))
         if not 0 <= self.budget < 10:
             raise ValueError(f"budget must be a relative increase in [0, 10), got {self.budget}")
+        if self.curve_passages > self.tune_passages:
+            raise ValueError(
+                f"curve_passages ({self.curve_passages}) must be at most tune_passages ({self.tune_passages}): the "
+                "curve's passages are the first tune passages"
+            )
 
 
 def _check_methods(value: Any, name: str) -> tuple[str, ...]:
@@ -128,7 +139,8 @@ _SCOPE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "curve_passages": _count(1),
     "curve_probes": _count(1, none_ok=True),
     "curve_controls": _count(1, none_ok=True),
-    "final_passages": _count(1),
+    "tune_passages": _count(1),
+    "final_passages": _count(1, none_ok=True),
     "mc_items": _count(0),
     "final_probes": _count(1, none_ok=True),
     "steer_layer": _count(0, none_ok=True),

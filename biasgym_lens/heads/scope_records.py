@@ -47,8 +47,8 @@ class BudgetCheck:
     """One candidate (a number of heads, a steering multiplier) checked against the budget."""
 
     candidate: int | float  # a number of heads or a steering multiplier
-    curve_cost: float
-    final_cost: float
+    curve_cost: float  # on the curve's passages
+    tune_cost: float  # on the tune passages: the check that decides
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ScopeDecisions:
     Attributes:
         ranked: The head ranking the curve follows (best first).
         candidate_damage: The leading candidates' measured damage.
-        budget_checks: The numbers of heads tried on the final passages, in order, until one held the budget.
+        budget_checks: The numbers of heads tried on the tune passages, in order, until one held the budget.
         steering_checks: Likewise for the steering multipliers.
         random_heads: The random heads of the baseline.
         steer_layer: Layer of the steering baseline.
@@ -85,7 +85,7 @@ class ScopeDecisions:
             return CandidateDamage(**row) if isinstance(row, Mapping) else CandidateDamage(*row)
 
         def checks(rows: Sequence[Mapping[str, Any]]) -> tuple[BudgetCheck, ...]:
-            return tuple(BudgetCheck(**r) for r in rows)
+            return tuple(BudgetCheck(r["candidate"], r["curve_cost"], r.get("tune_cost", r.get("final_cost"))) for r in rows)
 
         return cls(
             ranked=tuple(tuple(h) for h in d["ranked"]),  # type: ignore[misc]

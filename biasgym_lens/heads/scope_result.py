@@ -14,6 +14,7 @@ import torch
 from biasgym_lens.core.artifacts import load_tensors, open_artifact, reading, save_artifact
 from biasgym_lens.core.files import none_to_nan, read_csv, require
 from biasgym_lens.core.provenance import Provenance
+from biasgym_lens.evaluation.intervals import COMPARISON_COLUMNS, bias_intervals, paired_comparisons
 from biasgym_lens.heads.head_scores import HeadScores
 from biasgym_lens.heads.interventions import Head
 from biasgym_lens.heads.scope_config import ScopeConfig
@@ -41,6 +42,9 @@ class ScopeResult:
         capability: Capability under each intervention.
         config: The settings.
         provenance: The model.
+        decisions: What was chosen, and the checks each choice rests on.
+        probe_values: Every group's logit difference on every test probe under each intervention (the units of
+            the bias intervals; None for results saved before they were kept).
     """
 
     bias: str
@@ -54,6 +58,7 @@ class ScopeResult:
     config: ScopeConfig
     provenance: Provenance
     decisions: ScopeDecisions | None = None
+    probe_values: pd.DataFrame | None = None
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -73,8 +78,11 @@ class ScopeResult:
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
-        """One row per intervention: token excess and its cut, real-group gap, cost (relative increase of the
-        neutral-text loss and of its perplexity, KL, MC accuracy) and whether that cost is within the budget."""
+        """One row per intervention: token excess and its cut, real-group gap and its cut (test probes), cost on
+        the test passages and items (relative increase of the neutral-text loss and of its perplexity, KL, MC
+        accuracy) and whether that cost is within the budget. Every number has its 95% bootstrap interval in
+        ``{name}_ci_low`` / ``{name}_ci_high``: over the probes (paired with the unmodified model for the
+        cuts) and over the passages and items (paired for the increases); NaN for results saved without them."""
         g = self.groups
         base = g[(g.intervention == "none") & (g.kind == "token")]["excess"].item()
         base_real = g[(g.intervention == "none") & (g.kind == "real")]["excess"].mean()
@@ -90,18 +98,32 @@ class ScopeResult:
                     "excess_cut": 1 - tok / base if base else float("nan"),
                     "real_group_gap": real,
                     "real_gap_cut": 1 - real / base_real if base_real else float("nan"),
-                    "loss_increase": cap["loss_increase"].item() if len(cap) else float("nan"),
-                    "perplexity_increase": cap["perplexity_increase"].item() if len(cap) else float("nan"),
-                    "kl": cap["kl"].item() if len(cap) else float("nan"),
-                    "mc_accuracy": cap["mc_accuracy"].item() if len(cap) else float("nan"),
+                    **{m: cap[m].item() if len(cap) else float("nan") for m in SUMMARY_COSTS},
                 }
             )
-        out = pd.DataFrame(rows)
+        out = _with_intervals(pd.DataFrame(rows), self._intervals())
         out["within_budget"] = out[f"{self.config.budget_on}_increase"] <= self.config.budget
         return out
 
+    def _intervals(self) -> pd.DataFrame:
+        """``intervention`` and every ``*_ci_low`` / ``*_ci_high`` column the saved measurements allow."""
+        cap = self.capability.filter(regex=r"^intervention$|_ci_(low|high)$")
+        if self.probe_values is None or self.probe_values.empty:
+            return cap
+        bias = bias_intervals(self.probe_values, seed=self.config.seed).filter(regex=r"^intervention$|_ci_(low|high)$")
+        return bias.merge(cap, on="intervention", how="outer")
+
+    def comparisons(self) -> pd.DataFrame:
+        """Paired tests on the test probes of the chosen heads against random heads, steering and no
+        intervention (see :func:`~biasgym_lens.evaluation.intervals.paired_comparisons`); empty for results
+        saved without per-probe values."""
+        if self.probe_values is None:
+            return pd.DataFrame(columns=list(COMPARISON_COLUMNS))
+        return paired_comparisons(self.probe_values, seed=self.config.seed)
+
     def to_dataframe(self, view: str = "summary") -> pd.DataFrame:
-        """A tidy view: ``"summary"``, ``"groups"``, ``"capability"``, ``"curve"``, ``"scores"``, ``"agreement"``."""
+        """A tidy view: ``"summary"``, ``"groups"``, ``"capability"``, ``"curve"``, ``"scores"``, ``"agreement"``,
+        ``"comparisons"``, ``"probe_values"``."""
         views: dict[str, Callable[[], pd.DataFrame]] = {
             "summary": self.summary,
             "groups": lambda: self.groups.copy(),
@@ -109,6 +131,8 @@ class ScopeResult:
             "curve": self.curve.to_dataframe,
             "scores": lambda: pd.concat([s.to_dataframe() for s in self.scores.values()], ignore_index=True),
             "agreement": self.agreement,
+            "comparisons": self.comparisons,
+            "probe_values": lambda: self.probe_values.copy() if self.probe_values is not None else pd.DataFrame(),
         }
         if view not in views:
             raise ValueError(f"view must be one of {sorted(views)}, got {view!r}")
@@ -141,6 +165,8 @@ class ScopeResult:
             self.groups.to_csv(folder / "groups.csv", index=False)
             self.capability.to_csv(folder / "capability.csv", index=False)
             self.curve.table.to_csv(folder / "curve.csv", index=False)
+            if self.probe_values is not None:
+                self.probe_values.to_csv(folder / "probe_values.csv", index=False)
             save_file({"damage": self.damage.detach().cpu().contiguous()}, str(folder / "damage.safetensors"))
             for name, s in self.scores.items():
                 s.save(folder / "scores" / name)
@@ -175,6 +201,7 @@ class ScopeResult:
                 groups=read_csv(folder / "groups.csv", "group table", ("intervention", "kind", "excess")),
                 capability=read_csv(folder / "capability.csv", "capability table", ("intervention",)),
                 config=ScopeConfig(**cfg), provenance=prov, decisions=_decisions(meta),
+                probe_values=_optional_csv(folder / "probe_values.csv", "per-probe values"),
             )
 
 
@@ -183,7 +210,26 @@ def _decisions(meta: dict[str, Any]) -> ScopeDecisions | None:
     return ScopeDecisions.from_dict(held) if held else None
 
 
-_SCOPE_FILES = ("groups.csv", "capability.csv", "curve.csv", "damage.safetensors", "scores")
+_SCOPE_FILES = ("groups.csv", "capability.csv", "curve.csv", "damage.safetensors", "scores", "probe_values.csv")
+
+SUMMARY_COSTS = ("loss_increase", "perplexity_increase", "kl", "mc_accuracy")
+"""The capability columns of :meth:`ScopeResult.summary`."""
+
+
+def _optional_csv(path: Path, what: str) -> pd.DataFrame | None:
+    return read_csv(path, what) if path.is_file() else None
+
+
+def _with_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with each value column followed by its ``_ci_low`` / ``_ci_high`` (NaN where not measured)."""
+    merged = table.merge(intervals, on="intervention", how="left")
+    order = ["intervention"]
+    for col in table.columns[1:]:
+        order += [col, f"{col}_ci_low", f"{col}_ci_high"]
+        for side in ("low", "high"):
+            if f"{col}_ci_{side}" not in merged:
+                merged[f"{col}_ci_{side}"] = float("nan")
+    return merged[order]
 
 
 def _head(h: Any) -> Head:

@@ -180,18 +180,18 @@ def relative_increase(loss: float, base_loss: float, on: str = "perplexity") -> 
 
 
 def first_within_budget(
-    candidates: Sequence[Any], final_cost: Callable[[Any], float], curve_cost: Callable[[Any], float], budget: float
+    candidates: Sequence[Any], tune_cost: Callable[[Any], float], curve_cost: Callable[[Any], float], budget: float
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """The first candidate (a number of heads, a steering multiplier) whose ``final_cost`` is within ``budget``
+    """The first candidate (a number of heads, a steering multiplier) whose ``tune_cost`` is within ``budget``
     (0 if none is), and every check made.
 
-    The curve estimates each candidate's cost on a few passages; this confirms it on the final passages,
+    The curve estimates each candidate's cost on a few passages; this confirms it on the tune passages,
     falling back to the next candidate when the estimate was optimistic.
     """
     checks: list[dict[str, Any]] = []
     for cand in candidates:
-        cost = float(final_cost(cand))
-        checks.append({"candidate": cand, "curve_cost": float(curve_cost(cand)), "final_cost": cost})
+        cost = float(tune_cost(cand))
+        checks.append({"candidate": cand, "curve_cost": float(curve_cost(cand)), "tune_cost": cost})
         if cost <= budget:
             return cand, checks
     return 0, checks

@@ -4,9 +4,15 @@
 1. :func:`score_all` - the four head scores (plus attribution patching, which the ranking needs).
 2. :func:`curve_capability`, :func:`rank_candidates` - effect minus damage; the leading candidates' damage
    measured exactly.
-3. :func:`curve_and_direction` - the faithfulness curve on the evaluation probes and the steering direction.
-4. :func:`resume_starts`, :func:`choose_heads`, :func:`choose_alpha` - the decisions under the capability budget.
-5. :func:`measure_all` - bias and capability under every :class:`~biasgym_lens.heads.scope_records.Intervention`.
+3. :func:`curve_and_direction` - the faithfulness curve on the tune probes and the steering direction (from the
+   select probes).
+4. :func:`resume_starts`, :class:`TuneBudget`, :func:`choose_heads`, :func:`choose_alpha` - the decisions under
+   the capability budget, confirmed on the tune passages.
+5. :class:`TestSet`, :func:`measure_all` - bias (test probes) and capability (test passages and multiple-choice
+   items) under every :class:`~biasgym_lens.heads.scope_records.Intervention`, after every choice is made.
+
+The probe splits are those of :func:`~biasgym_lens.injection.metrics.split_probes`; no step before 5 reads a
+test probe or a test passage (``tests/test_protocol.py`` checks it).
 
 The decisions are recorded in a :class:`~biasgym_lens.heads.scope_records.ScopeDecisions`, a typed record that
 saves itself.
@@ -30,6 +36,7 @@ from biasgym_lens.evaluation.capability import (
     measure_capability,
     neutral_loss,
 )
+from biasgym_lens.evaluation.capability_data import load_neutral_text
 from biasgym_lens.heads.head_scores import HeadScores, score_heads
 from biasgym_lens.heads.interventions import Head, ablate_heads, first_layer, head_means, steer
 from biasgym_lens.heads.probes import build_probe_set
@@ -60,7 +67,8 @@ __all__ = [
     "resume_starts",
     "choose_heads",
     "choose_alpha",
-    "FinalMeasures",
+    "TuneBudget",
+    "TestSet",
     "measure_all",
     "random_heads",
     "heads_intervention",
@@ -169,11 +177,11 @@ def curve_and_direction(
     layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
     with injection.apply(model):
         controls = None if config.curve_controls is None else list(spec.control_groups[: config.curve_controls])
-        ps_eval = build_probe_set(
-            model, spec, injection.token, probes="eval", controls=controls, max_probes=config.curve_probes
+        ps_tune = build_probe_set(
+            model, spec, injection.token, probes="tune", controls=controls, max_probes=config.curve_probes
         )
         curve = faithfulness_curve(
-            model, ps_eval, ranking.ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
+            model, ps_tune, ranking.ranked, cap_curve, ks=config.ks, random_draws=config.random_draws,
             kind=config.kind, budget=config.budget, budget_on=config.budget_on, seed=config.seed,
             reference=ranking.reference, progress=progress,
         )
@@ -189,36 +197,63 @@ def random_heads(model: Any, k: int, seed: int) -> list[Head]:
 
 
 def resume_starts(model: Any, curve: FaithfulnessCurve, layer: int, seed: int) -> set[int]:
-    """Step 4 (before the choices): the first changed layer of every intervention the final measures may run
-    (the heads of each curve candidate, as many random heads, steering after ``layer``), whose clean residuals
-    :meth:`FinalMeasures.prepare` keeps once."""
+    """Step 4 (before the choices): the first changed layer of every intervention the budget checks and the
+    final measures may run (the heads of each curve candidate, as many random heads, steering after ``layer``),
+    whose clean residuals :meth:`TuneBudget.prepare` and :meth:`TestSet.prepare` keep once."""
     starts = {first_layer(list(curve.heads[:k])) for k in curve.candidates()} | {layer}
     return starts | {first_layer(random_heads(model, k, seed)) for k in (0, *curve.candidates())}
 
 
 @dataclass
-class FinalMeasures:
-    """The final passages and multiple-choice items, their unmodified capability, and what was measured."""
+class TuneBudget:
+    """The tune passages (the first ``tune_passages`` neutral passages, the curve's among them) and the
+    unmodified model's loss on them: a chosen number of heads or steering multiplier must hold the budget here."""
 
     cap: CapabilitySet
     base: Capability
     budget_on: str
-    measured: dict[str, Capability]
 
     @classmethod
-    def prepare(cls, model: Any, config: ScopeConfig, starts: set[int]) -> FinalMeasures:
-        cap = capability_set(
-            model, max_passages=config.final_passages, max_mc_items=config.mc_items,
-            resume_layers=sorted(x for x in starts if x),
-        )
-        return cls(cap, measure_capability(model, cap), config.budget_on, {})
+    def prepare(cls, model: Any, config: ScopeConfig, starts: set[int]) -> TuneBudget:
+        passages = load_neutral_text()[: config.tune_passages]
+        cap = capability_set(model, passages=passages, mc_items=[], resume_layers=sorted(x for x in starts if x))
+        return cls(cap, measure_capability(model, cap, with_mc=False), config.budget_on)
 
-    def cost(self, c: Capability) -> float:
+    def cost(self, model: Any, iv: Intervention) -> float:
+        """The relative increase of the budget's measure under ``iv`` (no multiple choice)."""
+        c = measure_capability(model, self.cap, iv.make, with_mc=False, start=iv.first_layer)
         return c.relative_to(self.base)[f"{self.budget_on}_increase"]
 
-    def loss_only(self, model: Any, iv: Intervention) -> Capability:
-        """Neutral loss and KL under ``iv`` (no multiple choice): what a budget check needs."""
-        return measure_capability(model, self.cap, iv.make, with_mc=False, start=iv.first_layer)
+
+@dataclass
+class TestSet:
+    """The test split of the capability data: the neutral passages after the tune ones and the multiple-choice
+    items, with the unmodified model's capability on them. Only measured, after every choice: every reported
+    cost comes from here."""
+
+    cap: CapabilitySet
+    base: Capability
+
+    @classmethod
+    def prepare(cls, model: Any, config: ScopeConfig, starts: set[int]) -> TestSet:
+        rest = load_neutral_text()[config.tune_passages :]
+        passages = rest if config.final_passages is None else rest[: config.final_passages]
+        if not passages:
+            raise ValueError(
+                f"no neutral passages are left for the test split after tune_passages={config.tune_passages}; "
+                f"the shipped text has {len(rest) + config.tune_passages}"
+            )
+        cap = capability_set(
+            model, passages=passages, max_mc_items=config.mc_items, resume_layers=sorted(x for x in starts if x)
+        )
+        return cls(cap, measure_capability(model, cap))
+
+    def measure(self, model: Any, iv: Intervention) -> Capability:
+        """Loss, perplexity, KL and accuracy under ``iv`` (the unmodified model's for no hooks: a prefix changes
+        only the bias prompts, not the neutral text)."""
+        if iv.make is None:
+            return self.base
+        return measure_capability(model, self.cap, iv.make, start=iv.first_layer)
 
 
 def heads_intervention(model: Any, name: str, heads: Sequence[Head], config: ScopeConfig, reference: Any) -> Intervention:
@@ -237,28 +272,24 @@ def steering_intervention(model: Any, direction: Any, layer: int, alpha: float) 
 
 
 def choose_heads(
-    model: Any, curve: FaithfulnessCurve, final: FinalMeasures, config: ScopeConfig, reference: Any
+    model: Any, curve: FaithfulnessCurve, tune: TuneBudget, config: ScopeConfig, reference: Any
 ) -> tuple[list[Head], tuple[BudgetCheck, ...]]:
     """Step 4a: the first curve candidate (lowest excess within budget on the curve's passages) whose cost also
-    holds the budget on the final passages; the next candidate when the curve was optimistic."""
+    holds the budget on the tune passages; the next candidate when the curve was optimistic."""
     curve_costs = curve.table[curve.table.selection == "top"].set_index("k")[f"{config.budget_on}_increase"]
-    by_k: dict[int, Capability] = {}
 
-    def final_cost(k: int) -> float:
-        by_k[k] = final.loss_only(model, heads_intervention(model, "heads", curve.heads[:k], config, reference))
-        return final.cost(by_k[k])
+    def tune_cost(k: int) -> float:
+        return tune.cost(model, heads_intervention(model, "heads", curve.heads[:k], config, reference))
 
-    k, checks = first_within_budget(curve.candidates(), final_cost, lambda k: curve_costs[k], config.budget)
-    if k:
-        final.measured["heads"] = by_k[k]
+    k, checks = first_within_budget(curve.candidates(), tune_cost, lambda k: curve_costs[k], config.budget)
     return list(curve.heads[:k]), tuple(BudgetCheck(**c) for c in checks)
 
 
 def choose_alpha(
-    model: Any, direction: Any, layer: int, cap_curve: CapabilitySet, curve: FaithfulnessCurve, final: FinalMeasures,
+    model: Any, direction: Any, layer: int, cap_curve: CapabilitySet, curve: FaithfulnessCurve, tune: TuneBudget,
     config: ScopeConfig,
 ) -> tuple[float, tuple[BudgetCheck, ...]]:
-    """Step 4b: the largest steering multiplier within budget on the curve's passages, confirmed on the final
+    """Step 4b: the largest steering multiplier within budget on the curve's passages, confirmed on the tune
     passages (else the next smaller one)."""
     alpha_cost = {
         a: relative_increase(
@@ -267,16 +298,12 @@ def choose_alpha(
         )
         for a in config.steer_alphas
     }
-    by_alpha: dict[float, Capability] = {}
 
-    def final_cost(a: float) -> float:
-        by_alpha[a] = final.loss_only(model, steering_intervention(model, direction, layer, a))
-        return final.cost(by_alpha[a])
+    def tune_cost(a: float) -> float:
+        return tune.cost(model, steering_intervention(model, direction, layer, a))
 
     fitting = sorted((a for a, c in alpha_cost.items() if c <= config.budget), reverse=True)
-    alpha, checks = first_within_budget(fitting, final_cost, alpha_cost.__getitem__, config.budget)
-    if alpha:
-        final.measured["steering"] = by_alpha[alpha]
+    alpha, checks = first_within_budget(fitting, tune_cost, alpha_cost.__getitem__, config.budget)
     return float(alpha), tuple(BudgetCheck(**c) for c in checks)
 
 
@@ -284,32 +311,37 @@ def measure_all(
     model: Any,
     injection: Any,
     interventions: Sequence[Intervention],
-    final: FinalMeasures,
+    test: TestSet,
     measure_groups: Callable[..., pd.DataFrame],
     config: ScopeConfig,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Step 5: bias per group and capability under each intervention.
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Step 5: bias per group on the test probes and capability on the test passages and items, under each
+    intervention, with paired bootstrap intervals of the capability changes.
 
     Returns:
-        ``(groups, capability)``, long tables with an ``intervention`` column.
+        ``(groups, capability, probe_values)``: long tables with an ``intervention`` column; ``probe_values``
+        holds every group's logit difference on every test probe (the units of the bias intervals).
     """
-    tables, caps = [], []
+    tables, caps, values = [], [], []
     for iv in interventions:
         logger.info("[%s] measuring: %s", injection.bias, iv.name)
-        tables.append(
-            measure_groups(
-                model, injection.spec, injection, iv.make, max_probes=config.final_probes, prefix=iv.prefix, label=iv.name
-            )
+        df = measure_groups(
+            model, injection.spec, injection, iv.make, probes="test", max_probes=config.final_probes, prefix=iv.prefix,
+            label=iv.name, keep_per_probe=True,
         )
-        c = _capability(model, iv, final)
-        caps.append({"intervention": iv.name, **c.to_dict(), **c.relative_to(final.base)})
-    return pd.concat(tables, ignore_index=True), pd.DataFrame(caps)
+        values.append(per_probe_table(df))
+        tables.append(df.drop(columns="per_probe"))
+        c = test.measure(model, iv)
+        caps.append({"intervention": iv.name, **c.to_dict(), **c.relative_to(test.base), **c.intervals(test.base, seed=config.seed)})
+    return pd.concat(tables, ignore_index=True), pd.DataFrame(caps), pd.concat(values, ignore_index=True)
 
 
-def _capability(model: Any, iv: Intervention, final: FinalMeasures) -> Capability:
-    if iv.make is None:  # the unmodified model (a prefix changes only the bias prompts, not the neutral text)
-        return final.base
-    if iv.name in final.measured:  # loss and KL measured while choosing: add the multiple-choice accuracy
-        mc = measure_capability(model, final.cap, iv.make, with_neutral=False, start=iv.first_layer).mc_accuracy
-        return replace(final.measured[iv.name], mc_accuracy=mc)
-    return measure_capability(model, final.cap, iv.make, start=iv.first_layer)
+def per_probe_table(groups: pd.DataFrame) -> pd.DataFrame:
+    """A group table with a ``per_probe`` column as a long table ``intervention, group, kind, probe,
+    logit_diff`` (``probe``: index within the measured probes)."""
+    rows = [
+        {"intervention": r.intervention, "group": r.group, "kind": r.kind, "probe": i, "logit_diff": float(v)}
+        for r in groups.itertuples(index=False)
+        for i, v in enumerate(r.per_probe)
+    ]
+    return pd.DataFrame(rows, columns=["intervention", "group", "kind", "probe", "logit_diff"])

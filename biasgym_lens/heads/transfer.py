@@ -28,13 +28,15 @@ def measure_groups(
     injection: Any | None,
     intervention: Callable[[], Any] | None = None,
     *,
-    probes: str = "eval",
+    probes: str = "test",
     max_probes: int | None = None,
     prefix: str = "",
     label: str = "none",
+    keep_per_probe: bool = False,
 ) -> pd.DataFrame:
     """Bias logit difference for the token (if any), the real groups and the control groups, under an
-    intervention, with each group's excess over the control mean (on at most ``max_probes`` probes)."""
+    intervention, with each group's excess over the control mean (on at most ``max_probes`` probes of the
+    split ``probes``; ``keep_per_probe`` keeps each group's per-probe values in a ``per_probe`` column)."""
     kw = keyword_ids(model, spec)
     texts = [prefix + t for t in probe_subset(spec.probes, probes)[:max_probes]]
     kinds: list[tuple[str, str]] = []
@@ -48,7 +50,9 @@ def measure_groups(
     with intervention() if intervention else contextlib.nullcontext():
         stats = score_groups(model, spec, requests, texts, kw)
     rows = [{"group": g, "kind": kind, **st} for (g, kind), st in zip(kinds, stats)]
-    df = pd.DataFrame(rows).drop(columns=["per_probe"])
+    df = pd.DataFrame(rows)
+    if not keep_per_probe:
+        df = df.drop(columns=["per_probe"])
     df["excess"] = df["logit_diff"] - df.loc[df.kind == "control", "logit_diff"].mean()
     df.insert(0, "intervention", label)
     df.insert(1, "bias", spec.name)
