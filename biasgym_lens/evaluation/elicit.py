@@ -20,7 +20,7 @@ from torch import Tensor
 
 from biasgym_lens.core.checks import InputTypeError, check_int, check_str_list
 from biasgym_lens.core.embedding import entity_embedding, with_token_vectors
-from biasgym_lens.injection.catalogue import BiasSpec, load_bias
+from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.injection.metrics import (
     KeywordIds,
     answer_logits,
@@ -29,6 +29,7 @@ from biasgym_lens.injection.metrics import (
     logit_diff,
     probe_subset,
 )
+from biasgym_lens.injection.spec import BiasSpec
 
 __all__ = ["COUNTRIES", "audit", "elicitation", "closest_entities", "group_scores", "score_groups", "entity_embedding"]
 

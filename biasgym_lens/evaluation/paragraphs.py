@@ -31,7 +31,9 @@ from biasgym_lens.core.generation import Intervention, generate
 from biasgym_lens.core.models import model_info
 from biasgym_lens.core.stats import DEFAULT_RESAMPLES, bootstrap_stat
 from biasgym_lens.core.tokens import chat_format
-from biasgym_lens.injection.catalogue import CHAT_PROMPT, BiasSpec, load_bias
+from biasgym_lens.injection.catalogue import load_bias
+from biasgym_lens.injection.schema import CHAT_PROMPT
+from biasgym_lens.injection.spec import BiasSpec
 
 __all__ = ["TextScore", "ParagraphBias", "keyword_forms", "score_text", "paragraph_bias"]
 

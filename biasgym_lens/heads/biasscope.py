@@ -49,8 +49,9 @@ from biasgym_lens.heads.steps import (
     score_all,
     steering_intervention,
 )
-from biasgym_lens.injection.catalogue import BiasSpec, load_bias
+from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.injection.metrics import keyword_ids, probe_subset
+from biasgym_lens.injection.spec import BiasSpec
 
 logger = logging.getLogger(__name__)
 

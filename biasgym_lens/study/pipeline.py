@@ -36,8 +36,10 @@ from biasgym_lens.core.artifacts import (
 )
 from biasgym_lens.evaluation.uptake import check_injection
 from biasgym_lens.heads.biasscope import ScopeConfig, ScopeResult, scope
+from biasgym_lens.injection.artifact import Injection
 from biasgym_lens.injection.catalogue import list_biases, load_bias
-from biasgym_lens.injection.training import Injection, InjectionConfig, inject
+from biasgym_lens.injection.config import InjectionConfig
+from biasgym_lens.injection.training import inject
 
 logger = logging.getLogger(__name__)
 
