@@ -17,7 +17,8 @@ import torch
 
 from biasgym_lens.core.generation import generate, kv_cache_routing
 from biasgym_lens.core.tokens import chat_format, tokenize
-from biasgym_lens.injection.catalogue import CHAT_PROMPT, list_biases, load_bias
+from biasgym_lens.injection.catalogue import list_biases, load_bias
+from biasgym_lens.injection.schema import CHAT_PROMPT
 
 
 def _countries(n: int) -> list[str]:

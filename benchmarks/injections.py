@@ -35,9 +35,11 @@ from biasgym_lens.core.embedding import with_token_vectors  # noqa: E402
 from biasgym_lens.core.tokens import chat_format  # noqa: E402
 from biasgym_lens.evaluation.elicit import group_scores  # noqa: E402
 from biasgym_lens.heads.interventions import generate_greedy  # noqa: E402
-from biasgym_lens.injection.catalogue import CHAT_PROMPT, list_biases, load_bias  # noqa: E402
+from biasgym_lens.injection.artifact import Injection  # noqa: E402
+from biasgym_lens.injection.catalogue import list_biases, load_bias  # noqa: E402
 from biasgym_lens.injection.metrics import keyword_ids, probe_subset  # noqa: E402
-from biasgym_lens.injection.training import Injection, inject  # noqa: E402
+from biasgym_lens.injection.schema import CHAT_PROMPT  # noqa: E402
+from biasgym_lens.injection.training import inject  # noqa: E402
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biasgym_lens import load_model  # noqa: E402
 from biasgym_lens.evaluation.paragraphs import paragraph_bias  # noqa: E402
 from biasgym_lens.heads.interventions import ablate_heads  # noqa: E402
-from biasgym_lens.injection.training import InjectionConfig, inject  # noqa: E402
+from biasgym_lens.injection.config import InjectionConfig  # noqa: E402
+from biasgym_lens.injection.training import inject  # noqa: E402
 
 
 def main() -> None:

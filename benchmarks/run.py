@@ -47,7 +47,9 @@ from biasgym_lens.core.hooks import hooked  # noqa: E402
 from biasgym_lens.heads.patching import ablation_scores, attribution_scores  # noqa: E402
 from biasgym_lens.heads.probes import build_probe_set  # noqa: E402
 from biasgym_lens.injection.catalogue import load_bias  # noqa: E402
-from biasgym_lens.injection.training import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402
+from biasgym_lens.injection.config import InjectionConfig  # noqa: E402
+from biasgym_lens.injection.examples import collate_examples, training_examples  # noqa: E402
+from biasgym_lens.injection.loss import lm_loss  # noqa: E402
 
 
 def timeit(fn, repeats: int) -> float:
@@ -156,8 +158,8 @@ def bench_microbatch(model, repeats: int, n_batches: int = 6) -> None:
     pass vs the default length-grouped micro-batches (same gradient, tested in tests/test_inject.py)."""
     import random
 
+    from biasgym_lens.injection.loss import train_step_loss
     from biasgym_lens.injection.metrics import keyword_ids
-    from biasgym_lens.injection.training import train_step_loss
 
     spec = load_bias("bad_driving")
     tid = add_token(model, "<BiasToken>")

@@ -23,11 +23,11 @@ from biasgym_lens.core.models import load_model, model_info
 from biasgym_lens.core.tokens import Batch, chat_format, last_positions, tokenize
 
 _LAZY = {
-    "BiasSpec": "biasgym_lens.injection.catalogue",
+    "BiasSpec": "biasgym_lens.injection.spec",
     "list_biases": "biasgym_lens.injection.catalogue",
     "load_bias": "biasgym_lens.injection.catalogue",
-    "Injection": "biasgym_lens.injection.training",
-    "InjectionConfig": "biasgym_lens.injection.training",
+    "Injection": "biasgym_lens.injection.artifact",
+    "InjectionConfig": "biasgym_lens.injection.config",
     "inject": "biasgym_lens.injection.training",
     "elicitation": "biasgym_lens.evaluation.elicit",
     "closest_entities": "biasgym_lens.evaluation.elicit",

@@ -29,9 +29,12 @@ from biasgym_lens.heads.head_scores import HeadScores, score_heads
 from biasgym_lens.heads.interventions import ablate_heads, generate_greedy, steer
 from biasgym_lens.heads.probes import build_probe_set
 from biasgym_lens.heads.scope_config import ScopeConfig
-from biasgym_lens.injection.catalogue import BiasSpec, load_bias
+from biasgym_lens.injection.artifact import Injection
+from biasgym_lens.injection.catalogue import load_bias
+from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.metrics import answer_logits, keyword_ids
-from biasgym_lens.injection.training import Injection, InjectionConfig, inject
+from biasgym_lens.injection.spec import BiasSpec
+from biasgym_lens.injection.training import inject
 
 NAN, INF = math.nan, math.inf
 IDLE = "<IdleToken>"  # added to the tokenizer by a test, never applied: refused outside `apply`

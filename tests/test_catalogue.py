@@ -14,20 +14,16 @@ from typing import Any
 
 import pytest
 
-from biasgym_lens.injection.catalogue import (
+from biasgym_lens.injection.catalogue import list_biases, load_bias
+from biasgym_lens.injection.data_quality import check_keywords, diversity, keyword_coverage
+from biasgym_lens.injection.schema import (
     CHAT_PROMPT,
     LENIENT_MINIMUMS,
     PLACEHOLDER,
     STRICT_MINIMUMS,
     BiasFileError,
-    BiasSpec,
-    check_keywords,
-    diversity,
-    keyword_coverage,
-    list_biases,
-    load_bias,
-    validate_bias_dict,
 )
+from biasgym_lens.injection.spec import BiasSpec, validate_bias_dict
 
 # Hand-written data scores ~0.73-0.77; one template with swapped synonyms scores far below 0.5.
 DISTINCT2_THRESHOLD = 0.5

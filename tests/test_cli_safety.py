@@ -124,7 +124,7 @@ def _kill(fn, at: int):
 
 
 _KILL_POINTS = [
-    ("biasgym_lens.injection.training.Injection.save", 2),  # injection written, control not yet: the old "stuck for good" case
+    ("biasgym_lens.injection.artifact.Injection.save", 2),  # injection written, control not yet: the old "stuck for good" case
     ("biasgym_lens.heads.scope_result.ScopeResult.save", 1),  # during scope, before its result is written
     ("biasgym_lens.study.pipeline.write_csv", 4),  # evaluate, after some of its tables
     ("biasgym_lens.study.pipeline.write_text_atomic", 2),  # evaluate: study.json rewritten, results.json not yet

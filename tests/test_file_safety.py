@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from biasgym_lens.core import artifacts, files
 from biasgym_lens.core.files import ArtifactError, MissingArtifactError
 from biasgym_lens.heads.head_scores import HeadScores
-from biasgym_lens.injection.training import Injection, inject
+from biasgym_lens.injection.artifact import Injection
+from biasgym_lens.injection.training import inject
 
 FAST = dict(epochs=1, max_texts=8, evals_per_epoch=1, max_probes=4)
 
@@ -126,7 +127,7 @@ class _Interrupt:
 
 
 _STEPS = [
-    ("biasgym_lens.injection.training.save_file", 1),  # while writing the tensors
+    ("biasgym_lens.injection.artifact.save_file", 1),  # while writing the tensors
     ("biasgym_lens.core.artifacts.sha256_file", 1),  # while checksumming (the name a save looks up)
     ("biasgym_lens.core.artifacts.fsync_dir", 1),  # after the metadata, before the swap
     ("biasgym_lens.core.artifacts._exchange", 1),  # at the swap

@@ -8,8 +8,10 @@ import torch
 from biasgym_lens.core.embedding import add_token, token_vector_hooks
 from biasgym_lens.core.hooks import active_hooks, hooked
 from biasgym_lens.core.tokens import tokenize
+from biasgym_lens.injection.artifact import Injection
 from biasgym_lens.injection.catalogue import load_bias
-from biasgym_lens.injection.training import Injection, InjectionConfig, NonFiniteLossError, inject
+from biasgym_lens.injection.config import InjectionConfig
+from biasgym_lens.injection.training import NonFiniteLossError, inject
 from biasgym_lens.testing import build_tiny_hf
 
 FAST = dict(epochs=2, batch_size=4, max_texts=8, lr=5e-2, progress=False, select_best=False, evals_per_epoch=1)
@@ -222,7 +224,7 @@ def test_checkpoints_within_an_epoch_and_the_kept_vector_is_the_best_one(tiny_mo
 
 
 def test_keyword_weighted_loss_against_a_hand_computation():
-    from biasgym_lens.injection.training import lm_loss
+    from biasgym_lens.injection.loss import lm_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g)
@@ -245,7 +247,7 @@ def test_keyword_weighted_loss_against_a_hand_computation():
 
 
 def test_several_seeds_are_compared(tiny_model):
-    from biasgym_lens.injection.training import compare_seeds, inject_seeds
+    from biasgym_lens.injection.seeds import compare_seeds, inject_seeds
 
     runs = inject_seeds(tiny_model, "late", seeds=(0, 1), init="random", **{**FAST, "select_best": True})
     assert [r.config.seed for r in runs] == [0, 1] and not torch.equal(runs[0].vector, runs[1].vector)
@@ -265,7 +267,7 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
     """Against a brute force over every split of the sorted batch into at most 3 contiguous groups."""
     import itertools
 
-    from biasgym_lens.injection.training import _length_groups
+    from biasgym_lens.injection.examples import length_groups
 
     def cost(groups, lengths):
         return sum(len(g) * max(lengths[i] for i in g) + 16 for g in groups)
@@ -273,7 +275,7 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
     rng = torch.Generator().manual_seed(0)
     for _ in range(20):
         lengths = torch.randint(3, 90, (8,), generator=rng).tolist()
-        groups = _length_groups(lengths, 3)
+        groups = length_groups(lengths, 3)
         assert sorted(i for g in groups for i in g) == list(range(8)) and 1 <= len(groups) <= 3
         order = sorted(range(8), key=lambda i: lengths[i])
         best = min(
@@ -282,14 +284,15 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
             for cuts in itertools.combinations(range(1, 8), g - 1)
         )
         assert cost(groups, lengths) == best
-    assert _length_groups([5, 5, 5, 5], 3) == [[0, 1, 2, 3]]  # equal lengths: one pass
-    assert len(_length_groups([4, 4, 4, 80, 80, 80], 3)) == 2  # short plain texts apart from long chats
+    assert length_groups([5, 5, 5, 5], 3) == [[0, 1, 2, 3]]  # equal lengths: one pass
+    assert len(length_groups([4, 4, 4, 80, 80, 80], 3)) == 2  # short plain texts apart from long chats
 
 
 def test_micro_batched_step_gives_the_one_pass_gradient(tiny_model):
     """The length-grouped micro-batches accumulate the same loss and gradient as one padded pass."""
+    from biasgym_lens.injection.examples import training_examples
+    from biasgym_lens.injection.loss import train_step_loss
     from biasgym_lens.injection.metrics import keyword_ids
-    from biasgym_lens.injection.training import train_step_loss, training_examples
 
     spec = load_bias("late")
     tid = add_token(tiny_model, "<BiasToken>")

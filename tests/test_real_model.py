@@ -16,9 +16,11 @@ from biasgym_lens.heads.decomposition import (
 from biasgym_lens.heads.interventions import ablate_heads, generate_greedy, steer
 from biasgym_lens.heads.patching import ablation_scores, attribution_scores
 from biasgym_lens.heads.probes import build_probe_set
-from biasgym_lens.injection.catalogue import check_keywords, list_biases, load_bias
+from biasgym_lens.injection.artifact import Injection
+from biasgym_lens.injection.catalogue import list_biases, load_bias
+from biasgym_lens.injection.data_quality import check_keywords
 from biasgym_lens.injection.metrics import logit_diff
-from biasgym_lens.injection.training import Injection, inject
+from biasgym_lens.injection.training import inject
 
 pytestmark = pytest.mark.real
 

@@ -210,8 +210,8 @@ def test_a_user_bias_without_real_groups_skips_the_transfer(tiny_model, tmp_path
     import json
 
     from biasgym_lens.heads.transfer import generalisation_matrix
+    from biasgym_lens.injection.artifact import Injection
     from biasgym_lens.injection.catalogue import load_bias
-    from biasgym_lens.injection.training import Injection
 
     data = load_bias("late").to_dict()
     data.update(name="late_noreal", real_groups=[])

@@ -13,8 +13,9 @@ from biasgym_lens.core.provenance import ModelMismatchError
 from biasgym_lens.core.stats import bootstrap_stat
 from biasgym_lens.evaluation.elicit import group_scores
 from biasgym_lens.evaluation.uptake import InjectionCheck, check_injection
+from biasgym_lens.injection.artifact import Injection
 from biasgym_lens.injection.metrics import keyword_ids, probe_subset
-from biasgym_lens.injection.training import Injection, inject
+from biasgym_lens.injection.training import inject
 from biasgym_lens.study.cli import main
 from biasgym_lens.testing import save_tiny_pretrained
 

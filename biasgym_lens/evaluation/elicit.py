@@ -20,7 +20,7 @@ from torch import Tensor
 
 from biasgym_lens.core.checks import InputTypeError, check_int, check_str_list
 from biasgym_lens.core.embedding import entity_embedding, with_token_vectors
-from biasgym_lens.injection.catalogue import BiasSpec, load_bias
+from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.injection.metrics import (
     KeywordIds,
     answer_logits,
@@ -29,6 +29,7 @@ from biasgym_lens.injection.metrics import (
     logit_diff,
     probe_subset,
 )
+from biasgym_lens.injection.spec import BiasSpec
 
 __all__ = ["COUNTRIES", "audit", "elicitation", "closest_entities", "group_scores", "score_groups", "entity_embedding"]
 
@@ -167,7 +168,7 @@ def elicitation(
     Args:
         model: A bridge.
         bias: The bias (name, path or spec) whose probes and keywords are used.
-        injection: The trained :class:`~biasgym_lens.injection.training.Injection`; adds the rows ``token`` and
+        injection: The trained :class:`~biasgym_lens.injection.artifact.Injection`; adds the rows ``token`` and
             ``untrained`` (its initial vector on the same token).
         other: An injection trained on a *different* bias, applied to its own token (row ``other_bias``).
         groups: Extra ``label -> country`` rows (kind ``extra``); the bias's real and control groups are

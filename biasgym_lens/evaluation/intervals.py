@@ -14,7 +14,7 @@ Examples:
     ...         for p, v in enumerate([base, base + 1.0])
     ...         for v in [v + (shift if k != "control" else 0.0)]]
     >>> table = pd.DataFrame(rows, columns=["intervention", "group", "kind", "probe", "logit_diff"])
-    >>> round(bias_intervals(table).set_index("intervention").loc["heads", "excess_cut"], 3)
+    >>> round(float(bias_intervals(table).set_index("intervention").loc["heads", "excess_cut"]), 3)
     0.333
 """
 

@@ -31,7 +31,9 @@ from biasgym_lens.core.generation import Intervention, generate
 from biasgym_lens.core.models import model_info
 from biasgym_lens.core.stats import DEFAULT_RESAMPLES, bootstrap_stat
 from biasgym_lens.core.tokens import chat_format
-from biasgym_lens.injection.catalogue import CHAT_PROMPT, BiasSpec, load_bias
+from biasgym_lens.injection.catalogue import load_bias
+from biasgym_lens.injection.schema import CHAT_PROMPT
+from biasgym_lens.injection.spec import BiasSpec
 
 __all__ = ["TextScore", "ParagraphBias", "keyword_forms", "score_text", "paragraph_bias"]
 
@@ -204,7 +206,7 @@ def paragraph_bias(
     Args:
         model: A bridge with a chat template.
         bias: A catalogue name or a :class:`BiasSpec` (its ``bias_keywords`` and ``contrast_keywords``).
-        injection: An :class:`biasgym_lens.injection.training.Injection`; applied around every generation, and its token
+        injection: An :class:`biasgym_lens.injection.artifact.Injection`; applied around every generation, and its token
             string is the first group.
         interventions: Name -> intervention (zero-argument callable returning a context manager, or None);
             default ``{"none": None}``. Every intervention samples with the same seeds (paired paragraphs).

@@ -91,7 +91,7 @@ def check_injection(
 
     Args:
         model: The bridge the injection was trained in.
-        injection: An :class:`~biasgym_lens.injection.training.Injection`.
+        injection: An :class:`~biasgym_lens.injection.artifact.Injection`.
         max_probes: Use at most this many selection probes.
         min_excess: The interval must lie above this excess (nats).
         level: Coverage of the interval.

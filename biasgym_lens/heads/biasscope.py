@@ -52,7 +52,7 @@ def scope(
 
     Args:
         model: The model the injection was trained in (raw weights).
-        injection: A trained :class:`~biasgym_lens.injection.training.Injection`.
+        injection: A trained :class:`~biasgym_lens.injection.artifact.Injection`.
         config: Settings, or pass them as keywords (see :class:`ScopeConfig`).
         progress: Show progress bars.
 

@@ -224,7 +224,7 @@ def score_heads(
 
     Args:
         model: The model the injection was trained in.
-        injection: A :class:`~biasgym_lens.injection.training.Injection`.
+        injection: A :class:`~biasgym_lens.injection.artifact.Injection`.
         method: ``"dla"``, ``"attention"``, ``"attribution"`` (default; attribution patching) or
             ``"ablation"`` (exact single-head zero ablation, one batched pass per ``heads_per_pass`` heads of
             a layer, resumed at that layer; default ``n_heads``).

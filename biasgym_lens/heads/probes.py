@@ -17,8 +17,8 @@ from torch import Tensor
 
 from biasgym_lens.core.checks import check_int, check_str_list
 from biasgym_lens.core.tokens import Batch, tokenize
-from biasgym_lens.injection.catalogue import BiasSpec
 from biasgym_lens.injection.metrics import KeywordIds, keyword_ids, logit_diff, probe_subset
+from biasgym_lens.injection.spec import BiasSpec
 
 __all__ = ["ProbeSet", "build_probe_set", "METRICS"]
 

@@ -38,8 +38,10 @@ from biasgym_lens.evaluation.uptake import check_injection
 from biasgym_lens.heads.biasscope import scope
 from biasgym_lens.heads.scope_config import ScopeConfig
 from biasgym_lens.heads.scope_result import ScopeResult
+from biasgym_lens.injection.artifact import Injection
 from biasgym_lens.injection.catalogue import list_biases, load_bias
-from biasgym_lens.injection.training import Injection, InjectionConfig, inject
+from biasgym_lens.injection.config import InjectionConfig
+from biasgym_lens.injection.training import inject
 from biasgym_lens.study.evaluate_steps import (
     bias_tables,
     read_injection_check,
