@@ -45,7 +45,7 @@ _LAZY = {
     "scope": "biasgym_lens.heads.biasscope",
     "generalisation_matrix": "biasgym_lens.heads.transfer",
     "generalisation_table": "biasgym_lens.heads.transfer",
-    "Capability": "biasgym_lens.evaluation.capability",
+    "Capability": "biasgym_lens.evaluation.capability_records",
     "capability_set": "biasgym_lens.evaluation.capability",
     "measure_capability": "biasgym_lens.evaluation.capability",
     "BenchmarkResult": "biasgym_lens.evaluation.benchmarks",

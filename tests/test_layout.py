@@ -130,3 +130,34 @@ def test_the_layering_check_sees_an_upward_import(tmp_path):
     finally:
         ROOT = old
 
+
+
+MAX_MODULE_LINES = 400
+MAX_BODY_LINES = 50  # a function's body, its docstring aside
+MAX_SCOPE_LINES = 60  # scope(), the method's entry point, in full
+
+
+def _bodies(path: Path) -> list[tuple[str, int]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                body = body[1:]
+            out.append((node.name, node.end_lineno - body[0].lineno + 1))
+    return out
+
+
+def test_modules_and_functions_stay_small():
+    modules = _package_modules()
+    long_modules = {m: n for m, p in modules.items() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    long_bodies = [f"{m}.{f}: {n}" for m, p in modules.items() for f, n in _bodies(p) if n > MAX_BODY_LINES]
+    assert long_modules == {} and long_bodies == []
+    scope_fn = next(n for n in ast.walk(ast.parse(modules["heads.biasscope"].read_text())) if getattr(n, "name", "") == "scope")
+    assert scope_fn.end_lineno - scope_fn.lineno + 1 <= MAX_SCOPE_LINES
+
+
+def test_the_size_check_counts_a_body_without_its_docstring(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('def f():\n    """Doc\n    string."""\n    a = 1\n    return a\n\n\ndef g():\n    return 2\n')
+    assert _bodies(f) == [("f", 2), ("g", 1)]

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from biasgym_lens.core.tokens import Batch
 from biasgym_lens.core.unembed import clean_residuals, logits_at, suffix_answer_logits, suffix_supported
-from biasgym_lens.evaluation.capability import CapabilitySet, neutral_loss, with_resume_layers
+from biasgym_lens.evaluation.capability import neutral_loss, with_resume_layers
+from biasgym_lens.evaluation.capability_records import CapabilitySet
 from biasgym_lens.heads.head_scores import HeadScores
 from biasgym_lens.heads.interventions import Head, ablate_heads, first_layer
 from biasgym_lens.heads.patching import z_and_grads

@@ -30,13 +30,12 @@ import pandas as pd
 
 from biasgym_lens.core.checks import InputTypeError
 from biasgym_lens.evaluation.capability import (
-    Capability,
-    CapabilitySet,
     capability_set,
     measure_capability,
     neutral_loss,
 )
 from biasgym_lens.evaluation.capability_data import load_neutral_text
+from biasgym_lens.evaluation.capability_records import Capability, CapabilitySet
 from biasgym_lens.heads.head_scores import HeadScores, score_heads
 from biasgym_lens.heads.interventions import Head, ablate_heads, first_layer, head_means, steer
 from biasgym_lens.heads.probes import build_probe_set
