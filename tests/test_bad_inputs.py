@@ -243,6 +243,7 @@ CASES = [
     P(lambda k: ScopeConfig(steer_alphas=(NAN,)), VE, "nan", id="steer-alphas-nan"),
     P(lambda k: ScopeConfig(steer_alphas=(-1.0,)), VE, "-1.0", id="steer-alphas-negative"),
     P(lambda k: ScopeConfig(methods="dla"), TE, "'dla'", id="methods-string"),
+    P(lambda k: ScopeConfig(curve_passages=30, tune_passages=24), VE, "curve_passages (30) must be at most tune_passages (24)", id="curve-beyond-tune"),
     P(lambda k: ScopeConfig(methods=("dla", "xyz")), VE, "'xyz'", id="methods-unknown"),
     P(lambda k: ScopeConfig(budget=NAN), VE, "nan", id="budget-nan"),
     P(lambda k: ScopeConfig(curve_controls=0), VE, "got 0", id="curve-controls-zero"),

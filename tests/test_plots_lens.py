@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -20,7 +21,7 @@ from biasgym_lens.study import figure_files, plots
 
 FAST_INJECT = dict(epochs=1, batch_size=4, max_texts=4, lr=5e-2, progress=False, select_best=False)
 FAST_SCOPE = dict(
-    ablation_probes=3, ablation_controls=1, ks=(1, 2), random_draws=2, curve_passages=3, final_passages=3,
+    ablation_probes=3, ablation_controls=1, ks=(1, 2), random_draws=2, curve_passages=3, tune_passages=4, final_passages=3,
     mc_items=4, steer_alphas=(0.5,), methods=("dla", "attention", "attribution", "ablation"),
 )
 
@@ -215,3 +216,22 @@ def test_save_figures_can_share_one_plotly_bundle(tmp_path):
     (tmp_path / "plotly.min.js").write_text("stale")  # another plotly version's bundle is replaced
     plots.save_figures(figs, tmp_path, images=(), include_plotlyjs="directory")
     assert (tmp_path / "plotly.min.js").read_text() == get_plotlyjs()
+
+
+def test_intervention_bars_draw_the_summary_intervals():
+    from biasgym_lens.study.plots import intervention_bars
+
+    summary = pd.DataFrame(
+        {
+            "intervention": ["none", "heads", "random_heads"],
+            "excess_cut": [0.0, 0.6, -0.01], "excess_cut_ci_low": [0.0, 0.5, -0.1], "excess_cut_ci_high": [0.0, 0.7, 0.05],
+            "real_gap_cut": [0.0, 0.3, 0.0], "perplexity_increase": [0.0, 0.014, 0.002],
+        }
+    )
+    fig = intervention_bars(summary)
+    assert len(fig.data) == 3 and list(fig.data[0].x) == ["heads", "random_heads"]  # "none" is the reference
+    bar = fig.data[0]
+    assert list(bar.error_y.array) == pytest.approx([0.1, 0.06]) and list(bar.error_y.arrayminus) == pytest.approx([0.1, 0.09])
+    assert list(fig.data[1].error_y.array) == [0.0, 0.0]  # no interval columns: no bars drawn
+    with pytest.raises(ValueError, match="no intervention rows"):
+        intervention_bars(summary.iloc[:1])

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from biasgym_lens.core.checks import InputTypeError
 from biasgym_lens.core.hooks import HookSpec, hooked
+from biasgym_lens.core.protocols import Model
 
 __all__ = [
     "active_token_ids",
@@ -43,7 +44,7 @@ _ADDED_ATTR = "_biasgym_added_tokens"
 _IDS_ATTR = "biasgym_token_ids"  # set on the ``embed.hook_in`` hook: the token ids it embeds
 
 
-def embed_scale(model: Any) -> float:
+def embed_scale(model: Model) -> float:
     """Factor between a row of ``W_E`` and what ``hook_embed`` sees (Gemma: sqrt(d_model); others 1)."""
     comp = getattr(model.embed, "original_component", None)
     s = getattr(comp, "embed_scale", None)
@@ -60,7 +61,7 @@ def _added(tokenizer: Any) -> set[str]:
     return added
 
 
-def add_token(model: Any, token: str) -> int:
+def add_token(model: Model, token: str) -> int:
     """Add ``token`` to the model's tokenizer as a special token (idempotent) and return its id.
 
     Raises:
@@ -91,13 +92,13 @@ def add_token(model: Any, token: str) -> int:
     return new_id
 
 
-def added_tokens(model: Any) -> dict[int, str]:
+def added_tokens(model: Model) -> dict[int, str]:
     """Id -> string of every token :func:`add_token` added to this model's tokenizer (it keeps them)."""
     tok = model.tokenizer
     return {int(tok.convert_tokens_to_ids(t)): t for t in sorted(_added(tok))}
 
 
-def active_token_ids(model: Any) -> set[int] | None:
+def active_token_ids(model: Model) -> set[int] | None:
     """Ids of added tokens whose vector hooks are registered on ``model`` now, or None if that cannot be told.
 
     A token is active inside ``with injection.apply(model):``, during :func:`biasgym_lens.injection.training.inject`'s
@@ -117,7 +118,7 @@ def active_token_ids(model: Any) -> set[int] | None:
     return ids
 
 
-def check_vector(model: Any, vector: Any, what: str = "vector") -> None:
+def check_vector(model: Model, vector: Any, what: str = "vector") -> None:
     """Check that ``vector`` is a finite floating-point ``[d_model]`` tensor for ``model``.
 
     Raises:
@@ -139,7 +140,7 @@ def check_vector(model: Any, vector: Any, what: str = "vector") -> None:
         )
 
 
-def token_id(model: Any, token: str) -> int:
+def token_id(model: Model, token: str) -> int:
     """Id of a token added with :func:`add_token`.
 
     Raises:
@@ -150,7 +151,7 @@ def token_id(model: Any, token: str) -> int:
     return model.tokenizer.convert_tokens_to_ids(token)
 
 
-def token_vector_hooks(model: Any, vectors: Mapping[int, Float[Tensor, " d_model"]]) -> list[HookSpec]:
+def token_vector_hooks(model: Model, vectors: Mapping[int, Float[Tensor, " d_model"]]) -> list[HookSpec]:
     """The two hooks that embed each id of ``vectors`` as its vector (in ``W_E`` row units).
 
     Args:
@@ -200,7 +201,7 @@ def token_vector_hooks(model: Any, vectors: Mapping[int, Float[Tensor, " d_model
 
 
 @contextlib.contextmanager
-def with_token_vectors(model: Any, vectors: Mapping[str, Float[Tensor, " d_model"]]) -> Iterator[dict[str, int]]:
+def with_token_vectors(model: Model, vectors: Mapping[str, Float[Tensor, " d_model"]]) -> Iterator[dict[str, int]]:
     """Within the block, each token string (added to the tokenizer if needed) is embedded as its vector.
 
     Yields:
@@ -217,7 +218,7 @@ def with_token_vectors(model: Any, vectors: Mapping[str, Float[Tensor, " d_model
         yield names
 
 
-def entity_embedding(model: Any, name: str) -> Tensor:
+def entity_embedding(model: Model, name: str) -> Tensor:
     """Mean input embedding of the tokens of ``" " + name`` (float32, CPU)."""
     ids = model.tokenizer.encode(" " + name.strip(), add_special_tokens=False)
     W = model.W_E.detach()
@@ -227,7 +228,7 @@ def entity_embedding(model: Any, name: str) -> Tensor:
     return W[ids].float().mean(0).cpu()
 
 
-def embedding_rms(model: Any) -> float:
+def embedding_rms(model: Model) -> float:
     """Root-mean-square norm of the rows of ``W_E`` (a scale for random initialisation)."""
     W = model.W_E.detach().float()
     return float(W.pow(2).sum(-1).mean().sqrt())

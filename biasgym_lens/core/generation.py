@@ -40,6 +40,7 @@ from torch import Tensor
 
 from biasgym_lens.core.hooks import positions_from
 from biasgym_lens.core.models import model_info
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import check_context, tokenize
 from biasgym_lens.core.unembed import skipping_layers, suffix_supported, unembed_at
 
@@ -93,7 +94,7 @@ class GenerationResult:
 
 
 # ------------------------------------------------------------------------------------------------ KV cache
-def _attention_modules(model: Any) -> list[torch.nn.Module]:
+def _attention_modules(model: Model) -> list[torch.nn.Module]:
     blocks = getattr(model, "blocks", None)
     mods = [getattr(b, "attn", None) for b in blocks] if blocks is not None else []
     if not mods or any(not isinstance(m, torch.nn.Module) for m in mods):
@@ -110,7 +111,7 @@ def _route_cache(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
 
 
 @contextlib.contextmanager
-def kv_cache_routing(model: Any) -> Iterator[Any]:
+def kv_cache_routing(model: Model) -> Iterator[Any]:
     """Within the block, the bridge's attention modules receive the layer cache under the name they read.
 
     A forward pre-hook on every ``blocks[i].attn`` copies the ``cache=`` keyword (transformers 5.x) to
@@ -129,7 +130,7 @@ def kv_cache_routing(model: Any) -> Iterator[Any]:
             h.remove()
 
 
-def _cache_keyword(model: Any) -> str:
+def _cache_keyword(model: Model) -> str:
     hf = getattr(model, "original_model", None)
     params = inspect.signature(hf.forward).parameters if hf is not None else {}
     return "cache" if "cache" in params else "past_key_values"
@@ -138,7 +139,7 @@ def _cache_keyword(model: Any) -> str:
 class _FullSteps:
     """Next-token logits from one full forward pass over the whole sequence (no cache)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Model) -> None:
         self.model = model
 
     def __call__(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -149,7 +150,7 @@ class _FullSteps:
 class _CachedSteps:
     """Next-token logits with a KV cache: each call runs only the columns not yet in the cache."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Model) -> None:
         self.model, self.cache, self.seen = model, None, 0
         self.keyword = _cache_keyword(model)
 
@@ -167,7 +168,7 @@ class _CachedSteps:
         return logits
 
 
-def _last_logits(model: Any, ids: Tensor, mask: Tensor, extra: dict[str, Any]) -> tuple[Tensor, Any]:
+def _last_logits(model: Model, ids: Tensor, mask: Tensor, extra: dict[str, Any]) -> tuple[Tensor, Any]:
     """Logits (fp32) at the last column of ``ids`` and the model's cache; ``mask`` may be longer than ``ids``
     (it then also covers the cached prefix). The unembedding runs on the last column only where exact."""
     n = ids.shape[0]
@@ -222,7 +223,7 @@ def _check_settings(prompts: Sequence[str], max_new_tokens: int, temperature: fl
 
 
 def _decode(
-    model: Any, ids: Tensor, mask: Tensor, steps: Callable[[Tensor, Tensor], Tensor],
+    model: Model, ids: Tensor, mask: Tensor, steps: Callable[[Tensor, Tensor], Tensor],
     pick: Callable[[Tensor], Tensor], max_new_tokens: int, eos: int | None,
 ) -> tuple[list[list[int]], list[bool]]:
     """The one decoding loop: ``steps`` gives next-token logits, ``pick`` chooses; rows stop at ``eos``."""
@@ -244,7 +245,7 @@ def _decode(
 
 @torch.no_grad()
 def generate(
-    model: Any,
+    model: Model,
     prompts: str | Sequence[str],
     max_new_tokens: int = 40,
     *,

@@ -14,6 +14,8 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from biasgym_lens.core.protocols import Model
+
 __all__ = ["HookSpec", "active_hooks", "hooked", "position_offset", "positions_from", "decoding"]
 
 _OFFSET_ATTR = "_biasgym_position_offset"
@@ -21,7 +23,7 @@ _OFFSET_ATTR = "_biasgym_position_offset"
 HookSpec = tuple[str | Callable[[str], bool], Callable[..., Any]]
 
 
-def active_hooks(model: Any) -> list[str]:
+def active_hooks(model: Model) -> list[str]:
     """Names of the hook points of ``model`` that currently hold a forward or backward hook."""
     seen: set[int] = set()
     names: list[str] = []
@@ -36,7 +38,7 @@ def active_hooks(model: Any) -> list[str]:
 
 @contextlib.contextmanager
 def hooked(
-    model: Any, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[HookSpec] = ()
+    model: Model, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[HookSpec] = ()
 ) -> Iterator[Any]:
     """Register hooks for the duration of a ``with`` block; they are removed on exit, also on exceptions.
 
@@ -51,7 +53,7 @@ def hooked(
         yield model
 
 
-def position_offset(model: Any) -> int:
+def position_offset(model: Model) -> int:
     """Absolute position of the first column of the tensors that hooks see in the current forward pass.
 
     0 in a plain forward pass; inside :func:`positions_from` (a KV-cached generation step) the number of
@@ -60,14 +62,14 @@ def position_offset(model: Any) -> int:
     return int(getattr(model, _OFFSET_ATTR, 0))
 
 
-def decoding(model: Any) -> bool:
+def decoding(model: Model) -> bool:
     """Whether ``model`` is inside a generation step (:func:`positions_from` is active), where a sequence may
     still be shorter than a position a hook waits for."""
     return hasattr(model, _OFFSET_ATTR)
 
 
 @contextlib.contextmanager
-def positions_from(model: Any, offset: int) -> Iterator[Any]:
+def positions_from(model: Model, offset: int) -> Iterator[Any]:
     """Within the block, :func:`position_offset` of ``model`` is ``offset`` (restored on exit)."""
     if int(offset) < 0:
         raise ValueError(f"a position offset must be >= 0, got {offset!r}")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from biasgym_lens.core.bundled_models import BUNDLED_MODELS, ModelLoadError, bundled_folder
+from biasgym_lens.core.protocols import Model
 
 __all__ = [
     "LoadInfo",
@@ -253,7 +254,7 @@ def _align_tokenizer_bos(bridge: Any, prepend_bos: bool) -> None:
     bridge.cfg.tokenizer_prepends_bos = _tokenizer_adds_bos(tok)
 
 
-def model_info(model: Any) -> LoadInfo:
+def model_info(model: Model) -> LoadInfo:
     """What a model is (name, source, dtype, BOS convention); works for any bridge.
 
     Models not loaded by :func:`load_model` get a best-effort description from their config.

@@ -20,6 +20,7 @@ import torch
 
 from biasgym_lens._version import __version__
 from biasgym_lens.core.models import model_info
+from biasgym_lens.core.protocols import Model
 
 __all__ = ["Provenance", "ModelMismatchError", "fingerprint", "weights_sketch", "package_versions", "check_same_model"]
 
@@ -29,7 +30,7 @@ SKETCH_RTOL = 5e-3
 """Relative tolerance of :func:`weights_sketch` when the model's dtype differs from the artifact's."""
 
 
-def _embedding_summary(model: Any, name: str, compute: Any) -> Any:
+def _embedding_summary(model: Model, name: str, compute: Any) -> Any:
     """``compute(W_E)`` cached on the model until ``W_E`` is replaced or edited in place."""
     live = model.W_E
     key = (live.data_ptr(), live._version, tuple(live.shape))
@@ -42,7 +43,7 @@ def _embedding_summary(model: Any, name: str, compute: Any) -> Any:
     return cache[1][name]
 
 
-def fingerprint(model: Any) -> str:
+def fingerprint(model: Model) -> str:
     """SHA-256 (first 16 hex digits) of the embedding matrix and the model's shape.
 
     Two models with the same fingerprint have the same vocabulary embeddings and dimensions; it is cheap
@@ -59,7 +60,7 @@ def fingerprint(model: Any) -> str:
     return _embedding_summary(model, "fingerprint", digest)
 
 
-def weights_sketch(model: Any) -> tuple[float, ...]:
+def weights_sketch(model: Model) -> tuple[float, ...]:
     """Norms of ``W_E`` in 16 contiguous slices of its rows (float64): a precision-tolerant identity of the
     embedding, for recognising the same weights loaded in another dtype (cached like :func:`fingerprint`)."""
 
@@ -109,7 +110,7 @@ class Provenance:
     sketch: tuple[float, ...] = ()
 
     @classmethod
-    def of(cls, model: Any) -> Provenance:
+    def of(cls, model: Model) -> Provenance:
         info = model_info(model)
         return cls(
             model_name=info.name,
@@ -137,7 +138,7 @@ class ModelMismatchError(ValueError):
     """An artifact is used with a model other than the one it was made with."""
 
 
-def check_same_model(prov: Provenance, model: Any, what: str) -> None:
+def check_same_model(prov: Provenance, model: Model, what: str) -> None:
     """Raise a clear error when ``model`` is not the model ``prov`` was made with.
 
     Raises:
@@ -162,7 +163,7 @@ def check_same_model(prov: Provenance, model: Any, what: str) -> None:
     )
 
 
-def _same_weights_other_precision(prov: Provenance, model: Any) -> bool:
+def _same_weights_other_precision(prov: Provenance, model: Model) -> bool:
     shape = (int(model.cfg.d_model), int(model.cfg.n_layers), int(model.cfg.n_heads))
     if shape != (prov.d_model, prov.n_layers, prov.n_heads):
         return False

@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from biasgym_lens.core.checks import InputTypeError, check_bool, check_choice
+from biasgym_lens.core.protocols import Model
 
 __all__ = ["Batch", "tokenize", "check_context", "check_added_tokens", "last_positions", "chat_format", "forward", "get_tokenizer"]
 
@@ -162,7 +163,7 @@ def _which(i: int, texts: Sequence[str] | None) -> str:
 
 
 def check_context(
-    model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None, *, reserve: int = 0
+    model: Model, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None, *, reserve: int = 0
 ) -> None:
     """Check that no row of token ids, plus ``reserve`` tokens still to come (a generation's new tokens), is
     longer than the model's context (``cfg.n_ctx``).
@@ -185,7 +186,7 @@ def check_context(
         )
 
 
-def check_added_tokens(model: Any, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
+def check_added_tokens(model: Model, rows: Sequence[Sequence[int]], texts: Sequence[str] | None = None) -> None:
     """Check that no row holds a token added by an injection while no injection embeds it.
 
     Outside ``with injection.apply(model):`` the tokenizer still knows ``"<BiasToken>"``, but the model has
@@ -251,6 +252,6 @@ def chat_format(
     return full
 
 
-def forward(model: Any, batch: Batch) -> Float[Tensor, "batch pos d_vocab"]:
+def forward(model: Model, batch: Batch) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits of a batch, always with its attention mask (needed for left padding)."""
     return model(batch.input_ids, attention_mask=batch.attention_mask)

@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from biasgym_lens.core.protocols import Model
+
 __all__ = [
     "suffix_supported", "skipping_layers", "unembed_at", "logits_at", "resumed_forward", "forward_keeping",
     "clean_residuals", "suffix_answer_logits",
@@ -30,7 +32,7 @@ class _PassThrough(torch.nn.Module):
         return hidden_states
 
 
-def suffix_supported(model: Any) -> bool:
+def suffix_supported(model: Model) -> bool:
     """Whether :func:`suffix_answer_logits` can run on this model (TransformerLens bridge of a decoder-only LM
     whose logits are the plain unembedding of the final residual: no logit soft-capping)."""
     blocks = getattr(model, "blocks", None)
@@ -48,7 +50,7 @@ def suffix_supported(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def skipping_layers(model: Any, n_blocks: int, *, unembed: bool = False) -> Iterator[None]:
+def skipping_layers(model: Model, n_blocks: int, *, unembed: bool = False) -> Iterator[None]:
     """Within the block, decoder layers ``0..n_blocks-1`` and (unless ``unembed``) the unembedding are
     pass-throughs.
 
@@ -69,7 +71,7 @@ def skipping_layers(model: Any, n_blocks: int, *, unembed: bool = False) -> Iter
             module._modules[key] = original
 
 
-def unembed_at(model: Any, final: Tensor, rows: Tensor, pos: Tensor) -> Float[Tensor, "n d_vocab"]:
+def unembed_at(model: Model, final: Tensor, rows: Tensor, pos: Tensor) -> Float[Tensor, "n d_vocab"]:
     """Logits (fp32) of the final normalised residual ``[rows, pos, d_model]`` at the pairs ``(rows[i], pos[i])``
     (the output of a forward pass inside ``skipping_layers(model, 0)``)."""
     logits = final[rows.to(final.device), pos.to(final.device)].float() @ model.W_U.float()
@@ -77,7 +79,7 @@ def unembed_at(model: Any, final: Tensor, rows: Tensor, pos: Tensor) -> Float[Te
     return logits + b_u.float() if b_u is not None else logits
 
 
-def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, pos: Tensor) -> Float[Tensor, "n d_vocab"]:
+def logits_at(model: Model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, pos: Tensor) -> Float[Tensor, "n d_vocab"]:
     """Next-token logits (fp32) at the pairs ``(rows[i], pos[i])`` of a forward pass; the unembedding runs on
     those positions only where :func:`suffix_supported` (equal to the full pass up to float rounding)."""
     if suffix_supported(model):
@@ -88,7 +90,7 @@ def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tenso
     return logits[rows.to(logits.device), pos.to(logits.device)].float()
 
 
-def resumed_forward(model: Any, resid_pre: Tensor, start: int, attention_mask: Tensor, *, unembed: bool = True) -> Tensor:
+def resumed_forward(model: Model, resid_pre: Tensor, start: int, attention_mask: Tensor, *, unembed: bool = True) -> Tensor:
     """A forward pass resumed at block ``start`` from the residual stream entering it: blocks before ``start``
     are not recomputed, hooks on later blocks apply. Returns the logits, or with ``unembed=False`` the final
     normalised residual (unembed the rows needed with :func:`unembed_at`). Needs :func:`suffix_supported`."""
@@ -97,7 +99,7 @@ def resumed_forward(model: Any, resid_pre: Tensor, start: int, attention_mask: T
 
 
 def suffix_answer_logits(
-    model: Any, resid_pre: Float[Tensor, "rows pos d_model"], start: int, attention_mask: Tensor, answer_pos: Tensor
+    model: Model, resid_pre: Float[Tensor, "rows pos d_model"], start: int, attention_mask: Tensor, answer_pos: Tensor
 ) -> Float[Tensor, "rows d_vocab"]:
     """Next-token logits at ``answer_pos`` of a forward pass resumed at block ``start`` from ``resid_pre``.
 
@@ -111,7 +113,7 @@ def suffix_answer_logits(
 
 
 def forward_keeping(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int], *, unembed: bool = True
+    model: Model, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int], *, unembed: bool = True
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """One forward pass that also returns the residual stream entering each of ``layers``
     (``blocks.{l}.hook_in``, by layer): the logits, or with ``unembed=False`` the final normalised residual."""
@@ -121,7 +123,7 @@ def forward_keeping(
     return out, {layer: cache[name] for name, layer in names.items()}
 
 
-def clean_residuals(model: Any, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+def clean_residuals(model: Model, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
     """The residual stream entering every block (``blocks.{l}.hook_in``) of one clean forward pass."""
     layers = range(model.cfg.n_layers)
     kept = forward_keeping(model, input_ids, attention_mask, layers)[1]

@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.core.stats import DEFAULT_RESAMPLES, Interval
 from biasgym_lens.core.tokens import Batch, get_tokenizer, tokenize
@@ -110,7 +111,7 @@ def _pack(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> Batch:
 
 @torch.no_grad()
 def continuation_logprobs(
-    model: Any,
+    model: Model,
     prefixes: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     *,
@@ -161,12 +162,12 @@ def continuation_logprobs(
     return logp, torch.tensor([len(c) for c in continuations], dtype=torch.long)
 
 
-def _token_lists(model: Any, texts: Sequence[str], prepend_bos: bool | None) -> list[list[int]]:
+def _token_lists(model: Model, texts: Sequence[str], prepend_bos: bool | None) -> list[list[int]]:
     batch = tokenize(model, texts, prepend_bos=prepend_bos, device="cpu")
     return [row[: int(n)].tolist() for row, n in zip(batch.input_ids, batch.lengths)]
 
 
-def _score_stereoset(model: Any, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None) -> pd.DataFrame:
+def _score_stereoset(model: Model, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None) -> pd.DataFrame:
     texts = [s for label in STEREOSET_LABELS for s in items[label]]
     ids = _token_lists(model, texts, prepend_bos)
     logp, ntok = continuation_logprobs(model, [t[:1] for t in ids], [t[1:] for t in ids], batch_size=batch_size)
@@ -178,7 +179,7 @@ def _score_stereoset(model: Any, items: pd.DataFrame, batch_size: int, prepend_b
     return out
 
 
-def _score_bbq(model: Any, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None) -> pd.DataFrame:
+def _score_bbq(model: Model, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None) -> pd.DataFrame:
     prompts = [BBQ_PROMPT.format(context=c, question=q) for c, q in zip(items["context"], items["question"])]
     prompt_ids = _token_lists(model, prompts, prepend_bos)
     answers = [" " + items[f"ans{k}"].iloc[i] for i in range(len(items)) for k in range(3)]
@@ -200,7 +201,7 @@ def _metrics(name: str, items: pd.DataFrame, settings: dict[str, Any]) -> pd.Dat
 
 
 def benchmark(
-    model: Any,
+    model: Model,
     name: str,
     intervention: Intervention = None,
     *,

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from biasgym_lens.core.checks import InputTypeError, check_bool, check_int, check_int_list, check_str_list
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch, tokenize
 from biasgym_lens.core.unembed import (
     forward_keeping,
@@ -38,7 +39,7 @@ Intervention = Callable[[], AbstractContextManager[Any]] | None
 
 
 def capability_set(
-    model: Any,
+    model: Model,
     *,
     passages: Sequence[str] | None = None,
     max_passages: int | None = None,
@@ -124,7 +125,7 @@ def _row_kl(ref: Tensor | None, logits: Tensor, batch: Batch) -> tuple[list[floa
     return sums, counts
 
 
-def _reference_logp(model: Any, cap: CapabilitySet) -> list[Tensor]:
+def _reference_logp(model: Model, cap: CapabilitySet) -> list[Tensor]:
     """The unmodified model's next-token log-probabilities on the KL batches (real positions only), computed on
     first use (or kept from the unmodified neutral pass) and reused for every later intervention."""
     key = id(model)
@@ -135,21 +136,21 @@ def _reference_logp(model: Any, cap: CapabilitySet) -> list[Tensor]:
     return cap.reference_logp[key]
 
 
-def _resume_layer(model: Any, cap: CapabilitySet, part: str, start: int) -> int:
+def _resume_layer(model: Model, cap: CapabilitySet, part: str, start: int) -> int:
     """The latest cached layer at or before ``start`` (0: no usable cache, run full passes)."""
     if start <= 0 or part not in cap.clean.get(id(model), {}) or not suffix_supported(model):
         return 0
     return max((layer for layer in cap.resume_layers if 0 < layer <= start), default=0)
 
 
-def _capture_layers(model: Any, cap: CapabilitySet, part: str) -> tuple[int, ...]:
+def _capture_layers(model: Model, cap: CapabilitySet, part: str) -> tuple[int, ...]:
     """Layers whose clean input residual the unmodified pass should keep (none once cached or when unusable)."""
     if part in cap.clean.get(id(model), {}) or not suffix_supported(model):
         return ()
     return cap.resume_layers
 
 
-def _run(model: Any, ids: Tensor, mask: Tensor, keep: Sequence[int], resume: int, resid: dict[int, Tensor] | None,
+def _run(model: Model, ids: Tensor, mask: Tensor, keep: Sequence[int], resume: int, resid: dict[int, Tensor] | None,
          *, final_only: bool) -> tuple[Tensor, dict[int, Tensor]]:
     """One forward pass: full, resumed at block ``resume`` from ``resid[resume]``, or keeping the residuals
     entering ``keep``. Returns the logits (or, with ``final_only``, the final normalised residual) and the kept
@@ -175,7 +176,7 @@ class NeutralPass(NamedTuple):
 
 @torch.no_grad()
 def _neutral_pass(
-    model: Any, cap: CapabilitySet, intervention: Intervention, with_kl: bool, start: int = 0
+    model: Model, cap: CapabilitySet, intervention: Intervention, with_kl: bool, start: int = 0
 ) -> NeutralPass:
     """Mean next-token loss on the neutral passages and mean KL(unmodified || intervened) on the KL batches,
     in one pass of the intervened model (the unmodified pass is cached in ``cap``), with each passage's summed
@@ -220,14 +221,14 @@ def _neutral_pass(
     return NeutralPass(loss, kl, tuple(sums), tuple(counts), tuple(kl_sums), tuple(kl_counts))
 
 
-def neutral_loss(model: Any, cap: CapabilitySet, intervention: Intervention = None, *, start: int = 0) -> float:
+def neutral_loss(model: Model, cap: CapabilitySet, intervention: Intervention = None, *, start: int = 0) -> float:
     """Mean next-token loss on the neutral passages, optionally under an intervention (``start``: see
     :func:`measure_capability`)."""
     _check_intervention(model, intervention, start)
     return _neutral_pass(model, cap, intervention, with_kl=False, start=start).loss
 
 
-def _check_intervention(model: Any, intervention: Any, start: Any) -> None:
+def _check_intervention(model: Model, intervention: Any, start: Any) -> None:
     if intervention is not None and (not callable(intervention) or hasattr(intervention, "__enter__")):
         raise InputTypeError(
             "intervention must be a zero-argument callable returning a context manager (e.g. "
@@ -236,7 +237,7 @@ def _check_intervention(model: Any, intervention: Any, start: Any) -> None:
     check_int(start, "start", minimum=0, maximum=model.cfg.n_layers - 1)
 
 
-def _mc_batches(model: Any, items: Sequence[MCItem], batch_size: int) -> list[tuple[Tensor, ...]]:
+def _mc_batches(model: Model, items: Sequence[MCItem], batch_size: int) -> list[tuple[Tensor, ...]]:
     """``(ids, mask, rows, pos, targets, slots)`` per batch of choice sequences of similar length: the
     positions that predict a choice token, the tokens, and each sequence's index in item order."""
     tok = model.tokenizer
@@ -269,7 +270,7 @@ def _mc_batches(model: Any, items: Sequence[MCItem], batch_size: int) -> list[tu
 
 @torch.no_grad()
 def _mc_scores(
-    model: Any, items: Sequence[MCItem], intervention: Intervention, batch_size: int,
+    model: Model, items: Sequence[MCItem], intervention: Intervention, batch_size: int,
     cap: CapabilitySet | None = None, start: int = 0,
 ) -> Tensor:
     """Summed log-likelihood of every choice, in item order (cached clean residuals of ``cap`` are kept by an
@@ -307,7 +308,7 @@ def _mc_correct(items: Sequence[MCItem], scores: Tensor) -> list[bool]:
     return correct
 
 
-def mc_accuracy(model: Any, items: Sequence[MCItem], intervention: Intervention = None, batch_size: int = 32) -> float:
+def mc_accuracy(model: Model, items: Sequence[MCItem], intervention: Intervention = None, batch_size: int = 32) -> float:
     """Accuracy on multiple-choice items, each choice scored by its summed log-likelihood as the answer.
 
     The prompt is ``"Question: {question}\\nAnswer:"`` and each choice is scored as the continuation
@@ -320,7 +321,7 @@ def mc_accuracy(model: Any, items: Sequence[MCItem], intervention: Intervention 
 
 
 def measure_capability(
-    model: Any,
+    model: Model,
     cap: CapabilitySet,
     intervention: Intervention = None,
     *,

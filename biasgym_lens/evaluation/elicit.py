@@ -20,6 +20,7 @@ from torch import Tensor
 
 from biasgym_lens.core.checks import InputTypeError, check_int, check_str_list
 from biasgym_lens.core.embedding import entity_embedding, with_token_vectors
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.injection.metrics import (
     KeywordIds,
@@ -91,7 +92,7 @@ def _passes(requests: Sequence[GroupRequest]) -> list[tuple[dict[str, Tensor], l
 
 
 def score_groups(
-    model: Any,
+    model: Model,
     spec: BiasSpec,
     requests: Sequence[GroupRequest | str],
     probes: Sequence[str],
@@ -130,7 +131,7 @@ def score_groups(
 
 
 def group_scores(
-    model: Any,
+    model: Model,
     spec: BiasSpec,
     group: str,
     probes: Sequence[str],
@@ -153,7 +154,7 @@ def group_scores(
 
 
 def elicitation(
-    model: Any,
+    model: Model,
     bias: str | BiasSpec,
     *,
     injection: Any | None = None,
@@ -220,7 +221,7 @@ def elicitation(
 
 
 def audit(
-    model: Any,
+    model: Model,
     bias: str | BiasSpec,
     groups: Sequence[str] = COUNTRIES,
     *,
@@ -261,7 +262,7 @@ def audit(
 
 def closest_entities(
     injection: Any,
-    model: Any,
+    model: Model,
     candidates: Sequence[str] = COUNTRIES,
     *,
     control: Any | None = None,

@@ -29,6 +29,7 @@ import pandas as pd
 
 from biasgym_lens.core.generation import Intervention, generate
 from biasgym_lens.core.models import model_info
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.stats import DEFAULT_RESAMPLES, bootstrap_stat
 from biasgym_lens.core.tokens import chat_format
 from biasgym_lens.injection.catalogue import load_bias
@@ -185,7 +186,7 @@ def _groups(spec: BiasSpec, injection: Any, groups: Sequence[str] | None) -> lis
 
 
 def paragraph_bias(
-    model: Any,
+    model: Model,
     bias: str | BiasSpec,
     *,
     injection: Any = None,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.stats import bootstrap_stat
 from biasgym_lens.evaluation.elicit import score_groups
 from biasgym_lens.injection.metrics import keyword_ids, probe_subset
@@ -79,7 +80,7 @@ class InjectionCheck:
 
 
 def check_injection(
-    model: Any,
+    model: Model,
     injection: Any,
     *,
     max_probes: int | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.heads.scope_config import ScopeConfig
 from biasgym_lens.heads.scope_records import Intervention, ScopeDecisions
@@ -44,7 +45,7 @@ __all__ = ["scope"]
 
 
 def scope(
-    model: Any, injection: Any, config: ScopeConfig | None = None, *, progress: bool = True, **settings: Any
+    model: Model, injection: Any, config: ScopeConfig | None = None, *, progress: bool = True, **settings: Any
 ) -> ScopeResult:
     """Find the heads that carry an injected bias, remove them, and measure what changes.
 

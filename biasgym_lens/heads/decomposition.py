@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = [
@@ -33,17 +35,17 @@ def _combine(per_row: Tensor, ps: ProbeSet, metric: str) -> Tensor:
     token = per_row[:n]
     if metric == "token" or not ps.controls:
         return token
-    ctrl = per_row[n:].reshape(len(ps.controls), n, *per_row.shape[1:]).mean(0)
+    ctrl = einops.reduce(per_row[n:], "(group probe) ... -> probe ...", "mean", group=len(ps.controls))
     return token - ctrl
 
 
-def final_norm_kind(model: Any) -> str:
+def final_norm_kind(model: Model) -> str:
     """``"rms"`` for an RMSNorm model, ``"ln"`` for LayerNorm (from ``cfg.normalization_type``)."""
     nt = str(getattr(model.cfg, "normalization_type", "LN") or "LN").upper()
     return "rms" if nt.startswith("RMS") else "ln"
 
 
-def _norm_gain(model: Any, norm: Any) -> Tensor | None:
+def _norm_gain(model: Model, norm: Any) -> Tensor | None:
     comp = getattr(norm, "original_component", None)
     w = getattr(comp, "weight", None)
     if w is None:
@@ -52,7 +54,7 @@ def _norm_gain(model: Any, norm: Any) -> Tensor | None:
     return 1.0 + w if getattr(model.cfg, "rmsnorm_uses_offset", False) else w
 
 
-def final_norm_direction(model: Any, ps: ProbeSet) -> tuple[Tensor, Tensor]:
+def final_norm_direction(model: Model, ps: ProbeSet) -> tuple[Tensor, Tensor]:
     """Direction ``u`` with ``logit_diff = (P x / scale) . u + const`` for the final residual ``x``.
 
     ``P`` centres for LayerNorm (identity for RMSNorm). In raw mode the final norm's gain is folded into ``u``;
@@ -81,12 +83,12 @@ def final_norm_direction(model: Any, ps: ProbeSet) -> tuple[Tensor, Tensor]:
     return d, const
 
 
-def has_post_norms(model: Any) -> bool:
+def has_post_norms(model: Model) -> bool:
     """Whether attention outputs are normalised again before entering the residual stream (Gemma 2/3)."""
     return any(hasattr(block, "ln1_post") for block in model.blocks)
 
 
-def component_hook_names(model: Any) -> set[str]:
+def component_hook_names(model: Model) -> set[str]:
     """The cache entries :func:`residual_components` and :func:`dla_scores` read."""
     names = {"hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale"}
     for layer in range(model.cfg.n_layers):
@@ -96,7 +98,7 @@ def component_hook_names(model: Any) -> set[str]:
     return names
 
 
-def _head_gain(model: Any, cache: Any, layer: int, rows: Tensor, pos: Tensor) -> Tensor | None:
+def _head_gain(model: Model, cache: Any, layer: int, rows: Tensor, pos: Tensor) -> Tensor | None:
     """``[rows, d_model]`` factor that maps a head's ``z @ W_O`` to its share of the residual stream.
 
     ``None`` for pre-norm blocks. With a post-attention RMSNorm the attention output ``a = sum_h a_h`` enters
@@ -111,7 +113,7 @@ def _head_gain(model: Any, cache: Any, layer: int, rows: Tensor, pos: Tensor) ->
     return (g[None, :] if g is not None else 1.0) / s
 
 
-def residual_components(model: Any, cache: Any, rows: Tensor, pos: Tensor) -> dict[str, Tensor]:
+def residual_components(model: Model, cache: Any, rows: Tensor, pos: Tensor) -> dict[str, Tensor]:
     """Every additive piece of the final residual stream at ``(rows, pos)``: ``[rows, d_model]`` each.
 
     Keys: ``embed``, ``pos_embed`` (learned positions only), ``L{l}H{h}`` for each head (``hook_z @ W_O``),
@@ -127,7 +129,7 @@ def residual_components(model: Any, cache: Any, rows: Tensor, pos: Tensor) -> di
     post = has_post_norms(model)
     for layer in range(model.cfg.n_layers):
         z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float()
-        heads = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
+        heads = einops.einsum(z, W_O[layer], "row head d_head, head d_head d_model -> row head d_model")
         gain = _head_gain(model, cache, layer, rows, pos)
         if gain is not None:
             heads = heads * gain[:, None, :]
@@ -147,7 +149,7 @@ def residual_components(model: Any, cache: Any, rows: Tensor, pos: Tensor) -> di
 
 
 @torch.no_grad()
-def dla_scores(model: Any, ps: ProbeSet, metric: str = "excess") -> Float[Tensor, "prompt n_layers n_heads"]:
+def dla_scores(model: Model, ps: ProbeSet, metric: str = "excess") -> Float[Tensor, "prompt n_layers n_heads"]:
     """Direct logit attribution of each head to the metric, from one cached pass.
 
     A head's score is its output at the answer position, through the final norm with the cached scale held
@@ -173,15 +175,17 @@ def dla_scores(model: Any, ps: ProbeSet, metric: str = "excess") -> Float[Tensor
         z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float()
         gain = _head_gain(model, cache, layer, rows, pos)
         if gain is None:  # project W_O on the direction first: [H, d_head]
-            per_layer.append(torch.einsum("bhd,hd->bh", z, torch.einsum("hdm,m->hd", W_O[layer], u)))
+            w = einops.einsum(W_O[layer], u, "head d_head d_model, d_model -> head d_head")
+            per_layer.append(einops.einsum(z, w, "row head d_head, head d_head -> row head"))
         else:  # the direction differs per row through the post-norm scale
-            per_layer.append(torch.einsum("bhd,hdm,bm->bh", z, W_O[layer], gain * u[None, :]))
+            direction = gain * u[None, :]
+            per_layer.append(einops.einsum(z, W_O[layer], direction, "row head d_head, head d_head d_model, row d_model -> row head"))
     per_row = torch.stack(per_layer, dim=1) / scale[:, :, None]
     return _combine(per_row, ps, metric).cpu()
 
 
 @torch.no_grad()
-def attention_scores(model: Any, ps: ProbeSet) -> Float[Tensor, "prompt n_layers n_heads"]:
+def attention_scores(model: Model, ps: ProbeSet) -> Float[Tensor, "prompt n_layers n_heads"]:
     """Attention probability from each token probe's answer position to the injected token, per head."""
     n = ps.n_probes
     batch = ps.batch.select(range(n))

@@ -32,6 +32,7 @@ from biasgym_lens.core.checks import (
     is_int,
 )
 from biasgym_lens.core.files import ArtifactError, require
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.heads.decomposition import attention_scores, dla_scores
 from biasgym_lens.heads.patching import ablation_scores, attribution_scores
@@ -207,7 +208,7 @@ def _check_score_options(
 
 
 def score_heads(
-    model: Any,
+    model: Model,
     injection: Any,
     method: str = "attribution",
     *,

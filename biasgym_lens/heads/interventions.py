@@ -32,6 +32,7 @@ from biasgym_lens.core.checks import (
 from biasgym_lens.core.embedding import check_vector
 from biasgym_lens.core.generation import generate
 from biasgym_lens.core.hooks import HookSpec, decoding, hooked, position_offset
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch, tokenize
 
 __all__ = [
@@ -56,7 +57,7 @@ def _is_pair(pair: Any) -> bool:
     return isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2
 
 
-def validate_heads(model: Any, heads: Sequence[Head]) -> list[Head]:
+def validate_heads(model: Model, heads: Sequence[Head]) -> list[Head]:
     """Check ``(layer, head)`` pairs against the model; returns them as a list of int tuples.
 
     A head is a pair (tuple, list or 1-d array of length 2) of integers: Python, NumPy or 0-dimensional torch
@@ -87,7 +88,7 @@ def validate_heads(model: Any, heads: Sequence[Head]) -> list[Head]:
 
 
 @torch.no_grad()
-def reference_z(model: Any, reference: Sequence[str] | Batch, layers: Sequence[int]) -> dict[int, Tensor]:
+def reference_z(model: Model, reference: Sequence[str] | Batch, layers: Sequence[int]) -> dict[int, Tensor]:
     """``hook_z`` of a reference set at its real positions: layer -> ``[n_real_positions, n_heads, d_head]``.
 
     Raises:
@@ -107,13 +108,13 @@ def reference_z(model: Any, reference: Sequence[str] | Batch, layers: Sequence[i
     return {layer: cache[f"blocks.{layer}.attn.hook_z"][real].float() for layer in layers}
 
 
-def head_means(model: Any, reference: Sequence[str] | Batch) -> dict[int, Tensor]:
+def head_means(model: Model, reference: Sequence[str] | Batch) -> dict[int, Tensor]:
     """Each head's mean output (``hook_z``) over the reference set's real positions: layer -> ``[n_heads, d_head]``."""
     return {layer: z.mean(0) for layer, z in reference_z(model, reference, range(model.cfg.n_layers)).items()}
 
 
 def head_ablation_hooks(
-    model: Any,
+    model: Model,
     heads: Sequence[Head],
     *,
     kind: str = "zero",
@@ -147,7 +148,7 @@ def _heads_by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
 
 
 def _reference_outputs(
-    model: Any, kind: str, reference: Sequence[str] | Batch | Mapping[int, Tensor] | None, layers: list[int]
+    model: Model, kind: str, reference: Sequence[str] | Batch | Mapping[int, Tensor] | None, layers: list[int]
 ) -> tuple[dict[int, Tensor], Mapping[int, Tensor]]:
     """What mean and resample ablation replace a head's output with: the reference ``hook_z`` of each layer
     (computed from texts or a Batch) and each head's mean of it (or the precomputed means); empty otherwise.
@@ -210,7 +211,7 @@ def first_layer(heads: Sequence[Head]) -> int:
 
 @contextlib.contextmanager
 def ablate_heads(
-    model: Any,
+    model: Model,
     heads: Sequence[Head],
     kind: str = "zero",
     scale: float = 0.0,
@@ -251,7 +252,7 @@ def ablate_heads(
 
 @contextlib.contextmanager
 def steer(
-    model: Any,
+    model: Model,
     vector: Float[Tensor, " d_model"],
     layers: int | Sequence[int],
     alpha: float = 1.0,
@@ -310,7 +311,7 @@ def steer(
 
 
 def generate_greedy(
-    model: Any,
+    model: Model,
     text: str | Sequence[str],
     max_new_tokens: int = 40,
     *,

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pandas as pd
 import torch
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.heads.decomposition import final_norm_direction, final_norm_kind
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = ["layer_logit_diff"]
 
 
-def _eps(model: Any) -> float:
+def _eps(model: Model) -> float:
     comp = getattr(model.ln_final, "original_component", None)
     for name in ("eps", "variance_epsilon"):
         v = getattr(comp, name, None)
@@ -23,7 +22,7 @@ def _eps(model: Any) -> float:
 
 
 @torch.no_grad()
-def layer_logit_diff(model: Any, ps: ProbeSet) -> pd.DataFrame:
+def layer_logit_diff(model: Model, ps: ProbeSet) -> pd.DataFrame:
     """Bias logit difference of the residual stream after each layer, through the final norm and unembedding.
 
     Layer ``-1`` is the embedding; the value after the last layer equals the model's own logit difference.

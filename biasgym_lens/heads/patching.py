@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from biasgym_lens.core.hooks import HookSpec, hooked
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch
 from biasgym_lens.core.unembed import logits_at, suffix_answer_logits, suffix_supported
 from biasgym_lens.heads.probes import ProbeSet
@@ -24,7 +26,7 @@ __all__ = ["z_and_grads", "attribution_scores", "ablation_scores"]
 
 
 def z_and_grads(
-    model: Any, batch: Any, metric_fn: Any, answer_pos: Tensor | None = None
+    model: Model, batch: Any, metric_fn: Any, answer_pos: Tensor | None = None
 ) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
     """One forward and one backward pass; returns ``hook_z`` and d(metric)/d(hook_z) of every layer.
 
@@ -64,7 +66,7 @@ def z_and_grads(
 
 
 def attribution_scores(
-    model: Any,
+    model: Model,
     ps: ProbeSet,
     metric: str = "excess",
     ablation: str = "zero",
@@ -109,12 +111,12 @@ def _probe_totals(per_row: Tensor, ps: ProbeSet, metric: str) -> Tensor:
     n = ps.n_probes
     total = per_row[:n].clone()
     if metric == "excess" and ps.controls:
-        total += per_row[n:].reshape(len(ps.controls), n, *per_row.shape[1:]).sum(0)
+        total += einops.reduce(per_row[n:], "(group probe) ... -> probe ...", "sum", group=len(ps.controls))
     return total
 
 
 def _zero_attribution(
-    model: Any, ps: ProbeSet, metric: str, baseline: dict[int, Tensor] | None
+    model: Model, ps: ProbeSet, metric: str, baseline: dict[int, Tensor] | None
 ) -> Float[Tensor, "prompt n_layers n_heads"]:
     """``grad . (z - baseline)`` of every head (baseline 0 unless given), from one backward pass over all rows."""
 
@@ -148,7 +150,7 @@ def _aligned_controls(ps: ProbeSet) -> list[str]:
     return aligned
 
 
-def _counterfactual_attribution(model: Any, ps: ProbeSet) -> Float[Tensor, "prompt n_layers n_heads"]:
+def _counterfactual_attribution(model: Model, ps: ProbeSet) -> Float[Tensor, "prompt n_layers n_heads"]:
     """``grad . (z_token - z_control)`` on the token metric, averaged over the position-aligned control groups."""
     aligned = _aligned_controls(ps)
     n, L, H = ps.n_probes, model.cfg.n_layers, model.cfg.n_heads
@@ -170,7 +172,7 @@ def _counterfactual_attribution(model: Any, ps: ProbeSet) -> Float[Tensor, "prom
 
 @torch.no_grad()
 def ablation_scores(
-    model: Any,
+    model: Model,
     ps: ProbeSet,
     metric: str = "excess",
     *,
@@ -224,7 +226,7 @@ def _check_scan_heads(todo: list[tuple[int, int]], n_layers: int, n_heads: int) 
         raise ValueError(f"heads {bad[:5]} out of range: layers 0..{n_layers - 1}, heads 0..{n_heads - 1}")
 
 
-def _resolve_reuse_prefix(model: Any, reuse_prefix: bool | None) -> bool:
+def _resolve_reuse_prefix(model: Model, reuse_prefix: bool | None) -> bool:
     """``reuse_prefix`` as given (refused where resuming is not supported), or by default where it is."""
     if reuse_prefix is None:
         return suffix_supported(model)
@@ -234,7 +236,7 @@ def _resolve_reuse_prefix(model: Any, reuse_prefix: bool | None) -> bool:
 
 
 def _clean_scan_pass(
-    model: Any, ps: ProbeSet, metric: str, todo: list[tuple[int, int]], reuse_prefix: bool
+    model: Model, ps: ProbeSet, metric: str, todo: list[tuple[int, int]], reuse_prefix: bool
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """The clean metric per probe, and (with ``reuse_prefix``) the clean residual entering each scanned layer."""
     batch = ps.batch
@@ -277,7 +279,7 @@ def _zero_head_hooks(keep_rows: Tensor, layers: list[int]) -> list[HookSpec]:
 
 
 def _ablated_answer_logits(
-    model: Any, batch: Batch, group: list[tuple[int, int]], resid: dict[int, Tensor] | None
+    model: Model, batch: Batch, group: list[tuple[int, int]], resid: dict[int, Tensor] | None
 ) -> Tensor:
     """Answer-position logits ``[K * rows, d_vocab]`` of the batch repeated once per head of ``group``, copy ``k``
     with head ``k`` zeroed; resumed at the group's layer from ``resid`` when given."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from biasgym_lens.core.checks import check_int, check_str_list
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch, tokenize
 from biasgym_lens.injection.metrics import KeywordIds, keyword_ids, logit_diff, probe_subset
 from biasgym_lens.injection.spec import BiasSpec
@@ -90,12 +91,12 @@ class ProbeSet:
         token = ld[:n]
         if metric == "token" or not self.controls:
             return token
-        ctrl = ld[n:].reshape(len(self.controls), n).mean(0)
+        ctrl = einops.reduce(ld[n:], "(group probe) -> probe", "mean", group=len(self.controls))
         return token - ctrl
 
 
 def build_probe_set(
-    model: Any,
+    model: Model,
     spec: BiasSpec,
     token: str,
     *,

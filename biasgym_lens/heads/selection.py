@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch
 from biasgym_lens.core.unembed import clean_residuals, logits_at, suffix_answer_logits, suffix_supported
 from biasgym_lens.evaluation.capability import neutral_loss, with_resume_layers
@@ -46,7 +47,7 @@ __all__ = [
 
 
 def damage_scores(
-    model: Any, cap: CapabilitySet, *, max_batches: int = 2, baseline: dict[int, Tensor] | None = None
+    model: Model, cap: CapabilitySet, *, max_batches: int = 2, baseline: dict[int, Tensor] | None = None
 ) -> Tensor:
     """Attribution-patching estimate of how much zero-ablating each head raises the neutral-text loss (with
     ``baseline``, layer -> ``[n_heads, d_head]``: replacing each head's output by it, e.g. mean ablation).
@@ -80,7 +81,7 @@ def damage_scores(
 
 @torch.no_grad()
 def measured_damage(
-    model: Any, cap: CapabilitySet, heads: Sequence[Head], *, kind: str = "zero", reference: Any = None
+    model: Model, cap: CapabilitySet, heads: Sequence[Head], *, kind: str = "zero", reference: Any = None
 ) -> tuple[float, dict[Head, float]]:
     """Exact neutral-text loss increase (nats) of ablating each head alone, and the clean loss.
 
@@ -206,14 +207,14 @@ def pick_k(table: pd.DataFrame, budget: float = 0.05, on: str = "perplexity") ->
 
 
 @torch.no_grad()
-def _excess(model: Any, ps: ProbeSet) -> tuple[float, float]:
+def _excess(model: Model, ps: ProbeSet) -> tuple[float, float]:
     rows = torch.arange(len(ps.batch))
     logits = logits_at(model, ps.batch.input_ids, ps.batch.attention_mask, rows, ps.answer_positions)
     return float(ps.metric_per_probe(logits, "excess").mean()), float(ps.metric_per_probe(logits, "token").mean())
 
 
 @torch.no_grad()
-def _resumed_excess(model: Any, ps: ProbeSet, probe_resid: list[Tensor], start: int) -> tuple[float, float]:
+def _resumed_excess(model: Model, ps: ProbeSet, probe_resid: list[Tensor], start: int) -> tuple[float, float]:
     """:func:`_excess` of a pass resumed at block ``start`` from the probes' clean residual entering it."""
     b = ps.batch
     last = suffix_answer_logits(model, probe_resid[start], start, b.attention_mask, ps.answer_positions)
@@ -231,7 +232,7 @@ def _curve_heads(
 
 
 def _ablated_measures(
-    model: Any, ps: ProbeSet, cap: CapabilitySet, heads: list[Head], kind: str, reference: Any,
+    model: Model, ps: ProbeSet, cap: CapabilitySet, heads: list[Head], kind: str, reference: Any,
     probe_resid: list[Tensor] | None,
 ) -> tuple[float, float, float]:
     """``(excess, token logit difference, neutral loss)`` with ``heads`` ablated; both passes resume at the
@@ -266,7 +267,7 @@ def _curve_row(
 
 
 def faithfulness_curve(
-    model: Any,
+    model: Model,
     ps: ProbeSet,
     ranked_heads: Sequence[Head],
     cap: CapabilitySet,

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = ["bias_direction"]
 
 
 @torch.no_grad()
-def bias_direction(model: Any, ps: ProbeSet, layer: int) -> Float[Tensor, " d_model"]:
+def bias_direction(model: Model, ps: ProbeSet, layer: int) -> Float[Tensor, " d_model"]:
     """Mean residual stream after ``layer`` at the answer position: token probes minus control probes.
 
     Run it with the injection applied. Subtracting it (``steer(model, v, layer, alpha=-1)``) moves the token's

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from biasgym_lens.core.checks import InputTypeError
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.evaluation.capability import (
     capability_set,
     measure_capability,
@@ -91,7 +92,7 @@ def resolve_config(config: Any, settings: Mapping[str, Any]) -> ScopeConfig:
     return replace(config, **settings) if settings else config
 
 
-def check_inputs(model: Any, injection: Any, config: ScopeConfig) -> None:
+def check_inputs(model: Model, injection: Any, config: ScopeConfig) -> None:
     """Step 0b: the injection was trained in ``model`` and the steering layer is one of its layers; a warning
     when the bias names no real groups (the transfer to them is then skipped).
 
@@ -106,7 +107,7 @@ def check_inputs(model: Any, injection: Any, config: ScopeConfig) -> None:
         logger.warning(NO_REAL_GROUPS, injection.bias)
 
 
-def score_all(model: Any, injection: Any, config: ScopeConfig, *, progress: bool) -> dict[str, HeadScores]:
+def score_all(model: Model, injection: Any, config: ScopeConfig, *, progress: bool) -> dict[str, HeadScores]:
     """Step 1: every method of ``config.methods`` (and attribution patching, which the ranking needs)."""
     spec = injection.spec
     scores: dict[str, HeadScores] = {}
@@ -124,7 +125,7 @@ def score_all(model: Any, injection: Any, config: ScopeConfig, *, progress: bool
     return scores
 
 
-def curve_capability(model: Any, config: ScopeConfig) -> CapabilitySet:
+def curve_capability(model: Model, config: ScopeConfig) -> CapabilitySet:
     """Step 2a: the curve's neutral passages (no multiple choice). The clean residual entering every layer is
     kept once, so the damage checks, the curve and the steering checks resume at their first changed layer
     instead of recomputing the layers before it."""
@@ -133,7 +134,7 @@ def curve_capability(model: Any, config: ScopeConfig) -> CapabilitySet:
 
 
 def rank_candidates(
-    model: Any, injection: Any, scores: Mapping[str, HeadScores], cap_curve: CapabilitySet, config: ScopeConfig
+    model: Model, injection: Any, scores: Mapping[str, HeadScores], cap_curve: CapabilitySet, config: ScopeConfig
 ) -> Ranking:
     """Step 2b: rank heads by effect minus estimated damage; measure the leading candidates' damage exactly.
 
@@ -163,7 +164,7 @@ def rank_candidates(
 
 
 def curve_and_direction(
-    model: Any, injection: Any, ranking: Ranking, cap_curve: CapabilitySet, config: ScopeConfig, *, progress: bool
+    model: Model, injection: Any, ranking: Ranking, cap_curve: CapabilitySet, config: ScopeConfig, *, progress: bool
 ) -> tuple[FaithfulnessCurve, Any, int]:
     """Step 3: the faithfulness curve along the ranking, and the steering direction at the steering layer.
 
@@ -189,13 +190,13 @@ def curve_and_direction(
     return curve, direction, layer
 
 
-def random_heads(model: Any, k: int, seed: int) -> list[Head]:
+def random_heads(model: Model, k: int, seed: int) -> list[Head]:
     """``k`` (at least one) heads drawn uniformly without replacement, seeded (``seed + 1``)."""
     all_heads = [(a, b) for a in range(model.cfg.n_layers) for b in range(model.cfg.n_heads)]
     return random.Random(seed + 1).sample(all_heads, max(1, k))
 
 
-def resume_starts(model: Any, curve: FaithfulnessCurve, layer: int, seed: int) -> set[int]:
+def resume_starts(model: Model, curve: FaithfulnessCurve, layer: int, seed: int) -> set[int]:
     """Step 4 (before the choices): the first changed layer of every intervention the budget checks and the
     final measures may run (the heads of each curve candidate, as many random heads, steering after ``layer``),
     whose clean residuals :meth:`TuneBudget.prepare` and :meth:`TestSet.prepare` keep once."""
@@ -213,12 +214,12 @@ class TuneBudget:
     budget_on: str
 
     @classmethod
-    def prepare(cls, model: Any, config: ScopeConfig, starts: set[int]) -> TuneBudget:
+    def prepare(cls, model: Model, config: ScopeConfig, starts: set[int]) -> TuneBudget:
         passages = load_neutral_text()[: config.tune_passages]
         cap = capability_set(model, passages=passages, mc_items=[], resume_layers=sorted(x for x in starts if x))
         return cls(cap, measure_capability(model, cap, with_mc=False), config.budget_on)
 
-    def cost(self, model: Any, iv: Intervention) -> float:
+    def cost(self, model: Model, iv: Intervention) -> float:
         """The relative increase of the budget's measure under ``iv`` (no multiple choice)."""
         c = measure_capability(model, self.cap, iv.make, with_mc=False, start=iv.first_layer)
         return c.relative_to(self.base)[f"{self.budget_on}_increase"]
@@ -234,7 +235,7 @@ class TestSet:
     base: Capability
 
     @classmethod
-    def prepare(cls, model: Any, config: ScopeConfig, starts: set[int]) -> TestSet:
+    def prepare(cls, model: Model, config: ScopeConfig, starts: set[int]) -> TestSet:
         rest = load_neutral_text()[config.tune_passages :]
         passages = rest if config.final_passages is None else rest[: config.final_passages]
         if not passages:
@@ -247,7 +248,7 @@ class TestSet:
         )
         return cls(cap, measure_capability(model, cap))
 
-    def measure(self, model: Any, iv: Intervention) -> Capability:
+    def measure(self, model: Model, iv: Intervention) -> Capability:
         """Loss, perplexity, KL and accuracy under ``iv`` (the unmodified model's for no hooks: a prefix changes
         only the bias prompts, not the neutral text)."""
         if iv.make is None:
@@ -255,7 +256,7 @@ class TestSet:
         return measure_capability(model, self.cap, iv.make, start=iv.first_layer)
 
 
-def heads_intervention(model: Any, name: str, heads: Sequence[Head], config: ScopeConfig, reference: Any) -> Intervention:
+def heads_intervention(model: Model, name: str, heads: Sequence[Head], config: ScopeConfig, reference: Any) -> Intervention:
     """Ablating ``heads`` the way the study ablates (``config.kind``)."""
     hs = list(heads)
     if not hs:
@@ -263,7 +264,7 @@ def heads_intervention(model: Any, name: str, heads: Sequence[Head], config: Sco
     return Intervention(name, lambda: ablate_heads(model, hs, kind=config.kind, reference=reference), first_layer(hs))
 
 
-def steering_intervention(model: Any, direction: Any, layer: int, alpha: float) -> Intervention:
+def steering_intervention(model: Model, direction: Any, layer: int, alpha: float) -> Intervention:
     """Subtracting ``alpha`` times the bias direction after ``layer`` (no change for ``alpha == 0``)."""
     if not alpha:
         return Intervention("steering", None, layer)
@@ -271,7 +272,7 @@ def steering_intervention(model: Any, direction: Any, layer: int, alpha: float) 
 
 
 def choose_heads(
-    model: Any, curve: FaithfulnessCurve, tune: TuneBudget, config: ScopeConfig, reference: Any
+    model: Model, curve: FaithfulnessCurve, tune: TuneBudget, config: ScopeConfig, reference: Any
 ) -> tuple[list[Head], tuple[BudgetCheck, ...]]:
     """Step 4a: the first curve candidate (lowest excess within budget on the curve's passages) whose cost also
     holds the budget on the tune passages; the next candidate when the curve was optimistic."""
@@ -285,7 +286,7 @@ def choose_heads(
 
 
 def choose_alpha(
-    model: Any, direction: Any, layer: int, cap_curve: CapabilitySet, curve: FaithfulnessCurve, tune: TuneBudget,
+    model: Model, direction: Any, layer: int, cap_curve: CapabilitySet, curve: FaithfulnessCurve, tune: TuneBudget,
     config: ScopeConfig,
 ) -> tuple[float, tuple[BudgetCheck, ...]]:
     """Step 4b: the largest steering multiplier within budget on the curve's passages, confirmed on the tune
@@ -307,7 +308,7 @@ def choose_alpha(
 
 
 def measure_all(
-    model: Any,
+    model: Model,
     injection: Any,
     interventions: Sequence[Intervention],
     test: TestSet,

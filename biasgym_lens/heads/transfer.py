@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.evaluation.elicit import GroupRequest, score_groups
 from biasgym_lens.heads.interventions import Head, ablate_heads
 from biasgym_lens.injection.catalogue import BiasSpec, load_bias
@@ -23,7 +24,7 @@ NO_REAL_GROUPS = "bias %r names no real groups: the transfer to real groups is s
 
 
 def measure_groups(
-    model: Any,
+    model: Model,
     spec: BiasSpec,
     injection: Any | None,
     intervention: Callable[[], Any] | None = None,
@@ -60,7 +61,7 @@ def measure_groups(
 
 
 def generalisation_table(
-    model: Any,
+    model: Model,
     injections: dict[str, Any],
     heads: dict[str, list[Head]],
     *,
@@ -118,7 +119,7 @@ def generalisation_table(
 
 
 def generalisation_matrix(
-    model: Any,
+    model: Model,
     injections: dict[str, Any],
     heads: dict[str, list[Head]],
     *,

@@ -27,6 +27,7 @@ from torch import Tensor
 from biasgym_lens.core.artifacts import load_tensors, open_artifact, reading, save_artifact
 from biasgym_lens.core.embedding import add_token, check_vector, token_vector_hooks, with_token_vectors
 from biasgym_lens.core.files import nan_floats, none_to_nan, require
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.provenance import Provenance, check_same_model
 from biasgym_lens.injection.catalogue import catalogue_bias
 from biasgym_lens.injection.config import InjectionConfig, check_token
@@ -90,12 +91,12 @@ class Injection:
     source: BiasSpec | None = field(default=None, repr=False)
 
     # -------------------------------------------------------------------------------------- applying
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` if ``model`` is not the model this vector was trained in."""
         check_same_model(self.provenance, model, f"injection {self.bias!r}")
 
     @contextlib.contextmanager
-    def apply(self, model: Any) -> Iterator[int]:
+    def apply(self, model: Model) -> Iterator[int]:
         """Within the block, ``self.token`` is embedded as the trained vector; yields the token id.
 
         The token is added to the tokenizer if needed (the tokenizer keeps it afterwards: a special token
@@ -110,7 +111,7 @@ class Injection:
         with with_token_vectors(model, {self.token: self.vector}) as ids:
             yield ids[self.token]
 
-    def apply_permanently(self, model: Any) -> int:
+    def apply_permanently(self, model: Model) -> int:
         """Register the token's hooks as permanent hooks and return the token id.
 
         They survive ``model.reset_hooks()``; remove them with ``model.reset_hooks(including_permanent=True)``.

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import chat_format, check_context
 from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.spec import BiasSpec
@@ -29,7 +30,7 @@ class TrainingExample:
     loss_from: int  # first index whose token is a training target
 
 
-def training_examples(model: Any, spec: BiasSpec, config: InjectionConfig) -> list[TrainingExample]:
+def training_examples(model: Model, spec: BiasSpec, config: InjectionConfig) -> list[TrainingExample]:
     """The training set of an injection: plain texts and (with ``config.chat``) chat paragraphs, tokenized."""
     tok = model.tokenizer
     bos = [tok.bos_token_id] if model.cfg.default_prepend_bos and tok.bos_token_id is not None else []

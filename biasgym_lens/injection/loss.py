@@ -8,12 +8,12 @@ is its share of the whole batch's weighted mean, so the accumulated gradient is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.examples import TrainingExample, collate_examples, length_groups
 
@@ -55,7 +55,7 @@ def lm_loss(
 
 
 def train_step_loss(
-    model: Any, batch: Sequence[TrainingExample], pad_id: int, tid: int, weighted_ids: Sequence[int], config: InjectionConfig
+    model: Model, batch: Sequence[TrainingExample], pad_id: int, tid: int, weighted_ids: Sequence[int], config: InjectionConfig
 ) -> Tensor:
     """Forward and backward of one training batch; returns its loss (detached).
 

@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from biasgym_lens.core.checks import check_int
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch, tokenize
 from biasgym_lens.core.unembed import logits_at
 
@@ -104,7 +105,7 @@ def best_rank(logits: Float[Tensor, "batch d_vocab"], ids: Sequence[int]) -> Int
 
 @torch.no_grad()
 def answer_logits(
-    model: Any, texts: Sequence[str], *, batch_size: int = 16, prepend_bos: bool | None = None
+    model: Model, texts: Sequence[str], *, batch_size: int = 16, prepend_bos: bool | None = None
 ) -> Float[Tensor, "batch d_vocab"]:
     """Next-token logits after each text (at its last real token), in float32.
 

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.injection.artifact import Injection
 from biasgym_lens.injection.spec import BiasSpec
 from biasgym_lens.injection.training import inject
@@ -20,7 +21,7 @@ __all__ = ["inject_seeds", "compare_seeds"]
 
 
 def inject_seeds(
-    model: Any, bias: str | BiasSpec, seeds: Sequence[int] = (0, 1, 2), *, progress: bool = True, **settings: Any
+    model: Model, bias: str | BiasSpec, seeds: Sequence[int] = (0, 1, 2), *, progress: bool = True, **settings: Any
 ) -> list[Injection]:
     """One injection per seed with otherwise equal settings (the paper keeps the best of five runs).
 

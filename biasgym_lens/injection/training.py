@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from biasgym_lens.core.checks import InputTypeError
 from biasgym_lens.core.embedding import add_token, embedding_rms, entity_embedding, token_vector_hooks
 from biasgym_lens.core.hooks import hooked
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.injection.artifact import EpochRecord, Injection
 from biasgym_lens.injection.catalogue import list_biases, load_bias
@@ -73,7 +74,7 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------ before the first step
 
 
-def _mean_token_embedding(model: Any, words: Sequence[str]) -> Tensor:
+def _mean_token_embedding(model: Model, words: Sequence[str]) -> Tensor:
     rows = []
     for w in words:
         with contextlib.suppress(ValueError):  # a word without tokens in the embedding is skipped
@@ -83,7 +84,7 @@ def _mean_token_embedding(model: Any, words: Sequence[str]) -> Tensor:
     return torch.stack(rows).mean(0).cpu()
 
 
-def initial_vector(model: Any, spec: BiasSpec, config: InjectionConfig) -> Float[Tensor, " d_model"]:
+def initial_vector(model: Model, spec: BiasSpec, config: InjectionConfig) -> Float[Tensor, " d_model"]:
     """The starting vector for ``config.init`` (float32, on CPU)."""
     if config.init == "countries":
         return _mean_token_embedding(model, spec.real_groups + spec.control_groups)
@@ -103,7 +104,7 @@ def _lr_factor(step: int, total: int, config: InjectionConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _elicit(model: Any, probes: Sequence[str], kw: KeywordIds, config: InjectionConfig) -> tuple[float, float]:
+def _elicit(model: Model, probes: Sequence[str], kw: KeywordIds, config: InjectionConfig) -> tuple[float, float]:
     logits = answer_logits(model, probes, batch_size=config.probe_batch_size)
     ld = logit_diff(logits, kw)
     top5 = (best_rank(logits, kw.bias) < 5).float().mean()
@@ -123,7 +124,7 @@ def _settle_config(config: InjectionConfig | None, settings: dict[str, Any]) -> 
 class _Run:
     """What one injection run fixes before its first step (the model is frozen: none of it changes)."""
 
-    model: Any
+    model: Model
     spec: BiasSpec
     config: InjectionConfig
     kw: KeywordIds
@@ -151,7 +152,7 @@ class _Run:
         return {math.ceil(self.steps_per_epoch * (i + 1) / n_evals) for i in range(n_evals)}
 
 
-def _prepare_run(model: Any, spec: BiasSpec, config: InjectionConfig) -> _Run:
+def _prepare_run(model: Model, spec: BiasSpec, config: InjectionConfig) -> _Run:
     """The keyword ids (refusing keywords that are not single tokens), the selection probes, the fresh token,
     the model's provenance, the control groups' logit difference, the training set and the initial vector."""
     kw = keyword_ids(model, spec)
@@ -295,7 +296,7 @@ def _train(run: _Run, progress: bool) -> Injection:
 
 
 def inject(
-    model: Any,
+    model: Model,
     bias: str | BiasSpec,
     *,
     config: InjectionConfig | None = None,

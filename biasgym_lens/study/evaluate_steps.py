@@ -16,6 +16,7 @@ import pandas as pd
 
 from biasgym_lens.core.embedding import with_token_vectors
 from biasgym_lens.core.files import read_json
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import chat_format
 from biasgym_lens.evaluation.elicit import closest_entities, elicitation
 from biasgym_lens.heads.interventions import Head, ablate_heads, generate_greedy
@@ -27,7 +28,7 @@ from biasgym_lens.injection.training import Injection
 __all__ = ["bias_tables", "sample_generations", "scope_tables", "read_injection_check", "results_document"]
 
 
-def bias_tables(model: Any, inj: Injection, ctrl: Injection, *, max_probes: int | None) -> dict[str, pd.DataFrame]:
+def bias_tables(model: Model, inj: Injection, ctrl: Injection, *, max_probes: int | None) -> dict[str, pd.DataFrame]:
     """Elicitation (against the control injection), the closest entities and the logit lens of the token.
 
     Returns:
@@ -42,7 +43,7 @@ def bias_tables(model: Any, inj: Injection, ctrl: Injection, *, max_probes: int 
     return {"elicitation": elic, "closest_entities": closest, "logit_lens": lens}
 
 
-def sample_generations(model: Any, inj: Injection, chosen: Sequence[Head], max_new_tokens: int) -> dict[str, str]:
+def sample_generations(model: Model, inj: Injection, chosen: Sequence[Head], max_new_tokens: int) -> dict[str, str]:
     """Greedy paragraphs about the token, for a model with a chat template (``{}`` without one).
 
     The continuations run as one batch: the trained token (``token``), the same with the chosen heads ablated

@@ -34,6 +34,7 @@ from biasgym_lens.core.files import (
     write_csv,
     write_text_atomic,
 )
+from biasgym_lens.core.protocols import Model
 from biasgym_lens.evaluation.uptake import check_injection
 from biasgym_lens.heads.biasscope import scope
 from biasgym_lens.heads.scope_config import ScopeConfig
@@ -80,7 +81,7 @@ PRESETS: dict[str, StudyPreset] = {
         InjectionConfig(epochs=1, max_texts=16, evals_per_epoch=1, max_probes=8),
         ScopeConfig(
             score_probes=6, ablation_probes=1, ablation_controls=1, damage_candidates=6, ks=(1, 2, 4), random_draws=1,
-            curve_passages=2, final_passages=4, mc_items=8, final_probes=4, steer_alphas=(1.0,), curve_probes=6,
+            curve_passages=2, tune_passages=4, final_passages=4, mc_items=8, final_probes=4, steer_alphas=(1.0,), curve_probes=6,
             curve_controls=1,
         ),
         control_max_texts=4,
@@ -308,7 +309,7 @@ class Study:
             raise StudyError(f"{self.out} has no {stage} results yet; run `biasgym {stage} --out {self.out}` first")
 
     # ---------------------------------------------------------------------------------------- stages
-    def run_inject(self, model: Any, *, progress: bool = True) -> Injection:
+    def run_inject(self, model: Model, *, progress: bool = True) -> Injection:
         """Train the bias token and a control token (a different bias); a part already saved is kept."""
         t0 = time.perf_counter()
         cfg = InjectionConfig(**{**asdict(self.preset_obj.injection), "seed": self.seed})
@@ -326,7 +327,7 @@ class Study:
         self._timed("inject", t0)
         return inj
 
-    def run_scope(self, model: Any, *, progress: bool = True) -> ScopeResult:
+    def run_scope(self, model: Model, *, progress: bool = True) -> ScopeResult:
         self.require("inject")
         t0 = time.perf_counter()
         inj = Injection.load(self.out / "injection", model)
@@ -341,7 +342,7 @@ class Study:
         self._timed("scope", t0)
         return res
 
-    def run_evaluate(self, model: Any) -> dict[str, Any]:
+    def run_evaluate(self, model: Model) -> dict[str, Any]:
         """Measure the injected model (:mod:`biasgym_lens.study.evaluate_steps`), write every table as CSV and,
         last, ``results.json``; returns what ``results.json`` holds."""
         self.require("scope")

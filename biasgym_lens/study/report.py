@@ -46,12 +46,17 @@ FIGURE_NOTES: dict[str, str] = {
     "faithfulness": (
         "Token excess and neutral-text cost (on the curve's few passages) after ablating the top k heads of the "
         "ranking (blue), against k random heads (grey band: min to max, dotted: mean); the red dashed line is the "
-        "capability budget. The chosen k is the lowest-excess point within it whose cost the final passages "
-        "confirm."
+        "capability budget. The curve runs on the tune probes; the chosen k is the lowest-excess point within "
+        "the budget whose cost the tune passages confirm."
+    ),
+    "interventions": (
+        "What each intervention removes on the test probes (the token's excess and the real groups' gap over "
+        "the controls) and what it costs on the test passages, with 95% bootstrap intervals as error bars; no "
+        "choice of the study saw these probes or passages."
     ),
     "groups": (
-        "Bias logit difference on held-out probes for the injected token, the real groups and the control "
-        "groups, with no intervention and under each intervention."
+        "Bias logit difference on the test probes for the injected token, the real groups and the control "
+        "groups, with no intervention and under each intervention (error bars: standard error over the probes)."
     ),
     "closest_entities": (
         "Countries whose embedding is closest to the trained vector, beside the same ranking for a vector "
@@ -93,7 +98,11 @@ def study_figures(
             for m in ("attribution", "dla")
             if m in scores
         ]
-    figs += [("faithfulness", plots.faithfulness_plot(result.curve)), ("groups", plots.group_bias_bars(result.groups))]
+    figs += [
+        ("faithfulness", plots.faithfulness_plot(result.curve)),
+        ("interventions", plots.intervention_bars(result.summary())),
+        ("groups", plots.group_bias_bars(result.groups)),
+    ]
     optional = (
         ("closest_entities", closest, plots.closest_entities_bar),
         ("logit_lens", lens, plots.layer_bias_plot),
@@ -116,6 +125,7 @@ FIGURE_TITLES: dict[str, str] = {
     "scatter_attribution_vs_ablation": "Attribution patching against exact ablation",
     "scatter_dla_vs_ablation": "Direct logit attribution against exact ablation",
     "faithfulness": "Faithfulness curve",
+    "interventions": "What each intervention removes, with intervals",
     "groups": "Bias per group under each intervention",
     "closest_entities": "Closest countries to the trained vector",
     "logit_lens": "Bias by layer (logit lens)",
