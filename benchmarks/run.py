@@ -1,7 +1,7 @@
 """Speed comparisons, each measured side by side in one run, printed as ratios next to their targets.
 
 Usage:
-    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step,final,generation,export]
+    python benchmarks/run.py [--model smollm2] [--threads 2] [--repeats 3] [--only scan,attribution,step,final,generation,export,anchors]
 
 0. load: loading the model in a fresh process with an empty cache vs with the cache built.
 1. scan: exact single-head ablation of every head, one head per forward pass vs several heads per pass
@@ -23,6 +23,9 @@ Usage:
 9. generation: 64 new tokens for 16 chat prompts of different lengths, with the KV cache vs one full forward
    pass per token, vs Hugging Face's and TransformerLens's uncached generate, token agreement, and the broken
    cached modes of those tools after booting (see benchmarks/bench_generation.py).
+10. anchors: the tools a user of this field would otherwise use, on the same work and probes: TransformerLens's
+   activation-patching sweep, attribution patching and direct logit attribution, and Hugging Face's embedding
+   training, with ratios, numeric agreement and failure modes (see benchmarks/anchors.py).
 """
 
 from __future__ import annotations
@@ -414,7 +417,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heads", type=int, default=0, help="heads in the scan comparison, evenly spaced (all: 0)")
     ap.add_argument("--probes", type=int, default=6)
-    ap.add_argument("--only", default="load,scan,attribution,step,microbatch,final,generation,memory,scaling,export")
+    ap.add_argument("--only", default="load,scan,attribution,step,microbatch,final,generation,memory,scaling,export,anchors")
     ap.add_argument("--memory-probe", choices=("forward", "step", "full"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -455,6 +458,10 @@ def main() -> None:
         bench_step_scaling(model, args.repeats)
     if "memory" in only:
         bench_memory(args.model, args.threads)
+    if "anchors" in only:
+        from anchors import bench_anchors  # (anchors imports this file's helpers)
+
+        bench_anchors(model, args.model, args.repeats, probes=args.probes, heads=args.heads, threads=args.threads)
 
 
 if __name__ == "__main__":
