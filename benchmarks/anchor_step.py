@@ -38,7 +38,9 @@ from biasgym_lens import load_model  # noqa: E402
 from biasgym_lens.core.embedding import add_token, token_vector_hooks  # noqa: E402
 from biasgym_lens.core.hooks import hooked  # noqa: E402
 from biasgym_lens.injection.catalogue import load_bias  # noqa: E402
-from biasgym_lens.injection.training import InjectionConfig, collate_examples, lm_loss, training_examples  # noqa: E402
+from biasgym_lens.injection.config import InjectionConfig  # noqa: E402
+from biasgym_lens.injection.examples import collate_examples, training_examples  # noqa: E402
+from biasgym_lens.injection.loss import lm_loss  # noqa: E402
 
 WAYS = ("vector", "plain-vector", "hf")  # the memory probe's ways: project (bridge), vector on plain HF, HF's
 

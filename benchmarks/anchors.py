@@ -47,7 +47,9 @@ from biasgym_lens import inject, load_model  # noqa: E402
 
 # The package's submodules used here, in one place (to update if they move).
 from biasgym_lens.core.hooks import hooked  # noqa: E402
-from biasgym_lens.heads.attribution import ablation_scores, attribution_scores, dla_scores, spearman  # noqa: E402
+from biasgym_lens.heads.decomposition import dla_scores  # noqa: E402
+from biasgym_lens.heads.head_scores import spearman  # noqa: E402
+from biasgym_lens.heads.patching import ablation_scores, attribution_scores  # noqa: E402
 from biasgym_lens.heads.probes import build_probe_set  # noqa: E402
 from biasgym_lens.injection.catalogue import load_bias  # noqa: E402
 from biasgym_lens.injection.metrics import logit_diff  # noqa: E402
