@@ -21,6 +21,7 @@ from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch
 from biasgym_lens.core.unembed import logits_at, suffix_answer_logits, suffix_supported
 from biasgym_lens.heads.probes import ProbeSet
+from biasgym_lens.injection.examples import length_groups
 
 __all__ = ["z_and_grads", "attribution_scores", "ablation_scores"]
 
@@ -170,6 +171,10 @@ def _counterfactual_attribution(model: Model, ps: ProbeSet) -> Float[Tensor, "pr
 # ------------------------------------------------------------------------------------------ ablation scan
 
 
+SCAN_LENGTH_GROUPS = 3
+"""Resumed scan passes split the probe rows into at most this many groups of similar length (less padding)."""
+
+
 @torch.no_grad()
 def ablation_scores(
     model: Model,
@@ -291,8 +296,30 @@ def _ablated_answer_logits(
     layers = sorted({layer for layer, _ in group})
     fwd = _zero_head_hooks(keep.repeat_interleave(R, dim=0), layers)  # [K*R, L, H]
     answer = batch.last_positions.repeat(K)
+    if resid is not None:
+        return _resumed_by_length(model, batch, keep, layers, resid[layers[0]])
     with hooked(model, fwd_hooks=fwd):
-        if resid is not None:
-            return suffix_answer_logits(model, resid[layers[0]].repeat(K, 1, 1), layers[0], mask, answer)
         logits = model(batch.input_ids.repeat(K, 1), attention_mask=mask)
         return logits[torch.arange(K * R), answer]
+
+
+def _resumed_by_length(model: Model, batch: Batch, keep: Tensor, layers: list[int], resid: Tensor) -> Tensor:
+    """The resumed passes of :func:`_ablated_answer_logits`, one per group of rows of similar length, each cut
+    after its longest row's answer: the suffix layers then run on little more than the real tokens (rows are
+    right-padded, so the cut drops only padding and changes no real position). Rows come back in batch order."""
+    K, R = keep.shape[0], len(batch)
+    lengths = (batch.last_positions + 1).tolist()
+    out: Tensor | None = None
+    for rows in map(torch.tensor, length_groups(lengths, max_groups=SCAN_LENGTH_GROUPS)):
+        n = int(batch.last_positions[rows].max()) + 1
+        fwd = _zero_head_hooks(keep.repeat_interleave(len(rows), dim=0), layers)
+        with hooked(model, fwd_hooks=fwd):
+            logits = suffix_answer_logits(
+                model, resid[rows, :n].repeat(K, 1, 1), layers[0], batch.attention_mask[rows, :n].repeat(K, 1),
+                batch.last_positions[rows].repeat(K),
+            )
+        if out is None:
+            out = logits.new_empty(K * R, logits.shape[-1])
+        out[(torch.arange(K)[:, None] * R + rows[None, :]).flatten().to(out.device)] = logits
+    assert out is not None
+    return out
