@@ -26,6 +26,8 @@ Usage:
 10. anchors: the tools a user of this field would otherwise use, on the same work and probes: TransformerLens's
    activation-patching sweep, attribution patching and direct logit attribution, and Hugging Face's embedding
    training, with ratios, numeric agreement and failure modes (see benchmarks/anchors.py).
+11. gpu (only on its own, ``--only gpu --device cuda``): time, peak memory and MFU of every stage on random-weight
+   models of real shapes; the flags run.py does not know go to benchmarks/gpu.py (see its docstring).
 """
 
 from __future__ import annotations
@@ -410,6 +412,14 @@ def bench_load(model_name: str) -> None:
     line("first load vs cached load", cold / warm, "cached load < 10 s")
 
 
+def run_gpu_benchmark(args: argparse.Namespace, rest: list[str]) -> None:
+    """benchmarks/gpu.py with run.py's --device, --repeats and --probes and the flags run.py does not know."""
+    from gpu import main as gpu_main
+
+    device = ["--device", args.device] if args.device else []
+    gpu_main([*device, "--repeats", str(args.repeats), "--probes", str(args.probes), *rest])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -419,8 +429,14 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=6)
     ap.add_argument("--only", default="load,scan,attribution,step,microbatch,final,generation,memory,scaling,export,anchors")
     ap.add_argument("--memory-probe", choices=("forward", "step", "full"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--device", help="with --only gpu: cpu or cuda")
+    args, rest = ap.parse_known_args()
     torch.set_num_threads(args.threads)
+    if args.only == "gpu":
+        run_gpu_benchmark(args, rest)
+        return
+    if rest or args.device:
+        ap.error(f"unrecognized arguments: {' '.join(rest or ['--device'])} (--device and gpu.py's flags need --only gpu)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_probe:
         memory_probe(args.model, args.memory_probe)
