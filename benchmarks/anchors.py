@@ -303,20 +303,25 @@ def spread(every: list, n: int) -> list:
     return every if n <= 0 or n >= len(every) else every[:: max(1, len(every) // n)][:n]
 
 
+ANCHORS = ("scan", "attribution", "dla", "step")
+
+
 def bench_anchors(model, model_name: str | None = None, repeats: int = 3, *, probes: int = 6, heads: int = 0,
-                  controls: int = 2, threads: int = 2) -> dict:
-    """All four anchors on one model (the memory probe only with ``model_name``, a model ``load_model`` knows)."""
+                  controls: int = 2, threads: int = 2, only: tuple[str, ...] = ANCHORS) -> dict:
+    """The anchors of ``only`` (default all four) on one model (the memory probe only with ``model_name``, a
+    model ``load_model`` knows)."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     chosen = spread([(layer, h) for layer in range(L) for h in range(H)], heads)
     inj, ps = setup(model, probes, controls)
     with warnings.catch_warnings():  # TL's backward hooks on a frozen model warn on every pass
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return {
-            "scan": scan_anchor(model, inj, ps, chosen),
-            "attribution": attribution_anchor(model, inj, ps, repeats),
-            "dla": dla_anchor(model, inj, ps, repeats),
-            "step": step_anchor(model, repeats, model_name, threads),
+        runs = {
+            "scan": lambda: scan_anchor(model, inj, ps, chosen),
+            "attribution": lambda: attribution_anchor(model, inj, ps, repeats),
+            "dla": lambda: dla_anchor(model, inj, ps, repeats),
+            "step": lambda: step_anchor(model, repeats, model_name, threads),
         }
+        return {name: runs[name]() for name in ANCHORS if name in only}
 
 
 def main() -> None:
@@ -327,14 +332,18 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=6)
     ap.add_argument("--heads", type=int, default=0, help="heads in the scan, evenly spaced (all: 0)")
     ap.add_argument("--controls", type=int, default=2, help="control groups in the probe set")
+    ap.add_argument("--only", default=",".join(ANCHORS), help="comma list of: " + ", ".join(ANCHORS))
     args = ap.parse_args()
+    only = tuple(args.only.split(","))
+    if not set(only) <= set(ANCHORS):
+        ap.error(f"--only takes {', '.join(ANCHORS)}; got {args.only!r}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = load_model(args.model, device="cpu")
     print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; torch threads "
           f"{torch.get_num_threads()}; {time.strftime('%Y-%m-%d')}")
     bench_anchors(model, args.model, args.repeats, probes=args.probes, heads=args.heads, controls=args.controls,
-                  threads=args.threads)
+                  threads=args.threads, only=only)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,24 @@ TINY = {
 }
 
 
+def _fenced() -> list[tuple[str, str]]:
+    """Every fenced block of the README in order: ``(language, text)``, fences read opening then closing."""
+    blocks, language, lines = [], None, []
+    for line in README.splitlines(keepends=True):
+        if line.startswith("```"):
+            if language is None:
+                language, lines = line[3:].strip(), []
+            else:
+                blocks.append((language, "".join(lines)))
+                language = None
+        elif language is not None:
+            lines.append(line)
+    assert language is None, "an unclosed fence in the README"
+    return blocks
+
+
 def _blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+    return [text for lang, text in _fenced() if lang == language]
 
 
 def test_the_readme_has_the_blocks_this_file_checks():

@@ -294,3 +294,32 @@ def test_measured_damage_equals_full_passes(tiny_model):
         assert damage[h] == pytest.approx(full, abs=1e-5)
     assert len({round(v, 6) for v in damage.values()}) == 3
     assert active_hooks(tiny_model) == []
+
+
+def test_summary_has_an_interval_for_every_number_and_the_per_probe_values_add_up(result, tmp_path):
+    import numpy as np
+
+    from biasgym_lens.evaluation.intervals import per_probe_gaps
+
+    model, inj, res = result
+    s = res.summary()
+    values = [c for c in s.columns if c not in ("intervention", "within_budget") and "_ci_" not in c]
+    assert values == ["token_excess", "excess_cut", "real_group_gap", "real_gap_cut", "loss_increase",
+                      "perplexity_increase", "kl", "mc_accuracy"]
+    assert all(f"{v}_ci_low" in s and f"{v}_ci_high" in s for v in values)
+    measured = s[s.intervention != "none"]
+    assert measured[[f"{v}_ci_low" for v in values]].notna().all().all()
+    none = s.set_index("intervention").loc["none"]
+    assert none.excess_cut_ci_low == none.excess_cut_ci_high == 0.0  # paired with itself: no spread
+    # the per-probe values are the group table's numbers, probe by probe
+    tok = per_probe_gaps(res.probe_values, "token").mean(axis=1)
+    table = res.groups.query("kind == 'token'").set_index("intervention")["excess"]
+    assert np.allclose(tok.loc[table.index], table, atol=1e-5)
+    assert (s.token_excess_ci_low <= s.token_excess + 1e-9).all() and (s.token_excess <= s.token_excess_ci_high + 1e-9).all()
+    comp = res.comparisons()
+    assert {("heads", "random_heads"), ("heads", "steering")} <= set(zip(comp.a, comp.b))
+    assert comp.p_value.between(0, 1).all()
+    # saved and loaded, the intervals are the same
+    res.save(tmp_path / "scope")
+    again = ScopeResult.load(tmp_path / "scope")
+    pd.testing.assert_frame_equal(again.summary(), s, check_exact=False, rtol=1e-9)
