@@ -43,6 +43,8 @@ _LAZY = {
     "ScopeConfig": "biasgym_lens.heads.scope_config",
     "ScopeResult": "biasgym_lens.heads.scope_result",
     "scope": "biasgym_lens.heads.biasscope",
+    "scope_seeds": "biasgym_lens.heads.seed_stability",
+    "SeedStability": "biasgym_lens.heads.seed_stability",
     "generalisation_matrix": "biasgym_lens.heads.transfer",
     "generalisation_table": "biasgym_lens.heads.transfer",
     "Capability": "biasgym_lens.evaluation.capability_records",

@@ -219,7 +219,7 @@ def test_save_figures_can_share_one_plotly_bundle(tmp_path):
 
 
 def test_intervention_bars_draw_the_summary_intervals():
-    from biasgym_lens.study.plots import intervention_bars
+    from biasgym_lens.study.summary_plots import intervention_bars
 
     summary = pd.DataFrame(
         {

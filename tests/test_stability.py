@@ -50,3 +50,32 @@ def test_identical_seeds_are_perfectly_stable_and_bad_settings_are_errors():
         stable_heads({}, 3)
     with pytest.raises(ValueError, match="min_share"):
         stable_heads(same, 3, min_share=1.0)
+
+
+def test_scope_seeds_on_a_tiny_model(_tiny_models):
+    """Two seeds, each injected and scoped: the stable heads follow from the per-seed rankings, and each seed's
+    row is that seed's own summary."""
+    from biasgym_lens import ScopeConfig, scope_seeds
+    from biasgym_lens.core.hooks import active_hooks
+    from biasgym_lens.study.summary_plots import seed_stability_heatmap
+
+    model = _tiny_models["llama"]
+    cfg = ScopeConfig(
+        methods=("attribution",), ks=(1, 2), random_draws=1, curve_passages=2, tune_passages=3, final_passages=2,
+        mc_items=2, steer_alphas=(0.5,), curve_controls=1, damage_candidates=4,
+    )
+    st = scope_seeds(model, "late", seeds=(3, 5), scope_config=cfg, epochs=1, batch_size=4, max_texts=4, max_probes=4)
+    assert set(st.results) == {3, 5} and [r.config.seed for r in st.results.values()] == [3, 5]
+    assert st.k == max(1, *(len(r.chosen) for r in st.results.values()))
+    assert st.stable == stable_heads(st.rankings, st.k)
+    per_seed = st.to_dataframe()
+    for seed, res in st.results.items():
+        row = per_seed.set_index("seed").loc[seed]
+        heads = res.summary().set_index("intervention").loc["heads"]
+        assert row.excess_cut == heads.excess_cut and row.n_chosen == len(res.chosen)
+    assert len(st.overlap()) == 1 and set(st.membership().seed) == {3, 5}
+    fig = seed_stability_heatmap(st.membership(), st.stable)
+    assert list(fig.data[0].x) == ["seed 3", "seed 5"]
+    assert active_hooks(model) == []
+    with pytest.raises(ValueError, match="view must be one of"):
+        st.to_dataframe("nope")

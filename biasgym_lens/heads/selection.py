@@ -285,7 +285,7 @@ def faithfulness_curve(
 
     Args:
         model: The model, with the injection applied (``with injection.apply(model):``).
-        ps: Probe set (token + control rows) on which the excess is measured; use evaluation probes.
+        ps: Probe set (token + control rows) on which the excess is measured (the study uses the tune probes).
         ranked_heads: Heads in selection order.
         cap: Capability data for the neutral-text loss.
         ks: Numbers of heads (values above ``len(ranked_heads)`` are dropped).

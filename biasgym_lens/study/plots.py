@@ -319,42 +319,6 @@ def group_bias_bars(groups: pd.DataFrame, *, title: str = "Bias per group under 
     return fig
 
 
-INTERVENTION_PANELS = (
-    ("excess_cut", "cut of the token's excess"),
-    ("real_gap_cut", "cut of the real groups' gap"),
-    ("perplexity_increase", "perplexity increase"),
-)
-
-
-def intervention_bars(summary: pd.DataFrame, *, title: str = "What each intervention removes, and what it costs") -> go.Figure:
-    """One panel per measure of :meth:`ScopeResult.summary` (the token's cut, the real groups' cut, the
-    perplexity increase), one bar per intervention, with the 95% intervals as asymmetric error bars."""
-    rows = summary[summary.intervention != "none"]
-    if rows.empty:
-        raise ValueError("no intervention rows to plot")
-    fig = make_subplots(rows=1, cols=len(INTERVENTION_PANELS), subplot_titles=[t for _, t in INTERVENTION_PANELS])
-    for col, (measure, _) in enumerate(INTERVENTION_PANELS, start=1):
-        y = rows[measure].to_numpy(dtype=float)
-        lo, hi = (rows.get(f"{measure}_ci_{s}", pd.Series(np.nan, index=rows.index)).to_numpy(dtype=float) for s in ("low", "high"))
-        fig.add_trace(
-            go.Bar(
-                x=list(rows.intervention), y=y, showlegend=False, marker_color=px_colors(len(rows)),
-                error_y=dict(type="data", symmetric=False, array=np.nan_to_num(hi - y), arrayminus=np.nan_to_num(y - lo), visible=True),
-                hovertemplate="%{x}: %{y:.1%}<extra>" + measure + "</extra>",
-            ),
-            row=1, col=col,
-        )
-        fig.update_yaxes(tickformat=".0%", row=1, col=col)
-    fig.update_layout(title=title, height=420)
-    return fig
-
-
-def px_colors(n: int) -> list[str]:
-    """The first ``n`` colours of plotly's default sequence (one per intervention, the same in every panel)."""
-    palette = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
-    return [palette[i % len(palette)] for i in range(n)]
-
-
 def generalisation_heatmap(matrix: pd.DataFrame, *, title: str = "Heads of bias A measured on bias B") -> go.Figure:
     """Heatmap of a generalisation matrix (rows: bias the heads were found on; columns: bias measured)."""
     z = matrix.to_numpy(dtype=float)

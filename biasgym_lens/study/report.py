@@ -17,7 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from biasgym_lens.core.files import write_text_atomic
-from biasgym_lens.study import plots
+from biasgym_lens.study import plots, summary_plots
 from biasgym_lens.study import report_text as text
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def study_figures(
         ]
     figs += [
         ("faithfulness", plots.faithfulness_plot(result.curve)),
-        ("interventions", plots.intervention_bars(result.summary())),
+        ("interventions", summary_plots.intervention_bars(result.summary())),
         ("groups", plots.group_bias_bars(result.groups)),
     ]
     optional = (
