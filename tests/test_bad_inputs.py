@@ -249,6 +249,7 @@ CASES = [
     P(lambda k: ScopeConfig(curve_controls=0), VE, "got 0", id="curve-controls-zero"),
     P(lambda k: ScopeConfig(seed="0"), TE, "'0'", id="scope-seed-string"),
     P(lambda k: scope(k.m, k.inj(), steer_layer=99, progress=False), VE, "99", id="steer-layer-out-of-range"),
+    P(lambda k: scope(k.m, k.inj(), tune_passages=70, progress=False), VE, "tune_passages must leave neutral passages", id="tune-passages-leave-no-test"),
     # ---- head scores
     P(lambda k: k.scores().top(2.0), TE, "2.0", id="top-k-float"),
     P(lambda k: k.scores().top("5"), TE, "'5'", id="top-k-string"),

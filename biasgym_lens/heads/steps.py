@@ -97,12 +97,19 @@ def check_inputs(model: Model, injection: Any, config: ScopeConfig) -> None:
     when the bias names no real groups (the transfer to them is then skipped).
 
     Raises:
-        ValueError: an injection from another model, a steering layer beyond the model's.
+        ValueError: an injection from another model, a steering layer beyond the model's, no neutral passage
+            left for the test split after the tune passages.
     """
     injection.check_model(model)
     L = model.cfg.n_layers
     if config.steer_layer is not None and config.steer_layer >= L:
         raise ValueError(f"steer_layer must be a layer of this model (0..{L - 1}), got {config.steer_layer}")
+    n_passages = len(load_neutral_text())
+    if config.tune_passages >= n_passages:
+        raise ValueError(
+            f"tune_passages must leave neutral passages for the test split: got {config.tune_passages}, the "
+            f"shipped text has {n_passages} (valid: 1..{n_passages - 1})"
+        )
     if not injection.spec.real_groups:
         logger.warning(NO_REAL_GROUPS, injection.bias)
 
