@@ -205,7 +205,7 @@ def _neutral_pass(
             kept.append(resid)
             row_sums, row_counts = _row_nll(logits, batch)
             sums, counts = sums + row_sums, counts + row_counts
-            if with_kl and i < cap.kl_batches and (intervention is None or i < len(ref)):
+            if with_kl and i < cap.kl_batches:  # the unmodified model: KL 0 on each passage, no reference needed
                 row_kl, row_n = _row_kl(ref[i] if intervention is not None else None, logits, batch)
                 kl_sums, kl_counts = kl_sums + row_kl, kl_counts + row_n
             if keep_ref and i < cap.kl_batches:

@@ -29,16 +29,6 @@ __all__ = [
 ]
 
 
-def _combine(per_row: Tensor, ps: ProbeSet, metric: str) -> Tensor:
-    """Per-row values ``[rows, ...]`` -> per-probe metric values ``[n_probes, ...]`` (token minus controls)."""
-    n = ps.n_probes
-    token = per_row[:n]
-    if metric == "token" or not ps.controls:
-        return token
-    ctrl = einops.reduce(per_row[n:], "(group probe) ... -> probe ...", "mean", group=len(ps.controls))
-    return token - ctrl
-
-
 def final_norm_kind(model: Model) -> str:
     """``"rms"`` for an RMSNorm model, ``"ln"`` for LayerNorm (from ``cfg.normalization_type``)."""
     nt = str(getattr(model.cfg, "normalization_type", "LN") or "LN").upper()
@@ -181,7 +171,7 @@ def dla_scores(model: Model, ps: ProbeSet, metric: str = "excess") -> Float[Tens
             direction = gain * u[None, :]
             per_layer.append(einops.einsum(z, W_O[layer], direction, "row head d_head, head d_head d_model, row d_model -> row head"))
     per_row = torch.stack(per_layer, dim=1) / scale[:, :, None]
-    return _combine(per_row, ps, metric).cpu()
+    return ps.per_probe(per_row, metric).cpu()
 
 
 @torch.no_grad()

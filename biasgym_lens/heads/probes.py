@@ -86,13 +86,16 @@ class ProbeSet:
         if logits.ndim == 3:
             rows = torch.arange(logits.shape[0], device=logits.device)
             logits = logits[rows, self.answer_positions.to(logits.device)]
-        ld = logit_diff(logits, self.keywords)
+        return self.per_probe(logit_diff(logits, self.keywords), metric)
+
+    def per_probe(self, per_row: Tensor, metric: str = "excess") -> Tensor:
+        """Per-row values ``[rows, ...]`` -> per-probe metric values ``[n_probes, ...]``: the token row's value
+        (``"token"``), minus the control groups' mean on the same probe (``"excess"``)."""
         n = self.n_probes
-        token = ld[:n]
+        token = per_row[:n]
         if metric == "token" or not self.controls:
             return token
-        ctrl = einops.reduce(ld[n:], "(group probe) -> probe", "mean", group=len(self.controls))
-        return token - ctrl
+        return token - einops.reduce(per_row[n:], "(group probe) ... -> probe ...", "mean", group=len(self.controls))
 
 
 def build_probe_set(
