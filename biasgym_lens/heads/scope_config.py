@@ -9,7 +9,7 @@ from typing import Any
 
 from biasgym_lens.core.checks import InputTypeError, check_choice, check_int, check_int_list, check_real
 from biasgym_lens.heads.head_scores import METHODS
-from biasgym_lens.heads.selection import BUDGET_MEASURES
+from biasgym_lens.heads.selection import BUDGET_CHECKS, BUDGET_MEASURES
 
 __all__ = ["ScopeConfig"]
 
@@ -34,6 +34,9 @@ class ScopeConfig:
             and the steering baseline. The curve's few passages pick the candidates; the chosen k must also
             stay within the budget on the ``tune_passages`` (else the next candidate is taken).
         budget_on: ``"perplexity"`` (default) or ``"loss"`` of the neutral text.
+        budget_check: What must hold the budget on the tune passages: ``"upper"`` (default), the upper end of
+            the cost's paired 95% bootstrap interval over those passages, so that a cost just under the budget
+            on 24 passages is not taken for one under it everywhere; ``"point"``, the cost itself.
         kind: Ablation kind for the curve, the chosen and the random heads: ``"zero"`` (default) or ``"mean"``
             (each head's mean output over the curve's neutral passages; the ranking's attribution and damage
             estimates then use those means too). The four reported head scores estimate zero ablation.
@@ -64,6 +67,7 @@ class ScopeConfig:
     random_draws: int = 2
     budget: float = 0.05
     budget_on: str = "perplexity"
+    budget_check: str = "upper"
     kind: str = "zero"
     curve_passages: int = 8
     curve_probes: int | None = None
@@ -135,6 +139,7 @@ _SCOPE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "random_draws": _count(1),
     "budget": lambda v, n: check_real(v, n, minimum=0.0),
     "budget_on": lambda v, n: check_choice(v, n, BUDGET_MEASURES),
+    "budget_check": lambda v, n: check_choice(v, n, BUDGET_CHECKS),
     "kind": lambda v, n: _check_kind(v, n),
     "curve_passages": _count(1),
     "curve_probes": _count(1, none_ok=True),

@@ -4,6 +4,7 @@ checks each rests on (:class:`ScopeDecisions`, saved with the :class:`~biasgym_l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -48,7 +49,8 @@ class BudgetCheck:
 
     candidate: int | float  # a number of heads or a steering multiplier
     curve_cost: float  # on the curve's passages
-    tune_cost: float  # on the tune passages: the check that decides
+    tune_cost: float  # on the tune passages
+    tune_cost_high: float = math.nan  # upper end of its 95% interval: the check that decides (NaN: not recorded)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,13 @@ class ScopeDecisions:
             return CandidateDamage(**row) if isinstance(row, Mapping) else CandidateDamage(*row)
 
         def checks(rows: Sequence[Mapping[str, Any]]) -> tuple[BudgetCheck, ...]:
-            return tuple(BudgetCheck(r["candidate"], r["curve_cost"], r.get("tune_cost", r.get("final_cost"))) for r in rows)
+            return tuple(
+                BudgetCheck(
+                    r["candidate"], r["curve_cost"], r.get("tune_cost", r.get("final_cost")),
+                    r.get("tune_cost_high", math.nan),
+                )
+                for r in rows
+            )
 
         return cls(
             ranked=tuple(tuple(h) for h in d["ranked"]),  # type: ignore[misc]

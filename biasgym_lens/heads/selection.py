@@ -43,6 +43,7 @@ __all__ = [
     "first_within_budget",
     "relative_increase",
     "BUDGET_MEASURES",
+    "BUDGET_CHECKS",
 ]
 
 
@@ -160,6 +161,7 @@ class FaithfulnessCurve:
 
 
 BUDGET_MEASURES = ("perplexity", "loss")
+BUDGET_CHECKS = ("upper", "point")  # what must hold the budget on the tune passages (ScopeConfig.budget_check)
 
 
 def _cost_column(on: str) -> str:
@@ -182,19 +184,27 @@ def relative_increase(loss: float, base_loss: float, on: str = "perplexity") -> 
 
 
 def first_within_budget(
-    candidates: Sequence[Any], tune_cost: Callable[[Any], float], curve_cost: Callable[[Any], float], budget: float
+    candidates: Sequence[Any],
+    tune_cost: Callable[[Any], tuple[float, float]],
+    curve_cost: Callable[[Any], float],
+    budget: float,
+    *,
+    conservative: bool = True,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """The first candidate (a number of heads, a steering multiplier) whose ``tune_cost`` is within ``budget``
-    (0 if none is), and every check made.
+    """The first candidate (a number of heads, a steering multiplier) whose cost on the tune passages is
+    within ``budget`` (0 if none is), and every check made.
 
     The curve estimates each candidate's cost on a few passages; this confirms it on the tune passages,
-    falling back to the next candidate when the estimate was optimistic.
+    falling back to the next candidate when the estimate was optimistic. ``tune_cost`` returns the cost and
+    the upper end of its 95% interval over the tune passages; with ``conservative`` (the default) that upper
+    end must be within the budget, so a candidate whose cost only happens to fall under the budget on these
+    passages is not taken.
     """
     checks: list[dict[str, Any]] = []
     for cand in candidates:
-        cost = float(tune_cost(cand))
-        checks.append({"candidate": cand, "curve_cost": float(curve_cost(cand)), "tune_cost": cost})
-        if cost <= budget:
+        cost, high = (float(x) for x in tune_cost(cand))
+        checks.append({"candidate": cand, "curve_cost": float(curve_cost(cand)), "tune_cost": cost, "tune_cost_high": high})
+        if (high if conservative else cost) <= budget:
             return cand, checks
     return 0, checks
 

@@ -226,10 +226,12 @@ class TuneBudget:
         cap = capability_set(model, passages=passages, mc_items=[], resume_layers=sorted(x for x in starts if x))
         return cls(cap, measure_capability(model, cap, with_mc=False), config.budget_on)
 
-    def cost(self, model: Model, iv: Intervention) -> float:
-        """The relative increase of the budget's measure under ``iv`` (no multiple choice)."""
+    def cost(self, model: Model, iv: Intervention) -> tuple[float, float]:
+        """The relative increase of the budget's measure under ``iv`` (no multiple choice), and the upper end
+        of its paired 95% bootstrap interval over the tune passages."""
         c = measure_capability(model, self.cap, iv.make, with_mc=False, start=iv.first_layer)
-        return c.relative_to(self.base)[f"{self.budget_on}_increase"]
+        key = f"{self.budget_on}_increase"
+        return c.relative_to(self.base)[key], c.intervals(self.base)[f"{key}_ci_high"]
 
 
 @dataclass
@@ -285,10 +287,13 @@ def choose_heads(
     holds the budget on the tune passages; the next candidate when the curve was optimistic."""
     curve_costs = curve.table[curve.table.selection == "top"].set_index("k")[f"{config.budget_on}_increase"]
 
-    def tune_cost(k: int) -> float:
+    def tune_cost(k: int) -> tuple[float, float]:
         return tune.cost(model, heads_intervention(model, "heads", curve.heads[:k], config, reference))
 
-    k, checks = first_within_budget(curve.candidates(), tune_cost, lambda k: curve_costs[k], config.budget)
+    k, checks = first_within_budget(
+        curve.candidates(), tune_cost, lambda k: curve_costs[k], config.budget,
+        conservative=config.budget_check == "upper",
+    )
     return list(curve.heads[:k]), tuple(BudgetCheck(**c) for c in checks)
 
 
@@ -306,11 +311,13 @@ def choose_alpha(
         for a in config.steer_alphas
     }
 
-    def tune_cost(a: float) -> float:
+    def tune_cost(a: float) -> tuple[float, float]:
         return tune.cost(model, steering_intervention(model, direction, layer, a))
 
     fitting = sorted((a for a, c in alpha_cost.items() if c <= config.budget), reverse=True)
-    alpha, checks = first_within_budget(fitting, tune_cost, alpha_cost.__getitem__, config.budget)
+    alpha, checks = first_within_budget(
+        fitting, tune_cost, alpha_cost.__getitem__, config.budget, conservative=config.budget_check == "upper"
+    )
     return float(alpha), tuple(BudgetCheck(**c) for c in checks)
 
 
