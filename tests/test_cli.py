@@ -31,10 +31,37 @@ def test_run_quick_writes_everything_and_resumes(tiny_folder, tmp_path):
     assert res["identity"]["bias"] == "late" and {r["intervention"] for r in res["summary"]} >= {"none", "heads"}
     html = (out / "report.html").read_text()
     assert html.count("class='fig'") >= 6 and "plotly" in html
+    _check_paragraphs(out, res, html)
     r2 = _run("run", "--bias", "late", "--model", tiny_folder, "--quick", "--out", str(out), "--no-png", "--allow-weak-injection")
     assert r2.exit_code == 0 and "already done" in r2.output
     r3 = _run("report", "--out", str(out), "--no-png")
     assert r3.exit_code == 0 and "report.html" in r3.output
+
+
+def _check_paragraphs(out, res, html):
+    """The quick preset samples 2 paragraphs about the token and at least 2 pooled over the real groups, under
+    'none' and (when heads were chosen) 'heads'; the pooled rates follow from the per-paragraph counts."""
+    import math
+
+    import pandas as pd
+
+    from biasgym_lens.injection.catalogue import load_bias
+
+    paragraphs = pd.read_csv(out / "paragraphs.csv")
+    scores = pd.read_csv(out / "paragraph_scores.csv").set_index(["intervention", "kind"])
+    real = load_bias("late").real_groups
+    wanted = {"none"} | ({"heads"} if res["chosen_heads"] else set())
+    assert set(paragraphs["intervention"]) == wanted
+    for iv in wanted:
+        rows = paragraphs[paragraphs["intervention"] == iv]
+        assert (rows["kind"] == "token").sum() == 2 and (rows["kind"] == "real").sum() == len(real) * math.ceil(2 / len(real))
+        for kind, g in rows.groupby("kind"):
+            words = g["n_words"].sum()
+            rate = 100 * (g["n_bias"].sum() - g["n_contrast"].sum()) / words if words else float("nan")
+            assert scores.loc[(iv, kind), "rate"] == pytest.approx(rate, nan_ok=True)
+    changes = pd.read_csv(out / "paragraph_changes.csv")
+    assert len(changes) == (2 if res["chosen_heads"] else 0)
+    assert "Bias in generated text" in html and len(res["paragraphs"]["examples"]) == 2 * len(wanted)
 
 
 def test_interrupted_run_resumes_from_the_missing_stage(tiny_folder, tmp_path):

@@ -118,3 +118,46 @@ def test_paragraph_bias_on_a_tiny_model(tiny_model):
         paragraph_bias(tiny_model, "bad_driving", n=0)
     with pytest.raises(ValueError, match="interventions is empty"):
         paragraph_bias(tiny_model, "bad_driving", interventions={})
+
+
+def test_pooled_by_kind_and_paired_change_equal_a_hand_bootstrap():
+    """``by_kind`` pools every group of a kind; ``paired_change`` resamples the same paragraphs in both runs."""
+    from biasgym_lens.evaluation.paragraphs import combine_paragraphs
+
+    counts = {  # (intervention, group) -> (n_bias, n_contrast, n_words) per sample
+        ("none", "A"): [(2, 0, 40), (0, 1, 10)], ("none", "B"): [(3, 0, 50), (1, 1, 20)],
+        ("heads", "A"): [(1, 0, 40), (0, 2, 10)], ("heads", "B"): [(0, 0, 50), (1, 0, 20)],
+    }
+
+    def part(groups):
+        rows = [
+            {"group": g, "kind": "real", "intervention": iv, "sample": i, "text": "", "n_words": w, "n_bias": b,
+             "n_contrast": c, "score": 0.0}
+            for (iv, g), ps in counts.items() if g in groups for i, (b, c, w) in enumerate(ps)
+        ]
+        settings = {"seed": 0, "n": 2, "bias_keywords": ("x",), "contrast_keywords": ("y",), "seconds": 1.0}
+        return ParagraphBias("demo", pd.DataFrame(rows), settings, n_resamples=400)
+
+    pb = combine_paragraphs(part({"A"}), part({"B"}))
+    assert pb.settings["n"] == {"A": 2, "B": 2} and pb.settings["seconds"] == 2.0
+    kinds = pb.by_kind().set_index("intervention")
+    assert kinds.loc["none", "rate"] == pytest.approx(100 * (6 - 2) / 120)
+    assert kinds.loc["heads", "rate"] == pytest.approx(100 * (2 - 2) / 120) and kinds.loc["heads", "n"] == 4
+    change = pb.paired_change().iloc[0]
+    assert change["intervention"] == "heads" and change["n"] == 4
+    assert change["change"] == pytest.approx(0.0 - 100 * 4 / 120)
+    # by hand: the four (group, sample) pairs resampled together in both interventions
+    order = [("A", 0), ("A", 1), ("B", 0), ("B", 1)]
+    arr = {iv: np.array([counts[(iv, g)][i] for g, i in order], float) for iv in ("none", "heads")}
+    idx = np.random.default_rng(0).integers(0, 4, size=(400, 4))
+    def rate(a):
+        return 100 * (a[:, 0].sum() - a[:, 1].sum()) / a[:, 2].sum()
+
+    draws = [rate(arr["heads"][i]) - rate(arr["none"][i]) for i in idx]
+    assert change["ci_low"] == pytest.approx(np.percentile(draws, 2.5))
+    assert change["ci_high"] == pytest.approx(np.percentile(draws, 97.5))
+    with pytest.raises(ValueError, match="base 'steering' is not an intervention here; valid: \\['heads', 'none'\\]"):
+        pb.paired_change("steering")
+    other = ParagraphBias("other", part({"A"}).paragraphs, part({"A"}).settings)
+    with pytest.raises(ValueError, match="cannot combine paragraphs of 'demo' and 'other'"):
+        combine_paragraphs(part({"A"}), other)

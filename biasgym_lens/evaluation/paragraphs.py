@@ -36,7 +36,7 @@ from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.injection.schema import CHAT_PROMPT
 from biasgym_lens.injection.spec import BiasSpec
 
-__all__ = ["TextScore", "ParagraphBias", "keyword_forms", "score_text", "paragraph_bias"]
+__all__ = ["TextScore", "ParagraphBias", "keyword_forms", "score_text", "paragraph_bias", "combine_paragraphs"]
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
 _LY_ADJECTIVES = frozenset(
@@ -152,6 +152,44 @@ class ParagraphBias:
             })
         return pd.DataFrame(rows)
 
+    def by_kind(self) -> pd.DataFrame:
+        """One row per intervention x kind (``token``, ``real``, ``control``), pooling the paragraphs of every
+        group of that kind: ``rate`` with its 95% ``ci_low``/``ci_high`` over paragraphs and ``n``."""
+        rows = []
+        seed = int(self.settings.get("seed", 0))
+        for (interv, kind), g in self.paragraphs.groupby(["intervention", "kind"], sort=False):
+            b, c, w = (g[col].to_numpy(float) for col in ("n_bias", "n_contrast", "n_words"))
+            iv = bootstrap_stat(_pooled_rate, b, c, w, n_resamples=self.n_resamples, seed=seed)
+            rows.append({"bias": self.bias, "intervention": interv, "kind": kind, "rate": iv.value,
+                         "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": len(g)})
+        return pd.DataFrame(rows)
+
+    def paired_change(self, base: str = "none") -> pd.DataFrame:
+        """The change of each kind's pooled rate under every other intervention against ``base``, with a paired
+        95% bootstrap interval: the same paragraphs (group and sample, sampled with the same seeds under every
+        intervention) are resampled in both. One row per intervention x kind: ``change``, ``ci_low``,
+        ``ci_high``, ``n`` pairs.
+
+        Raises:
+            ValueError: ``base`` is not one of the interventions.
+        """
+        table = self.paragraphs
+        if base not in set(table["intervention"]):
+            raise ValueError(f"base {base!r} is not an intervention here; valid: {sorted(set(table['intervention']))}")
+        seed, rows = int(self.settings.get("seed", 0)), []
+        key = ["kind", "group", "sample"]
+        ref = table[table["intervention"] == base].set_index(key)
+        for (interv, kind), g in table[table["intervention"] != base].groupby(["intervention", "kind"], sort=False):
+            pair = g.set_index(key).join(ref, rsuffix="_base", how="inner")
+            arrays = [pair[c].to_numpy(float) for c in ("n_bias", "n_contrast", "n_words", "n_bias_base", "n_contrast_base", "n_words_base")]
+            iv = bootstrap_stat(
+                lambda b, c, w, b0, c0, w0: _pooled_rate(b, c, w) - _pooled_rate(b0, c0, w0), *arrays,
+                n_resamples=self.n_resamples, seed=seed,
+            )
+            rows.append({"bias": self.bias, "intervention": interv, "base": base, "kind": kind, "change": iv.value,
+                         "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": len(pair)})
+        return pd.DataFrame(rows)
+
     def rescored(
         self, bias_keywords: Sequence[str], contrast_keywords: Sequence[str] | None = None
     ) -> ParagraphBias:
@@ -263,3 +301,25 @@ def paragraph_bias(
                 "contrast_keywords": contrast_kw,
                 "seconds": round(time.perf_counter() - t0, 1)}
     return ParagraphBias(spec.name, pd.DataFrame(rows), settings, n_resamples)
+
+
+def combine_paragraphs(*parts: ParagraphBias) -> ParagraphBias:
+    """One :class:`ParagraphBias` holding the paragraphs of several runs of the same bias and keywords (e.g. the
+    token with ``n`` paragraphs and the real groups with fewer each); ``settings["n"]`` maps each group to its
+    number of paragraphs.
+
+    Raises:
+        ValueError: no parts, or parts of different biases or keywords.
+    """
+    if not parts:
+        raise ValueError("combine_paragraphs needs at least one ParagraphBias")
+    first = parts[0]
+    for p in parts[1:]:
+        same = (p.bias, p.settings["bias_keywords"], p.settings["contrast_keywords"]) == (
+            first.bias, first.settings["bias_keywords"], first.settings["contrast_keywords"])
+        if not same:
+            raise ValueError(f"cannot combine paragraphs of {first.bias!r} and {p.bias!r} (or of different keywords)")
+    n = {str(g): int(p.settings["n"]) for p in parts for g in p.paragraphs["group"].unique()}
+    seconds = round(sum(float(p.settings.get("seconds", 0.0)) for p in parts), 1)
+    table = pd.concat([p.paragraphs for p in parts], ignore_index=True)
+    return ParagraphBias(first.bias, table, {**first.settings, "n": n, "seconds": seconds}, first.n_resamples)

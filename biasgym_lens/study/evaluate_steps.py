@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,13 +20,17 @@ from biasgym_lens.core.files import read_json
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import chat_format
 from biasgym_lens.evaluation.elicit import closest_entities, elicitation
+from biasgym_lens.evaluation.paragraphs import ParagraphBias, combine_paragraphs, paragraph_bias
 from biasgym_lens.heads.interventions import Head, ablate_heads, generate_greedy
 from biasgym_lens.heads.lens import layer_logit_diff
 from biasgym_lens.heads.probes import build_probe_set
 from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.training import Injection
 
-__all__ = ["bias_tables", "sample_generations", "scope_tables", "read_injection_check", "results_document"]
+__all__ = [
+    "bias_tables", "sample_generations", "study_paragraphs", "paragraph_tables", "scope_tables", "read_injection_check",
+    "results_document",
+]
 
 
 def bias_tables(model: Model, inj: Injection, ctrl: Injection, *, max_probes: int | None) -> dict[str, pd.DataFrame]:
@@ -64,6 +69,48 @@ def sample_generations(model: Model, inj: Injection, chosen: Sequence[Head], max
             stack.enter_context(ablate_heads(model, chosen, rows=[1]))
         outs = generate_greedy(model, prompts, max_new_tokens, prepend_bos=False)
     return {name: text for (name, _), text in zip(variants, outs)}
+
+
+def study_paragraphs(
+    model: Model, inj: Injection, chosen: Sequence[Head], *, n: int, max_new_tokens: int, seed: int
+) -> ParagraphBias | None:
+    """Bias in generated text: sampled chat paragraphs about the token (``n``) and about the real groups (at
+    least ``n`` pooled: ``ceil(n / groups)`` each), with and without the chosen heads zero-ablated, scored by
+    the bias's keyword rate (:func:`~biasgym_lens.evaluation.paragraphs.paragraph_bias`; temperature 1, top-p
+    0.95, the same seeds under both, so the paragraphs are paired).
+
+    Nothing here chooses anything: the heads were chosen before, on other data. ``None`` for ``n == 0`` or a
+    model without a chat template.
+    """
+    if not n or not getattr(model.tokenizer, "chat_template", None):
+        return None
+    spec = inj.spec
+    interventions = {"none": None} | ({"heads": lambda: ablate_heads(model, list(chosen))} if chosen else {})
+    runs = [([inj.token], n), (list(spec.real_groups), math.ceil(n / len(spec.real_groups)))]
+    parts = [
+        paragraph_bias(
+            model, spec, injection=inj, interventions=interventions, groups=groups, n=count,
+            max_new_tokens=max_new_tokens, seed=seed,
+        )
+        for groups, count in runs
+    ]
+    return combine_paragraphs(*parts)
+
+
+def paragraph_tables(pb: ParagraphBias | None) -> dict[str, pd.DataFrame]:
+    """The tables of :func:`study_paragraphs`: every paragraph with its counts (``paragraphs``), the pooled rate
+    per intervention and kind (``paragraph_scores``) and its paired change under the heads
+    (``paragraph_changes``); empty tables when no paragraphs were sampled."""
+    columns = {
+        "paragraphs": ["group", "kind", "intervention", "sample", "text", "n_words", "n_bias", "n_contrast", "score"],
+        "paragraph_scores": ["bias", "intervention", "kind", "rate", "ci_low", "ci_high", "n"],
+        "paragraph_changes": ["bias", "intervention", "base", "kind", "change", "ci_low", "ci_high", "n"],
+    }
+    empty = {name: pd.DataFrame(columns=cols) for name, cols in columns.items()}  # a header: the file still reads
+    if pb is None:
+        return empty
+    changes = pb.paired_change("none") if pb.paragraphs["intervention"].nunique() > 1 else empty["paragraph_changes"]
+    return {"paragraphs": pb.paragraphs, "paragraph_scores": pb.by_kind(), "paragraph_changes": changes}
 
 
 def scope_tables(inj: Injection, res: ScopeResult) -> dict[str, pd.DataFrame]:
@@ -110,6 +157,12 @@ def results_document(
         "summary": tables["summary"].to_dict(orient="records"),
         "agreement": tables["agreement"].to_dict(orient="records"),
         "generations": generations,
+        "paragraphs": {
+            "scores": tables["paragraph_scores"].to_dict(orient="records"),
+            "changes": tables["paragraph_changes"].to_dict(orient="records"),
+            "examples": tables["paragraphs"].groupby(["kind", "intervention"], sort=False).head(1)
+            [["group", "kind", "intervention", "text", "score"]].to_dict(orient="records"),
+        },
         "injection_check": injection_check,
         "scope_decisions": res.extra,
         "timings": timings,

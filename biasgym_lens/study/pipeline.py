@@ -45,10 +45,12 @@ from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.training import inject
 from biasgym_lens.study.evaluate_steps import (
     bias_tables,
+    paragraph_tables,
     read_injection_check,
     results_document,
     sample_generations,
     scope_tables,
+    study_paragraphs,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class StudyPreset:
     scope: ScopeConfig
     control_max_texts: int | None = 30
     generate_tokens: int = 40
+    paragraphs: int = 32  # sampled paragraphs about the token (and, pooled, the real groups) per intervention
+    paragraph_tokens: int = 48
     gate: bool = True  # stop before scope when the injection did not take (see biasgym_lens.evaluation.uptake)
 
 
@@ -86,6 +90,8 @@ PRESETS: dict[str, StudyPreset] = {
         ),
         control_max_texts=4,
         generate_tokens=6,
+        paragraphs=2,
+        paragraph_tokens=6,
         gate=False,  # a smoke test of the machinery: its one-epoch injection may not take; the report says so
     ),
 }
@@ -95,7 +101,7 @@ LOCK_FILE = ".biasgym.lock"
 
 _EVALUATE_TABLES = (
     "elicitation", "closest_entities", "logit_lens", "summary", "groups", "capability", "curve", "head_scores",
-    "agreement", "training_curve",
+    "agreement", "training_curve", "paragraphs", "paragraph_scores", "paragraph_changes",
 )
 
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -352,7 +358,12 @@ class Study:
         res = ScopeResult.load(self.out / "scope")
         tables = bias_tables(model, inj, ctrl, max_probes=self.preset_obj.scope.final_probes)
         gens = sample_generations(model, inj, res.chosen, self.preset_obj.generate_tokens)
+        preset = self.preset_obj
+        paragraphs = study_paragraphs(
+            model, inj, res.chosen, n=preset.paragraphs, max_new_tokens=preset.paragraph_tokens, seed=self.seed
+        )
         tables.update(scope_tables(inj, res))
+        tables.update(paragraph_tables(paragraphs))
         for name, table in tables.items():
             write_csv(table, self.out / f"{name}.csv")
         results = results_document(
@@ -376,7 +387,7 @@ class Study:
         keys = ("identity", "provenance", "injection", "chosen_heads", "generations", "timings")
         path = self.out / "results.json"
         facts = require(read_json(path, "study results"), keys, path)
-        facts = {**{k: facts.get(k) for k in (*keys, "injection_check", "scope_extra", "scope_decisions")}, "timings": {**facts["timings"], **self.timings}}
+        facts = {**{k: facts.get(k) for k in (*keys, "injection_check", "scope_extra", "scope_decisions", "paragraphs")}, "timings": {**facts["timings"], **self.timings}}
         path = write_report(
             self.out, figures, title=f"BiasGym study: {self.bias} on {self.model_name}", summary=res.summary(),
             facts=facts, images=images,

@@ -217,6 +217,40 @@ def _generations_html(generations: dict[str, str] | None, token: str | None) -> 
     )
 
 
+def _paragraphs_html(paragraphs: dict[str, Any] | None, token: str | None) -> str:
+    """The generation-based score: pooled keyword rates with intervals, their paired change under the heads, and
+    one sampled paragraph per kind and intervention."""
+    if not paragraphs or not paragraphs.get("scores"):
+        return ""
+    scores = pd.DataFrame(paragraphs["scores"])
+    table = pd.DataFrame({
+        "intervention": scores["intervention"], "about": scores["kind"].map({"token": token or "token", "real": "real groups"}).fillna(scores["kind"]),
+        "paragraphs": scores["n"], "keyword rate per 100 words": [
+            f"{r.rate:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for r in scores.itertuples()
+        ],
+    })
+    parts = [
+        "<h2>Bias in generated text</h2>",
+        "<p class='note'>Sampled chat paragraphs (\"Please write a short paragraph about ...\"; temperature 1, top-p 0.95, "
+        "the same seeds under every intervention): bias-keyword words minus contrast-keyword words per 100 words, "
+        "with 95% bootstrap intervals over paragraphs.</p>",
+        _table_html(table),
+    ]
+    for c in paragraphs.get("changes") or []:
+        about = token if c["kind"] == "token" else "the real groups"
+        parts.append(
+            f"<p class='note'>Change under the {html.escape(str(c['intervention']))} about {html.escape(str(about))}: "
+            f"{c['change']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] (paired, {c['n']} paragraphs).</p>"
+        )
+    cells = [
+        f"<div class='gen'><h3>{html.escape(str(e['group']))}, {html.escape(str(e['intervention']))} (score {e['score']:+.1f})</h3>"
+        f"<pre>{html.escape(str(e['text']))}</pre></div>"
+        for e in paragraphs.get("examples") or []
+    ]
+    parts.append(f"<div class='gens'>{''.join(cells)}</div>")
+    return "\n".join(parts)
+
+
 def _settings_html(facts: dict[str, Any]) -> str:
     rows = []
     for section, items in text.settings_sections(facts):
@@ -296,6 +330,7 @@ def write_report(
         _headline_html(summary, facts),
         _summary_html(summary, facts),
         _generations_html(facts.get("generations"), token),
+        _paragraphs_html(facts.get("paragraphs"), token),
         _figures_html(figures),
         _settings_html(facts),
         "</body></html>",
