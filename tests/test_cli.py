@@ -62,6 +62,11 @@ def _check_paragraphs(out, res, html):
     changes = pd.read_csv(out / "paragraph_changes.csv")
     assert len(changes) == (2 if res["chosen_heads"] else 0)
     assert "Bias in generated text" in html and len(res["paragraphs"]["examples"]) == 2 * len(wanted)
+    roles = pd.read_csv(out / "head_role_effects.csv")
+    chosen = {f"L{a}H{b}" for a, b in res["chosen_heads"]}
+    assert set(roles["head"]) == chosen and ("What each chosen head does" in html) == bool(chosen)
+    if chosen:  # the token and every real group of the bias, per head
+        assert len(roles) == len(chosen) * (1 + len(real))
 
 
 def test_interrupted_run_resumes_from_the_missing_stage(tiny_folder, tmp_path):

@@ -26,6 +26,8 @@ __all__ = [
     "residual_components",
     "component_hook_names",
     "has_post_norms",
+    "head_gain",
+    "norm_gain",
 ]
 
 
@@ -35,7 +37,8 @@ def final_norm_kind(model: Model) -> str:
     return "rms" if nt.startswith("RMS") else "ln"
 
 
-def _norm_gain(model: Model, norm: Any) -> Tensor | None:
+def norm_gain(model: Model, norm: Any) -> Tensor | None:
+    """The gain of a norm module in raw weights (``1 + w`` for Gemma's offset RMSNorm); ``None`` without one."""
     comp = getattr(norm, "original_component", None)
     w = getattr(comp, "weight", None)
     if w is None:
@@ -62,7 +65,7 @@ def final_norm_direction(model: Model, ps: ProbeSet) -> tuple[Tensor, Tensor]:
     if b_U is not None:
         const = const + b_U.detach().float()[b].mean() - b_U.detach().float()[c].mean()
     if not getattr(model, "_weights_processed", False):
-        g = _norm_gain(model, model.ln_final)
+        g = norm_gain(model, model.ln_final)
         beta = getattr(getattr(model.ln_final, "original_component", None), "bias", None)
         if beta is not None:
             const = const + beta.detach().float() @ d
@@ -88,7 +91,7 @@ def component_hook_names(model: Model) -> set[str]:
     return names
 
 
-def _head_gain(model: Model, cache: Any, layer: int, rows: Tensor, pos: Tensor) -> Tensor | None:
+def head_gain(model: Model, cache: Any, layer: int, rows: Tensor, pos: Tensor) -> Tensor | None:
     """``[rows, d_model]`` factor that maps a head's ``z @ W_O`` to its share of the residual stream.
 
     ``None`` for pre-norm blocks. With a post-attention RMSNorm the attention output ``a = sum_h a_h`` enters
@@ -98,7 +101,7 @@ def _head_gain(model: Model, cache: Any, layer: int, rows: Tensor, pos: Tensor) 
     if not has_post_norms(model):
         return None
     norm = model.blocks[layer].ln1_post
-    g = _norm_gain(model, norm)
+    g = norm_gain(model, norm)
     s = cache[f"blocks.{layer}.ln1_post.hook_scale"][rows, pos].float()  # [rows, 1]
     return (g[None, :] if g is not None else 1.0) / s
 
@@ -109,7 +112,7 @@ def residual_components(model: Model, cache: Any, rows: Tensor, pos: Tensor) -> 
     Keys: ``embed``, ``pos_embed`` (learned positions only), ``L{l}H{h}`` for each head (``hook_z @ W_O``),
     ``b_O{l}`` (attention output bias), ``mlp{l}``. Their sum equals ``ln_final.hook_in``. In post-norm
     blocks (Gemma 2/3) a head's piece is its share of the normalised attention output, with the cached norm
-    scale held fixed (see :func:`_head_gain`), and ``mlp{l}`` is the normalised MLP output. ``cache`` needs
+    scale held fixed (see :func:`head_gain`), and ``mlp{l}`` is the normalised MLP output. ``cache`` needs
     :func:`component_hook_names`.
     """
     out = {"embed": cache["hook_embed"][rows, pos].float()}
@@ -120,7 +123,7 @@ def residual_components(model: Model, cache: Any, rows: Tensor, pos: Tensor) -> 
     for layer in range(model.cfg.n_layers):
         z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float()
         heads = einops.einsum(z, W_O[layer], "row head d_head, head d_head d_model -> row head d_model")
-        gain = _head_gain(model, cache, layer, rows, pos)
+        gain = head_gain(model, cache, layer, rows, pos)
         if gain is not None:
             heads = heads * gain[:, None, :]
         for h in range(model.cfg.n_heads):
@@ -163,7 +166,7 @@ def dla_scores(model: Model, ps: ProbeSet, metric: str = "excess") -> Float[Tens
     per_layer = []
     for layer in range(L):
         z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos].float()
-        gain = _head_gain(model, cache, layer, rows, pos)
+        gain = head_gain(model, cache, layer, rows, pos)
         if gain is None:  # project W_O on the direction first: [H, d_head]
             w = einops.einsum(W_O[layer], u, "head d_head d_model, d_model -> head d_head")
             per_layer.append(einops.einsum(z, w, "row head d_head, head d_head -> row head"))

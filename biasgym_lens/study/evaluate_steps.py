@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from biasgym_lens.core.embedding import with_token_vectors
-from biasgym_lens.core.files import read_json
+from biasgym_lens.core.files import read_csv, read_json
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import chat_format
 from biasgym_lens.evaluation.elicit import closest_entities, elicitation
@@ -24,11 +24,12 @@ from biasgym_lens.evaluation.paragraphs import ParagraphBias, combine_paragraphs
 from biasgym_lens.heads.interventions import Head, ablate_heads, generate_greedy
 from biasgym_lens.heads.lens import layer_logit_diff
 from biasgym_lens.heads.probes import build_probe_set
+from biasgym_lens.heads.roles import HeadRoles, head_roles
 from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.training import Injection
 
 __all__ = [
-    "bias_tables", "sample_generations", "study_paragraphs", "paragraph_tables", "scope_tables", "read_injection_check",
+    "bias_tables", "sample_generations", "study_paragraphs", "role_tables", "read_roles", "ROLE_VIEWS", "EVALUATE_TABLES", "paragraph_tables", "scope_tables", "read_injection_check",
     "results_document",
 ]
 
@@ -111,6 +112,35 @@ def paragraph_tables(pb: ParagraphBias | None) -> dict[str, pd.DataFrame]:
         return empty
     changes = pb.paired_change("none") if pb.paragraphs["intervention"].nunique() > 1 else empty["paragraph_changes"]
     return {"paragraphs": pb.paragraphs, "paragraph_scores": pb.by_kind(), "paragraph_changes": changes}
+
+
+ROLE_VIEWS = ("effects", "attention", "attended", "promoted")
+
+EVALUATE_TABLES = (
+    "elicitation", "closest_entities", "logit_lens", "summary", "groups", "capability", "curve", "head_scores",
+    "agreement", "training_curve", "paragraphs", "paragraph_scores", "paragraph_changes",
+    *(f"head_role_{v}" for v in ROLE_VIEWS),
+)
+"""The tables the evaluate stage writes, each as ``{name}.csv``."""
+
+
+def role_tables(model: Model, inj: Injection, chosen: Sequence[Head]) -> dict[str, pd.DataFrame]:
+    """What each chosen head does (:func:`~biasgym_lens.heads.roles.head_roles` on the test probes, for the token
+    and the real groups): one table per view, ``head_role_{view}``; empty tables (a header) when no head was
+    chosen."""
+    if not chosen:
+        return {f"head_role_{v}": pd.DataFrame(columns=["head", "group", "kind"]) for v in ROLE_VIEWS}
+    roles = head_roles(model, inj, chosen, probes="test")
+    return {f"head_role_{v}": roles.to_dataframe(v) for v in ROLE_VIEWS}
+
+
+def read_roles(out: Path, bias: str, chosen: Sequence[Head]) -> HeadRoles | None:
+    """The :class:`HeadRoles` that :func:`role_tables` saved in a study folder (``None`` when no head was chosen)."""
+    tables = [read_csv(out / f"head_role_{v}.csv", "head-role table") for v in ROLE_VIEWS]
+    if not chosen or tables[0].empty:
+        return None
+    heads = tuple((int(a), int(b)) for a, b in chosen)
+    return HeadRoles(bias, heads, attention=tables[1], attended=tables[2], effects=tables[0], promoted=tables[3])
 
 
 def scope_tables(inj: Injection, res: ScopeResult) -> dict[str, pd.DataFrame]:

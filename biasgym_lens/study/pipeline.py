@@ -44,10 +44,13 @@ from biasgym_lens.injection.catalogue import list_biases, load_bias
 from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.training import inject
 from biasgym_lens.study.evaluate_steps import (
+    EVALUATE_TABLES,
     bias_tables,
     paragraph_tables,
     read_injection_check,
+    read_roles,
     results_document,
+    role_tables,
     sample_generations,
     scope_tables,
     study_paragraphs,
@@ -99,21 +102,16 @@ PRESETS: dict[str, StudyPreset] = {
 
 LOCK_FILE = ".biasgym.lock"
 
-_EVALUATE_TABLES = (
-    "elicitation", "closest_entities", "logit_lens", "summary", "groups", "capability", "curve", "head_scores",
-    "agreement", "training_curve", "paragraphs", "paragraph_scores", "paragraph_changes",
-)
-
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "inject": ("injection/injection.json", "control_injection/injection.json"),
     "scope": ("scope/scope.json",),
-    "evaluate": (*(f"{t}.csv" for t in _EVALUATE_TABLES), "results.json"),
+    "evaluate": (*(f"{t}.csv" for t in EVALUATE_TABLES), "results.json"),
     "report": ("report.html",),
 }
 """The files each stage writes (the last one listed is written last)."""
 
 OUTPUTS: tuple[str, ...] = (
-    "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in _EVALUATE_TABLES),
+    "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in EVALUATE_TABLES),
     "results.json", "figures", "report.html",
 )
 """Every top-level name a study writes in its folder: all that ``overwrite`` may ever remove."""
@@ -364,6 +362,7 @@ class Study:
         )
         tables.update(scope_tables(inj, res))
         tables.update(paragraph_tables(paragraphs))
+        tables.update(role_tables(model, inj, res.chosen))
         for name, table in tables.items():
             write_csv(table, self.out / f"{name}.csv")
         results = results_document(
@@ -383,7 +382,8 @@ class Study:
         res = ScopeResult.load(self.out / "scope")
         closest = read_csv(self.out / "closest_entities.csv", "closest-entity table")
         lens = read_csv(self.out / "logit_lens.csv", "logit-lens table")
-        figures = study_figures(inj, res, closest=closest, lens=lens)
+        roles = read_roles(self.out, self.bias, res.chosen)
+        figures = study_figures(inj, res, closest=closest, lens=lens, roles=roles)
         keys = ("identity", "provenance", "injection", "chosen_heads", "generations", "timings")
         path = self.out / "results.json"
         facts = require(read_json(path, "study results"), keys, path)

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from biasgym_lens.core.files import write_text_atomic
 from biasgym_lens.study import plots, summary_plots
 from biasgym_lens.study import report_text as text
+from biasgym_lens.study.role_plots import head_roles_figure
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ FIGURE_NOTES: dict[str, str] = {
         "capability budget. The curve runs on the tune probes; the chosen k is the lowest-excess point within "
         "the budget whose cost the tune passages confirm."
     ),
+    "head_roles": (
+        "For each chosen head, on the test probes: where it attends from the answer position (the group's tokens, "
+        "the first position, itself, the rest), its direct effect through the unembedding on the bias and contrast "
+        "keywords, for the injected token and each real group, and the tokens it promotes most for the token."
+    ),
     "interventions": (
         "What each intervention removes on the test probes (the token's excess and the real groups' gap over "
         "the controls) and what it costs on the test passages, with 95% bootstrap intervals as error bars; no "
@@ -78,6 +84,7 @@ def study_figures(
     closest: pd.DataFrame | None = None,
     lens: pd.DataFrame | None = None,
     generalisation: pd.DataFrame | None = None,
+    roles: Any = None,
 ) -> list[tuple[str, go.Figure, str]]:
     """``(name, figure, one-sentence reading)`` for every figure of a study; the chosen heads are outlined on
     the head heatmaps."""
@@ -109,6 +116,8 @@ def study_figures(
         ("generalisation", generalisation, plots.generalisation_heatmap),
     )
     figs += [(name, plot(table)) for name, table, plot in optional if table is not None]
+    if roles is not None:
+        figs.append(("head_roles", head_roles_figure(roles)))
     return [(name, fig, _note(name)) for name, fig in figs]
 
 
@@ -119,6 +128,7 @@ def _note(name: str) -> str:
 
 
 FIGURE_TITLES: dict[str, str] = {
+    "head_roles": "What each chosen head does",
     "training_curve": "Training the injected token",
     "heads_specific": "Head ranking (chosen heads outlined)",
     "methods": "Head scores by method",
