@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -158,6 +159,24 @@ def test_generalisation_matrix_diagonal_matches_a_direct_measurement(tiny_model)
     pd.testing.assert_frame_equal(real_from_table, real, atol=1e-5, rtol=1e-4)
     row = table.query("heads_of == 'late' and measured_on == 'math'").iloc[0]
     assert row.token_excess_clean == pytest.approx(clean, abs=1e-6) and row.token_excess == pytest.approx(abl, abs=1e-6)
+    # the cut's interval, by hand: resample the math test probes, paired, with core.stats' seeded generator
+    per = {
+        lab: measure_groups(tiny_model, spec, inj_b, iv, keep_per_probe=True)
+        for lab, iv in (("none", None), ("heads", lambda: ablate_heads(tiny_model, heads["late"])))
+    }
+
+    def token_gap(df):
+        ctrl = np.mean(np.stack(df.query("kind == 'control'")["per_probe"].to_list()), axis=0)
+        return np.asarray(df.query("kind == 'token'")["per_probe"].item()) - ctrl
+
+    a, b = token_gap(per["heads"]), token_gap(per["none"])
+    from biasgym_lens.core.stats import DEFAULT_RESAMPLES
+
+    idx = np.random.default_rng(0).integers(0, len(a), size=(DEFAULT_RESAMPLES, len(a)))
+    draws = 1 - a[idx].mean(1) / b[idx].mean(1)
+    assert row.token_cut_ci_low == pytest.approx(np.percentile(draws, 2.5), abs=1e-6)
+    assert row.token_cut_ci_high == pytest.approx(np.percentile(draws, 97.5), abs=1e-6)
+    assert row.token_cut_ci_low <= row.token_cut <= row.token_cut_ci_high
     assert active_hooks(tiny_model) == []
 
 

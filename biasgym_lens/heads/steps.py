@@ -52,7 +52,7 @@ from biasgym_lens.heads.selection import (
     specific_scores,
 )
 from biasgym_lens.heads.steering import bias_direction
-from biasgym_lens.heads.transfer import NO_REAL_GROUPS
+from biasgym_lens.heads.transfer import NO_REAL_GROUPS, per_probe_table
 
 logger = logging.getLogger(__name__)
 
@@ -348,14 +348,3 @@ def measure_all(
         c = test.measure(model, iv)
         caps.append({"intervention": iv.name, **c.to_dict(), **c.relative_to(test.base), **c.intervals(test.base, seed=config.seed)})
     return pd.concat(tables, ignore_index=True), pd.DataFrame(caps), pd.concat(values, ignore_index=True)
-
-
-def per_probe_table(groups: pd.DataFrame) -> pd.DataFrame:
-    """A group table with a ``per_probe`` column as a long table ``intervention, group, kind, probe,
-    logit_diff`` (``probe``: index within the measured probes)."""
-    rows = [
-        {"intervention": r.intervention, "group": r.group, "kind": r.kind, "probe": i, "logit_diff": float(v)}
-        for r in groups.itertuples(index=False)
-        for i, v in enumerate(r.per_probe)
-    ]
-    return pd.DataFrame(rows, columns=["intervention", "group", "kind", "probe", "logit_diff"])

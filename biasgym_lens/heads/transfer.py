@@ -12,13 +12,17 @@ import pandas as pd
 
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.evaluation.elicit import GroupRequest, score_groups
+from biasgym_lens.evaluation.intervals import bias_intervals
 from biasgym_lens.heads.interventions import Head, ablate_heads
 from biasgym_lens.injection.catalogue import BiasSpec, load_bias
 from biasgym_lens.injection.metrics import keyword_ids, probe_subset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["measure_groups", "generalisation_table", "generalisation_matrix", "NO_REAL_GROUPS"]
+__all__ = ["measure_groups", "per_probe_table", "INTERVAL_COLUMNS", "generalisation_table", "generalisation_matrix", "NO_REAL_GROUPS"]
+
+INTERVAL_COLUMNS = ("token_cut_ci_low", "token_cut_ci_high", "real_cut_ci_low", "real_cut_ci_high")
+"""The 95% paired bootstrap intervals (over the measured bias's test probes) that generalisation_table adds."""
 
 NO_REAL_GROUPS = "bias %r names no real groups: the transfer to real groups is skipped (its columns are NaN)"
 
@@ -60,6 +64,17 @@ def measure_groups(
     return df
 
 
+def per_probe_table(groups: pd.DataFrame) -> pd.DataFrame:
+    """A group table with a ``per_probe`` column as a long table ``intervention, group, kind, probe,
+    logit_diff`` (``probe``: index within the measured probes)."""
+    rows = [
+        {"intervention": r.intervention, "group": r.group, "kind": r.kind, "probe": i, "logit_diff": float(v)}
+        for r in groups.itertuples(index=False)
+        for i, v in enumerate(r.per_probe)
+    ]
+    return pd.DataFrame(rows, columns=["intervention", "group", "kind", "probe", "logit_diff"])
+
+
 def generalisation_table(
     model: Model,
     injections: dict[str, Any],
@@ -81,7 +96,8 @@ def generalisation_table(
 
     Returns:
         Columns ``heads_of, measured_on, n_heads, token_excess_clean, token_excess, token_cut, real_gap_clean,
-        real_gap, real_cut``; a cut is ``1 - ablated / clean`` (NaN without heads, without a token or real
+        real_gap, real_cut`` and the cuts' paired 95% bootstrap intervals over the measured bias's test probes
+        (:data:`INTERVAL_COLUMNS`); a cut is ``1 - ablated / clean`` (NaN without heads, without a token or real
         groups, or when the clean value is 0).
     """
     columns = biases if biases is not None else list(dict.fromkeys([*injections, *heads]))
@@ -90,12 +106,20 @@ def generalisation_table(
     def spec_of(bias: str) -> BiasSpec:
         return injections[bias].spec if bias in injections else load_bias(bias)
 
-    def measure(bias: str, intervention: Callable[[], Any] | None) -> tuple[float, float]:
-        spec = spec_of(bias)
-        df = measure_groups(model, spec, injections.get(bias), intervention)
+    def measure(bias: str, intervention: Callable[[], Any] | None, label: str) -> pd.DataFrame:
+        return measure_groups(model, spec_of(bias), injections.get(bias), intervention, label=label, keep_per_probe=True)
+
+    def excesses(df: pd.DataFrame, bias: str) -> tuple[float, float]:
         token = float(df[df.kind == "token"]["excess"].mean()) if bias in injections else nan
-        real = float(df[df.kind == "real"]["excess"].mean()) if spec.real_groups else nan
+        real = float(df[df.kind == "real"]["excess"].mean()) if spec_of(bias).real_groups else nan
         return token, real
+
+    def intervals(clean_df: pd.DataFrame, ablated_df: pd.DataFrame) -> dict[str, float]:
+        row = bias_intervals(per_probe_table(pd.concat([clean_df, ablated_df], ignore_index=True))).set_index("intervention")
+        return {
+            f"{ours}_ci_{end}": float(row.loc["heads"].get(f"{theirs}_ci_{end}", nan))
+            for ours, theirs in (("token_cut", "excess_cut"), ("real_cut", "real_gap_cut")) for end in ("low", "high")
+        }
 
     def cut(ablated: float, clean: float) -> float:
         return 1.0 - ablated / clean if clean == clean and clean != 0 else nan
@@ -103,16 +127,20 @@ def generalisation_table(
     for b in columns:
         if not spec_of(b).real_groups:
             logger.warning(NO_REAL_GROUPS, b)
-    clean = {b: measure(b, None) for b in columns}
+    clean_dfs = {b: measure(b, None, "none") for b in columns}
+    clean = {b: excesses(df, b) for b, df in clean_dfs.items()}
     rows = []
     for a, hs in heads.items():
         for b in columns:
-            ablated = measure(b, lambda hs=hs: ablate_heads(model, hs, kind=kind)) if hs else (nan, nan)
+            ablated_df = measure(b, lambda hs=hs: ablate_heads(model, hs, kind=kind), "heads") if hs else None
+            ablated = excesses(ablated_df, b) if ablated_df is not None else (nan, nan)
+            cis = intervals(clean_dfs[b], ablated_df) if ablated_df is not None else {}
             rows.append(
                 {
                     "heads_of": a, "measured_on": b, "n_heads": len(hs),
                     "token_excess_clean": clean[b][0], "token_excess": ablated[0], "token_cut": cut(ablated[0], clean[b][0]),
                     "real_gap_clean": clean[b][1], "real_gap": ablated[1], "real_cut": cut(ablated[1], clean[b][1]),
+                    **{k: cis.get(k, nan) for k in INTERVAL_COLUMNS},
                 }
             )
     return pd.DataFrame(rows)
