@@ -45,6 +45,7 @@ _LAZY = {
     "scope": "biasgym_lens.heads.biasscope",
     "scope_seeds": "biasgym_lens.heads.seed_stability",
     "SeedStability": "biasgym_lens.heads.seed_stability",
+    "measure_heads": "biasgym_lens.heads.seed_stability",
     "generalisation_matrix": "biasgym_lens.heads.transfer",
     "generalisation_table": "biasgym_lens.heads.transfer",
     "Capability": "biasgym_lens.evaluation.capability_records",
