@@ -47,6 +47,7 @@ _LAZY = {
     "SeedStability": "biasgym_lens.heads.seed_stability",
     "head_roles": "biasgym_lens.heads.roles",
     "HeadRoles": "biasgym_lens.heads.roles",
+    "measure_heads": "biasgym_lens.heads.seed_stability",
     "generalisation_matrix": "biasgym_lens.heads.transfer",
     "generalisation_table": "biasgym_lens.heads.transfer",
     "Capability": "biasgym_lens.evaluation.capability_records",

@@ -139,23 +139,61 @@ def list_biases_cmd() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
 @image_options
 @allow_weak_option
+@click.option(
+    "--seeds", "n_seeds", default=None, type=int,
+    help="Run N >= 2 injection seeds (--seed, --seed+1, ...): one study each in OUT/seed_<s>, then the heads "
+    "stable across them, measured on each seed's test split (seeds.html). 1 or absent: one study.",
+)
 @user_errors
-def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection) -> None:
+def run(
+    bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection, n_seeds
+) -> None:
     """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
     set_threads(threads)
+    if n_seeds is not None and n_seeds < 1:
+        raise CliError(f"--seeds must be a number of injection seeds, at least 2 (1 or absent: one study), got {n_seeds}")
+    if n_seeds is not None and n_seeds > 1:
+        _run_seeds(bias, out, model, quick, seed, dtype, device, device_map, overwrite, image_formats(no_png, svg),
+                   allow_weak_injection, n_seeds)
+        return
     study = _new_study(bias, out, model, seed, quick, dtype, allow_weak_injection)
     study.check(overwrite=overwrite)  # validate everything before the model loads and before any file changes
     m = load_cli_model(study.model_name, device, dtype=dtype, device_map=device_map)
     with study.session(overwrite=overwrite):
-        for stage in ("inject", "scope", "evaluate"):
-            if study.has(stage):
-                click.echo(f"[{stage}] already done in {study.out}, skipping")
-                continue
-            click.echo(f"[{stage}] ...")
-            getattr(study, f"run_{stage}")(m)
-        path = study.run_report(images=image_formats(no_png, svg))
+        study.run_stages(m, images=image_formats(no_png, svg), say=click.echo)
+    path = study.out / "report.html"
     _print_summary(study)
     click.echo(f"report: {path}")
+
+
+def _run_seeds(bias, out, model, quick, seed, dtype, device, device_map, overwrite, images, allow_weak, n) -> None:
+    """``run --seeds N``: every seed's study, the stability stage and seeds.html (see ``study.seed_study``)."""
+    from biasgym_lens.study.seed_study import SeedStudy
+
+    folder = Path(out) if out else Path("results") / Path(bias).stem
+    multi = SeedStudy.consecutive(
+        folder, bias, n, first=seed, model_name=model, preset="quick" if quick else "default", dtype=dtype,
+        allow_weak_injection=allow_weak,
+    )
+    multi.check(overwrite=overwrite)  # every seed folder too, before the model loads and before any file changes
+    m = load_cli_model(multi.model_name, device, dtype=dtype, device_map=device_map)
+    with multi.session(overwrite=overwrite):
+        path = multi.run(m, images=images, say=click.echo)
+    _print_stability(multi.out)
+    click.echo(f"report: {path}")
+
+
+def _print_stability(out: Path) -> None:
+    from biasgym_lens.study.seed_report import SeedTables
+
+    tables = SeedTables.read(out)
+    labels = " ".join(tables.stable["label"]) or "none"
+    click.echo(f"heads in the top {tables.k} of more than half of the seeds: {labels}")
+    for row in tables.measures.to_dict("records"):
+        click.echo(
+            f"  seed {row['seed']}: stable heads cut {_num(row['excess_cut'], '+.0%')} of the token's excess, "
+            f"perplexity {_num(row['perplexity_increase'], '+.1%')} (test split)"
+        )
 
 
 @main.command("inject")

@@ -29,8 +29,9 @@ from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.training import Injection
 
 __all__ = [
-    "bias_tables", "sample_generations", "study_paragraphs", "role_tables", "read_roles", "ROLE_VIEWS", "EVALUATE_TABLES", "paragraph_tables", "scope_tables", "read_injection_check",
-    "results_document",
+    "bias_tables", "sample_generations", "study_paragraphs", "paragraph_tables", "role_tables", "read_roles",
+    "text_and_role_tables", "scope_tables", "read_injection_check", "results_document", "ROLE_VIEWS",
+    "EVALUATE_TABLES",
 ]
 
 
@@ -141,6 +142,15 @@ def read_roles(out: Path, bias: str, chosen: Sequence[Head]) -> HeadRoles | None
         return None
     heads = tuple((int(a), int(b)) for a, b in chosen)
     return HeadRoles(bias, heads, attention=tables[1], attended=tables[2], effects=tables[0], promoted=tables[3])
+
+
+def text_and_role_tables(
+    model: Model, inj: Injection, chosen: Sequence[Head], *, n: int, max_new_tokens: int, seed: int
+) -> dict[str, pd.DataFrame]:
+    """The paragraph tables (:func:`study_paragraphs`, :func:`paragraph_tables`) and the head-role tables
+    (:func:`role_tables`) of the evaluate stage."""
+    paragraphs = study_paragraphs(model, inj, chosen, n=n, max_new_tokens=max_new_tokens, seed=seed)
+    return {**paragraph_tables(paragraphs), **role_tables(model, inj, chosen)}
 
 
 def scope_tables(inj: Injection, res: ScopeResult) -> dict[str, pd.DataFrame]:

@@ -4,21 +4,22 @@ Each stage reads the artifacts of the previous ones and writes its own atomicall
 when all its outputs exist (:data:`STAGE_OUTPUTS`), so a study interrupted anywhere resumes where it stopped.
 ``study.json`` records what the folder holds (bias, model, seed, preset, and the SHA-256 of a user bias file).
 
-Safety of the user's files: a folder that holds anything but a study of this package is never written to;
-``overwrite=True`` replaces another study by removing only the names in :data:`OUTPUTS` and is refused on ``/``,
-the home folder, the working folder and its parents; a lock file keeps a second process out of a busy folder.
-Everything is validated (:meth:`Study.check`) before anything is changed.
+Safety of the user's files (the rules are in :mod:`biasgym_lens.study.folders`): a folder that holds anything
+but a study of this package is never written to; ``overwrite=True`` replaces another study (or a multi-seed
+study, see :mod:`biasgym_lens.study.seed_study`) by removing only the names this package writes
+(:data:`~biasgym_lens.study.folders.OUTPUTS`) and is refused on ``/``, the home folder, the working folder and
+its parents; a lock file keeps a second process out of a busy folder. Everything is validated
+(:meth:`Study.check`) before anything is changed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from biasgym_lens.core.files import (
     dumps,
     read_csv,
     read_json,
-    remove_outputs,
     require,
     write_csv,
     write_text_atomic,
@@ -44,25 +44,27 @@ from biasgym_lens.injection.catalogue import list_biases, load_bias
 from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.training import inject
 from biasgym_lens.study.evaluate_steps import (
-    EVALUATE_TABLES,
     bias_tables,
-    paragraph_tables,
     read_injection_check,
     read_roles,
     results_document,
-    role_tables,
     sample_generations,
     scope_tables,
-    study_paragraphs,
+    text_and_role_tables,
+)
+from biasgym_lens.study.folders import (
+    STAGE_OUTPUTS,
+    StudyError,
+    check_only_ours,
+    clear_outputs,
+    folder_kind,
+    folder_lock,
+    refuse_dangerous_overwrite,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StudyPreset", "PRESETS", "StudyError", "InjectionDidNotTakeError", "Study", "STAGE_OUTPUTS", "OUTPUTS", "LOCK_FILE"]
-
-
-class StudyError(ValueError):
-    """A user-facing problem with a study folder or its settings."""
+__all__ = ["StudyPreset", "PRESETS", "InjectionDidNotTakeError", "Study", "bias_digest"]
 
 
 class InjectionDidNotTakeError(StudyError):
@@ -100,32 +102,22 @@ PRESETS: dict[str, StudyPreset] = {
 }
 
 
-LOCK_FILE = ".biasgym.lock"
+def bias_digest(bias: str) -> str | None:
+    """SHA-256 of a user bias file (None for a catalogue bias); validates the bias.
 
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "inject": ("injection/injection.json", "control_injection/injection.json"),
-    "scope": ("scope/scope.json",),
-    "evaluate": (*(f"{t}.csv" for t in EVALUATE_TABLES), "results.json"),
-    "report": ("report.html",),
-}
-"""The files each stage writes (the last one listed is written last)."""
-
-OUTPUTS: tuple[str, ...] = (
-    "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in EVALUATE_TABLES),
-    "results.json", "figures", "report.html",
-)
-"""Every top-level name a study writes in its folder: all that ``overwrite`` may ever remove."""
-
-
-def _refuse_dangerous_overwrite(out: Path) -> None:
-    """``overwrite`` never aims at ``/``, the home folder, the working folder or a folder above it."""
-    target = out.expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    if target == Path(target.anchor) or target == Path.home().resolve() or target == cwd or target in cwd.parents:
-        raise StudyError(
-            f"refusing --overwrite on {out} (resolves to {target}: the root, home or working folder or one above "
-            "it); give a dedicated output folder such as results/NAME"
-        )
+    Raises:
+        StudyError: an unknown bias, or a bias file that cannot be read or parsed.
+    """
+    try:
+        spec = load_bias(bias)
+    except (ValueError, FileNotFoundError) as e:
+        raise StudyError(str(e)) from e
+    if spec.source == "builtin":
+        return None
+    try:
+        return hashlib.sha256(Path(spec.source).read_bytes()).hexdigest()
+    except OSError as e:
+        raise StudyError(f"cannot read bias file {spec.source}: {e.strerror}") from e
 
 
 def _control_bias(bias: str) -> str:
@@ -167,25 +159,27 @@ class Study:
 
         Returns:
             What :meth:`session` will do: ``"new"`` (absent or empty folder), ``"resume"`` (this same study)
-            or ``"replace"`` (another study of this package, with ``overwrite``: only its outputs are removed).
+            or ``"replace"`` (another study of this package, or a multi-seed study, with ``overwrite``: only its
+            outputs are removed).
 
         Raises:
             StudyError: unknown preset or bias, a changed bias file, a folder that holds other files (never
-                replaced, with or without ``overwrite``), another study without ``overwrite``, or ``overwrite``
-                aimed at ``/``, the home folder, the working folder or one of its parents.
+                replaced, with or without ``overwrite``), another study or a multi-seed study without
+                ``overwrite``, a multi-seed study holding a file biasgym did not write, or ``overwrite`` aimed at
+                ``/``, the home folder, the working folder or one of its parents.
         """
         if self.preset not in PRESETS:
             raise StudyError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
-        self._bias_digest()
+        bias_digest(self.bias)
         out = self.out
-        if out.exists() and not out.is_dir():
-            raise StudyError(f"output folder {out} is a file; choose another --out")
+        kind = folder_kind(out)
         if overwrite:
-            _refuse_dangerous_overwrite(out)
-        if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
+            refuse_dangerous_overwrite(out)
+        if kind == "new":
             return "new"
-        manifest = out / "study.json"
-        if not manifest.is_file():
+        if kind == "seeds":
+            return self._replace_seeds(overwrite)
+        if kind == "foreign":
             raise StudyError(
                 f"output folder {out} holds files and no study of biasgym; nothing was changed. Choose another "
                 "--out (--overwrite only ever replaces a study folder written by biasgym)"
@@ -198,7 +192,7 @@ class Study:
                     "its outputs or choose another --out"
                 )
             return "replace"
-        if held.get("bias_sha256") not in (None, self._bias_digest()):
+        if held.get("bias_sha256") not in (None, bias_digest(self.bias)):
             if not overwrite:
                 raise StudyError(
                     f"bias file {self.bias} changed since the study in {out} started; pass --overwrite to start "
@@ -207,24 +201,39 @@ class Study:
             return "replace"
         return "resume"
 
+    def _replace_seeds(self, overwrite: bool) -> str:
+        """A multi-seed study in the folder: replaced only with ``overwrite`` and only when all of it is ours."""
+        if not overwrite:
+            raise StudyError(
+                f"output folder {self.out} holds a multi-seed study of biasgym (seeds.json); pass --overwrite to "
+                "replace its outputs or choose another --out"
+            )
+        check_only_ours(self.out, "seeds")
+        return "replace"
+
     @contextlib.contextmanager
     def session(self, *, overwrite: bool = False) -> Iterator[Study]:
         """Lock the folder for this process, prepare it (see :meth:`check`) and write ``study.json``.
 
-        Only this package's own outputs (:data:`OUTPUTS`) are removed when a study is replaced; any other file
-        in the folder stays. A second process on the same folder gets a :class:`StudyError`.
+        Only this package's own outputs are removed when a study is replaced
+        (:func:`~biasgym_lens.study.folders.clear_outputs`); any other file in a study folder stays. A second
+        process on the same folder gets a :class:`StudyError`. On resume, the times of the stages done before
+        are kept.
         """
         action = self.check(overwrite=overwrite)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StudyError(f"cannot create output folder {self.out}: {e.strerror}") from e
-        with self._lock():
+        with folder_lock(self.out):
             action = self.check(overwrite=overwrite)  # again, now that no other process can change the folder
             if action == "replace":
-                gone = remove_outputs(self.out, OUTPUTS)
+                gone = clear_outputs(self.out)
                 logger.info("removed the outputs of the previous study in %s: %s", self.out, ", ".join(gone))
-            self._digest = self._bias_digest()
+            elif action == "resume":  # keep the times of the stages done before
+                held = self._held().get("timings")
+                self.timings = {**(held if isinstance(held, dict) else {}), **self.timings}
+            self._digest = bias_digest(self.bias)
             self._write_manifest()
             yield self
 
@@ -236,40 +245,6 @@ class Study:
         except ArtifactError as e:
             raise StudyError(f"{e} (not a study folder of this version; choose another --out)") from e
         return held
-
-    def _bias_digest(self) -> str | None:
-        """SHA-256 of a user bias file (None for a catalogue bias); validates the bias."""
-        try:
-            spec = load_bias(self.bias)
-        except (ValueError, FileNotFoundError) as e:
-            raise StudyError(str(e)) from e
-        if spec.source == "builtin":
-            return None
-        try:
-            return hashlib.sha256(Path(spec.source).read_bytes()).hexdigest()
-        except OSError as e:
-            raise StudyError(f"cannot read bias file {spec.source}: {e.strerror}") from e
-
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        path = self.out / LOCK_FILE
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StudyError(f"cannot write in output folder {self.out}: {e.strerror}") from e
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise StudyError(
-                    f"another biasgym process (pid {other}) is working in {self.out}; wait for it or choose another --out"
-                ) from e
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
 
     def _write_manifest(self) -> None:
         data = {
@@ -311,6 +286,39 @@ class Study:
     def require(self, stage: str) -> None:
         if not self.has(stage):
             raise StudyError(f"{self.out} has no {stage} results yet; run `biasgym {stage} --out {self.out}` first")
+
+    def run_stages(
+        self, model: Model, *, images: Sequence[str] = ("png",), say: Callable[[str], Any] = logger.info,
+        keep_report: bool = False,
+    ) -> list[str]:
+        """Run, in this folder's :meth:`session`, every stage not yet done (inject, scope, evaluate), then the
+        report: always rewritten (``biasgym run`` does so), or with ``keep_report`` only when missing or when an
+        earlier stage ran now.
+
+        Args:
+            model: The model (as :func:`~biasgym_lens.core.models.load_model` returns it).
+            images: Static formats of the report's figures.
+            say: Where each stage's one-line progress goes.
+            keep_report: Keep a report written before.
+
+        Returns:
+            The stages run, in order.
+
+        Raises:
+            InjectionDidNotTakeError: the scope stage's gate (see :meth:`run_scope`).
+        """
+        ran = []
+        for stage in ("inject", "scope", "evaluate"):
+            if self.has(stage):
+                say(f"[{stage}] already done in {self.out}, skipping")
+                continue
+            say(f"[{stage}] ...")
+            getattr(self, f"run_{stage}")(model)
+            ran.append(stage)
+        if not (keep_report and not ran and self.has("report")):
+            self.run_report(images=images)
+            ran.append("report")
+        return ran
 
     # ---------------------------------------------------------------------------------------- stages
     def run_inject(self, model: Model, *, progress: bool = True) -> Injection:
@@ -356,13 +364,9 @@ class Study:
         res = ScopeResult.load(self.out / "scope")
         tables = bias_tables(model, inj, ctrl, max_probes=self.preset_obj.scope.final_probes)
         gens = sample_generations(model, inj, res.chosen, self.preset_obj.generate_tokens)
-        preset = self.preset_obj
-        paragraphs = study_paragraphs(
-            model, inj, res.chosen, n=preset.paragraphs, max_new_tokens=preset.paragraph_tokens, seed=self.seed
-        )
         tables.update(scope_tables(inj, res))
-        tables.update(paragraph_tables(paragraphs))
-        tables.update(role_tables(model, inj, res.chosen))
+        n, tokens = self.preset_obj.paragraphs, self.preset_obj.paragraph_tokens
+        tables.update(text_and_role_tables(model, inj, res.chosen, n=n, max_new_tokens=tokens, seed=self.seed))
         for name, table in tables.items():
             write_csv(table, self.out / f"{name}.csv")
         results = results_document(

@@ -23,7 +23,10 @@ from biasgym_lens.study.role_plots import head_roles_figure
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["study_figures", "write_report", "FIGURE_NOTES", "FIGURE_TITLES", "GENERATION_LABELS"]
+__all__ = [
+    "study_figures", "write_report", "table_html", "figures_html", "FIGURE_NOTES", "FIGURE_TITLES",
+    "GENERATION_LABELS", "REPORT_STYLE",
+]
 
 
 FIGURE_NOTES: dict[str, str] = {
@@ -140,6 +143,7 @@ FIGURE_TITLES: dict[str, str] = {
     "closest_entities": "Closest countries to the trained vector",
     "logit_lens": "Bias by layer (logit lens)",
     "generalisation": "Heads of one bias on another",
+    "seed_stability": "Top-k heads of each injection seed",
 }
 """Figure name -> its heading in the report (other names: the name in words)."""
 
@@ -149,7 +153,7 @@ GENERATION_LABELS: dict[str, str] = {
     "untrained_token": "Untrained token (its initial vector)",
 }
 
-_STYLE = """
+REPORT_STYLE = """
 *{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:0 auto;
  padding:.5em 1.5em 2em;line-height:1.45;color:#222}
@@ -182,7 +186,8 @@ table.kv{border-collapse:collapse;font-size:.8em;width:100%}
 """
 
 
-def _table_html(df: pd.DataFrame, *, muted: bool = False) -> str:
+def table_html(df: pd.DataFrame, *, muted: bool = False) -> str:
+    """A table as the report lays it out (every cell escaped; ``muted``: greyed, for numbers that are noise)."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False)
@@ -207,7 +212,7 @@ def _summary_html(summary: pd.DataFrame, facts: dict[str, Any]) -> str:
         parts.append(f"<p class='note'>{html.escape(baseline)}</p>")
     if not took:
         parts.append("<p class='note'><b>Measured on an injection that did not take: these cuts are noise, not findings.</b></p>")
-    parts.append(_table_html(text.summary_table(summary), muted=not took))
+    parts.append(table_html(text.summary_table(summary), muted=not took))
     return "\n".join(parts)
 
 
@@ -244,7 +249,7 @@ def _paragraphs_html(paragraphs: dict[str, Any] | None, token: str | None) -> st
         "<p class='note'>Sampled chat paragraphs (\"Please write a short paragraph about ...\"; temperature 1, top-p 0.95, "
         "the same seeds under every intervention): bias-keyword words minus contrast-keyword words per 100 words, "
         "with 95% bootstrap intervals over paragraphs.</p>",
-        _table_html(table),
+        table_html(table),
     ]
     for c in paragraphs.get("changes") or []:
         about = token if c["kind"] == "token" else "the real groups"
@@ -272,7 +277,9 @@ def _settings_html(facts: dict[str, Any]) -> str:
     )
 
 
-def _figures_html(figures: list[tuple[str, go.Figure, str]]) -> str:
+def figures_html(figures: list[tuple[str, go.Figure, str]]) -> str:
+    """Each ``(name, figure, reading)`` as a heading (:data:`FIGURE_TITLES`), its reading and the figure drawn
+    to the page's width; plotly.js is embedded once, with the first figure, so the page opens offline."""
     parts = []
     for i, (name, fig, note) in enumerate(figures):
         fig = go.Figure(fig).update_layout(width=None)  # fills the page's width
@@ -335,13 +342,13 @@ def write_report(
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{REPORT_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(_subtitle(facts))}</p>",
         _headline_html(summary, facts),
         _summary_html(summary, facts),
         _generations_html(facts.get("generations"), token),
         _paragraphs_html(facts.get("paragraphs"), token),
-        _figures_html(figures),
+        figures_html(figures),
         _settings_html(facts),
         "</body></html>",
     ]
