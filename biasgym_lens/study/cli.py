@@ -139,10 +139,18 @@ def list_biases_cmd() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of another study in --out (never other files).")
 @image_options
 @allow_weak_option
+@click.option("--benchmarks", default=None, metavar="NAMES",
+              help="Also measure standard bias benchmarks under every intervention, after evaluate: comma-separated "
+              "stereoset_race, bbq_nationality, bbq_religion, or all.")
+@click.option("--benchmark-items", default=None, type=POSITIVE,
+              help="With --benchmarks: a seeded stratified subset of this many items per benchmark [all items].")
 @user_errors
-def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection) -> None:
-    """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
+def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection,
+        benchmarks, benchmark_items) -> None:
+    """The whole study: inject -> scope -> evaluate [-> benchmarks] -> report (resumes an interrupted run in the
+    same folder)."""
     set_threads(threads)
+    bench = _benchmark_settings(benchmarks, benchmark_items, seed)  # a bad name stops here, before anything
     study = _new_study(bias, out, model, seed, quick, dtype, allow_weak_injection)
     study.check(overwrite=overwrite)  # validate everything before the model loads and before any file changes
     m = load_cli_model(study.model_name, device, dtype=dtype, device_map=device_map)
@@ -153,9 +161,38 @@ def run(bias, out, model, quick, seed, dtype, device, device_map, threads, overw
                 continue
             click.echo(f"[{stage}] ...")
             getattr(study, f"run_{stage}")(m)
+        if bench is not None:
+            _benchmark_stage(study, m, bench)
         path = study.run_report(images=image_formats(no_png, svg))
     _print_summary(study)
     click.echo(f"report: {path}")
+
+
+def _benchmark_settings(names: str | None, items: int | None, seed: int) -> Any:
+    """The benchmarks stage's settings from ``--benchmarks`` and ``--benchmark-items`` (None: no stage)."""
+    from biasgym_lens.study.benchmark_stage import BenchmarkSettings, parse_benchmark_names
+
+    if names is None:
+        if items is not None:
+            raise CliError("--benchmark-items needs --benchmarks (e.g. --benchmarks all --benchmark-items 200)")
+        return None
+    return BenchmarkSettings(parse_benchmark_names(names), items, seed)
+
+
+def _benchmark_stage(study, m, settings, *, batch_size: int = 32, again: bool = False) -> Any:
+    """Run the benchmarks stage unless it is done with these settings (``again``: run it anyway); prints the
+    time of each benchmark under each intervention."""
+    from biasgym_lens.study.benchmark_stage import benchmarks_done
+
+    if not again and benchmarks_done(study.out, settings):
+        click.echo(f"[benchmarks] already done in {study.out} with these settings, skipping")
+        return None
+    click.echo(f"[benchmarks] {', '.join(settings.names)} under every intervention ...")
+    result = study.run_benchmarks(m, settings, batch_size=batch_size)
+    for name, sub in result.seconds.groupby("benchmark", sort=False):
+        times = ", ".join(f"{r.intervention} {r.seconds:.2f} s" for r in sub.itertuples())
+        click.echo(f"  {name} ({result.table.query('benchmark == @name')['n_items'].iloc[0]} items): {times}")
+    return result
 
 
 @main.command("inject")
@@ -238,12 +275,15 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
 
 
 @main.command("benchmark")
-@click.option("--name", "names", multiple=True, required=True,
-              type=click.Choice(["stereoset_race", "bbq_nationality", "bbq_religion"]),
-              help="stereoset_race, bbq_nationality or bbq_religion (repeat for several).")
+@click.option("--name", "names", multiple=True,
+              type=click.Choice(["stereoset_race", "bbq_nationality", "bbq_religion", "all"]),
+              help="stereoset_race, bbq_nationality, bbq_religion or all (repeat for several; with --out: all by default).")
+@click.option("--out", "study_out", default=None, type=click.Path(file_okay=False),
+              help="A study folder: measure under each of its interventions and save them in it (its model and seed).")
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
 @click.option("--max-items", default=None, type=POSITIVE, help="Seeded stratified subset of this many items.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the subset and the bootstrap.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the subset and the bootstrap (with --out: the study's seed unless given).")
 @click.option("--heads", default=None, help='Zero-ablate these heads, "LAYER.HEAD,..." (e.g. "21.1,25.6").')
 @click.option("--with-base", is_flag=True, help="With --heads: also measure the unmodified model.")
 @click.option("--score", default="sum", show_default=True, type=click.Choice(["sum", "mean"]),
@@ -253,15 +293,21 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--threads", default=None, type=POSITIVE, help="torch CPU threads.")
 @user_errors
-def benchmark_cmd(names, model, max_items, seed, heads, with_base, score, batch_size, csv_path, device, threads) -> None:
-    """Standard bias benchmarks (StereoSet race, BBQ) with 95% intervals, optionally with heads ablated."""
+def benchmark_cmd(names, study_out, model, max_items, seed, heads, with_base, score, batch_size, csv_path, device, threads) -> None:
+    """Standard bias benchmarks (StereoSet race, BBQ) with 95% intervals, optionally with heads ablated, or
+    under every intervention of a study (--out)."""
     import pandas as pd
 
     from biasgym_lens.core.files import write_csv
-    from biasgym_lens.evaluation.benchmarks import benchmark
+    from biasgym_lens.evaluation.benchmarks import BENCHMARK_NAMES, benchmark
     from biasgym_lens.heads.interventions import ablate_heads, validate_heads
 
     set_threads(threads)
+    names = tuple(dict.fromkeys(n for name in names for n in (BENCHMARK_NAMES if name == "all" else (name,))))
+    if study_out is not None:
+        return _benchmark_study(study_out, names, max_items, seed, score, batch_size, csv_path, device)
+    if not names:
+        raise CliError("give --name (stereoset_race, bbq_nationality, bbq_religion or all), or --out STUDY")
     ablated = _parse_heads(heads) if heads else None
     if csv_path:
         check_writable(csv_path)
@@ -282,6 +328,35 @@ def benchmark_cmd(names, model, max_items, seed, heads, with_base, score, batch_
     if csv_path:
         write_csv(table, csv_path)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _benchmark_study(out, names, max_items, seed, score, batch_size, csv_path, device) -> None:
+    """``biasgym benchmark --out STUDY``: the study's benchmarks stage, measured (again) with these settings."""
+    from click.core import ParameterSource
+
+    from biasgym_lens.core.files import write_csv
+    from biasgym_lens.evaluation.benchmarks import BENCHMARK_NAMES
+    from biasgym_lens.study.benchmark_stage import BenchmarkSettings
+    from biasgym_lens.study.pipeline import Study
+
+    ctx = click.get_current_context()
+    for option in ("model", "heads", "with_base"):
+        if ctx.get_parameter_source(option) == ParameterSource.COMMANDLINE:
+            raise CliError(f"--{option.replace('_', '-')} does not apply with --out: the study's model is measured "
+                           "under each of its own interventions")
+    study = Study.open(out)
+    study.require("scope")
+    given = ctx.get_parameter_source("seed") == ParameterSource.COMMANDLINE
+    settings = BenchmarkSettings(names or BENCHMARK_NAMES, max_items, seed if given else study.seed, score)
+    if csv_path:
+        check_writable(csv_path)
+    m = load_cli_model(study.model_name, device, dtype=study.dtype)
+    with study.session():
+        result = _benchmark_stage(study, m, settings, batch_size=batch_size, again=True)
+    if csv_path:
+        write_csv(result.table, csv_path)
+    click.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"benchmarks saved in {Path(out) / 'benchmarks.csv'}; `biasgym report --out {out}` adds them to the report")
 
 
 def _print_summary(study) -> None:

@@ -1,4 +1,4 @@
-"""The whole study as resumable stages writing to one folder: inject -> scope -> evaluate -> report.
+"""The whole study as resumable stages writing to one folder: inject -> scope -> evaluate [-> benchmarks] -> report.
 
 Each stage reads the artifacts of the previous ones and writes its own atomically; a stage counts as done only
 when all its outputs exist (:data:`STAGE_OUTPUTS`), so a study interrupted anywhere resumes where it stopped.
@@ -43,6 +43,7 @@ from biasgym_lens.injection.artifact import Injection
 from biasgym_lens.injection.catalogue import list_biases, load_bias
 from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.training import inject
+from biasgym_lens.study import benchmark_stage
 from biasgym_lens.study.evaluate_steps import (
     bias_tables,
     read_injection_check,
@@ -103,12 +104,13 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "scope": ("scope/scope.json",),
     "evaluate": (*(f"{t}.csv" for t in _EVALUATE_TABLES), "results.json"),
     "report": ("report.html",),
+    "benchmarks": benchmark_stage.BENCHMARK_OUTPUTS,  # optional, between evaluate and report
 }
 """The files each stage writes (the last one listed is written last)."""
 
 OUTPUTS: tuple[str, ...] = (
     "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in _EVALUATE_TABLES),
-    "results.json", "figures", "report.html",
+    "results.json", "figures", "report.html", *benchmark_stage.BENCHMARK_OUTPUTS,
 )
 """Every top-level name a study writes in its folder: all that ``overwrite`` may ever remove."""
 
@@ -363,6 +365,15 @@ class Study:
         self._timed("evaluate", t0)
         return results
 
+    def run_benchmarks(self, model: Model, settings: benchmark_stage.BenchmarkSettings, *, batch_size: int = 32) -> Any:
+        """The optional stage: StereoSet and BBQ under every intervention of the scope, written to the folder
+        (:func:`~biasgym_lens.study.benchmark_stage.run_benchmark_stage`); returns the measurements."""
+        self.require("scope")
+        t0 = time.perf_counter()
+        result = benchmark_stage.run_benchmark_stage(model, self.out, settings, batch_size=batch_size)
+        self._timed("benchmarks", t0)
+        return result
+
     def run_report(self, *, images: Sequence[str] = ("png",)) -> Path:
         from biasgym_lens.study.report import study_figures, write_report
 
@@ -379,7 +390,7 @@ class Study:
         facts = {**{k: facts.get(k) for k in (*keys, "injection_check", "scope_extra", "scope_decisions")}, "timings": {**facts["timings"], **self.timings}}
         path = write_report(
             self.out, figures, title=f"BiasGym study: {self.bias} on {self.model_name}", summary=res.summary(),
-            facts=facts, images=images,
+            facts=facts, images=images, benchmarks=benchmark_stage.read_benchmark_tables(self.out),
         )
         self._timed("report", t0)
         return path
