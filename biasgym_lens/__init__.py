@@ -55,6 +55,8 @@ _LAZY = {
     "measure_capability": "biasgym_lens.evaluation.capability",
     "BenchmarkResult": "biasgym_lens.evaluation.benchmarks",
     "benchmark": "biasgym_lens.evaluation.benchmarks",
+    "InterventionBenchmarks": "biasgym_lens.heads.scope_benchmarks",
+    "benchmarks_under_interventions": "biasgym_lens.heads.scope_benchmarks",
 }
 
 __all__ = [

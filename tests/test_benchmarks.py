@@ -287,6 +287,59 @@ def test_result_records_settings_and_rescores(tiny_model):
     assert mean.settings["score"] == "mean" and res.settings["score"] == "sum"
 
 
+PREFIX = "Treat every nationality the same and do not rely on stereotypes. "
+
+
+def test_prefix_is_context_and_only_the_original_text_is_scored(tiny_model):
+    tok = tiny_model.tokenizer
+    st = benchmark(tiny_model, "stereoset_race", max_items=4, seed=3, n_resamples=10, prefix=PREFIX)
+    context = _ids(tiny_model, PREFIX.rstrip())  # the prefix's text; its final space joins the sentence
+    for row in st.items.itertuples():
+        for k in ("stereotype", "anti_stereotype", "unrelated"):
+            sentence = tok.encode(" " + getattr(row, k), add_special_tokens=False)
+            assert tok.decode(context + sentence).endswith(PREFIX + getattr(row, k))
+            assert getattr(row, f"ntok_{k}") == len(sentence)
+            ref = _reference_logp(tiny_model, context + sentence, len(context))
+            assert getattr(row, f"logp_{k}") == pytest.approx(ref, abs=1e-4)
+    plain = benchmark(tiny_model, "stereoset_race", max_items=4, seed=3, n_resamples=10)
+    assert np.abs(plain.items.logp_stereotype - st.items.logp_stereotype).min() > 1e-3
+    assert st.settings["prefix"] == PREFIX and plain.settings["prefix"] is None
+    bbq = benchmark(tiny_model, "bbq_nationality", max_items=4, seed=3, n_resamples=10, prefix=PREFIX)
+    for row in bbq.items.itertuples():
+        prompt = _ids(tiny_model, PREFIX + BBQ_PROMPT.format(context=row.context, question=row.question))
+        for k in range(3):
+            answer = tok.encode(" " + getattr(row, f"ans{k}"), add_special_tokens=False)
+            assert getattr(row, f"logp_{k}") == pytest.approx(_reference_logp(tiny_model, prompt + answer, len(prompt)), abs=1e-4)
+            assert getattr(row, f"ntok_{k}") == len(answer)
+    for bad in ("", "   "):
+        with pytest.raises(ValueError, match="prefix"):
+            benchmark(tiny_model, "bbq_religion", max_items=4, prefix=bad)
+    assert active_hooks(tiny_model) == []
+
+
+def test_paired_difference_resamples_the_same_items_in_both_runs(tiny_model):
+    base = benchmark(tiny_model, "stereoset_race", max_items=12, seed=1, n_resamples=300)
+    cut = benchmark(tiny_model, "stereoset_race", lambda: ablate_heads(tiny_model, [(0, 1), (1, 0)]), max_items=12,
+                    seed=1, n_resamples=300, label="cut")
+    diff = cut.difference(base).set_index("metric")
+    assert list(diff.columns) == ["benchmark", "difference", "ci_low", "ci_high", "n"]
+    for metric in ("ss", "lms", "icat"):
+        want = cut.metrics()[metric].value - base.metrics()[metric].value
+        assert diff.loc[metric, "difference"] == pytest.approx(want, abs=1e-9)
+    # SS by hand: 100 x the share of items whose stereotype sentence beats the anti-stereotype one
+    pro_cut = (cut.items.logp_stereotype > cut.items.logp_anti_stereotype).to_numpy(float)
+    pro_base = (base.items.logp_stereotype > base.items.logp_anti_stereotype).to_numpy(float)
+    idx = np.random.default_rng(1).integers(0, 12, size=(300, 12))
+    draws = [100 * (pro_cut[i].mean() - pro_base[i].mean()) for i in idx]
+    assert diff.loc["ss", "ci_low"] == pytest.approx(np.percentile(draws, 2.5))
+    assert diff.loc["ss", "ci_high"] == pytest.approx(np.percentile(draws, 97.5))
+    other = benchmark(tiny_model, "stereoset_race", max_items=12, seed=2, n_resamples=10)
+    with pytest.raises(ValueError, match="other items"):
+        cut.difference(other)
+    with pytest.raises(ValueError, match="not the same benchmark"):
+        cut.difference(benchmark(tiny_model, "bbq_religion", max_items=4, n_resamples=10))
+
+
 # ------------------------------------------------------------------------------------------------ real model
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_ci", "bootstrap_stat", "paired_test", "DEFAULT_RESAMPLES"]
+__all__ = ["Interval", "bootstrap_ci", "bootstrap_stat", "paired_difference", "paired_test", "DEFAULT_RESAMPLES"]
 
 DEFAULT_RESAMPLES = 2000
 
@@ -92,6 +92,42 @@ def bootstrap_ci(
     """Percentile bootstrap interval of the mean of ``values``: ``(low, high)``."""
     iv = bootstrap_stat(np.mean, values, level=level, n_resamples=n_resamples, seed=seed)
     return iv.ci_low, iv.ci_high
+
+
+def paired_difference(
+    stat: Callable[..., float],
+    a: Sequence[np.ndarray | Sequence[float | int]],
+    b: Sequence[np.ndarray | Sequence[float | int]],
+    *,
+    level: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """``stat(*a) - stat(*b)`` on the same units, with a paired percentile bootstrap interval.
+
+    Each resample draws one set of units and recomputes the statistic on those units in ``a`` and in ``b``,
+    so what the two share (the same items, scored twice) cancels in the difference.
+
+    Args:
+        stat: A function of aligned 1-D arrays returning a float (a metric of items, say).
+        a: The arrays of the first condition (one per argument of ``stat``).
+        b: The same arrays of the second condition, unit for unit.
+        level, n_resamples, seed: As :func:`bootstrap_stat` (the same draws: ``seed`` gives the same units).
+
+    Returns:
+        The difference on all units and its interval (NaN as :func:`bootstrap_stat` says).
+
+    Raises:
+        ValueError: ``a`` and ``b`` hold different numbers of arrays, or arrays of different lengths.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a and b must hold the same number (at least one) of arrays, got {len(a)} and {len(b)}")
+    k = len(a)
+
+    def diff(*arrays: np.ndarray) -> float:
+        return float(stat(*arrays[:k])) - float(stat(*arrays[k:]))
+
+    return bootstrap_stat(diff, *a, *b, level=level, n_resamples=n_resamples, seed=seed)
 
 
 def paired_test(

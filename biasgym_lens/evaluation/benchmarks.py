@@ -10,6 +10,11 @@ Scoring (both benchmarks are scored by log-probabilities, no generation):
 * **BBQ**: the prompt is ``"{context}\\n\\nQ: {question}\\nA:"`` and each of the three answers is scored as the
   continuation ``" {answer}"``: the summed log-probability of the answer tokens only (not normalised by
   length by default; ``score="mean"`` normalises per token). The model's answer is the highest-scoring one.
+* **With a prefix** (``prefix=``, a debiasing instruction say): the prefix is context before every StereoSet
+  sentence and before every BBQ context, never scored.
+
+Paired comparisons: :meth:`BenchmarkResult.difference` gives each metric's change from another run on the same
+items, with a bootstrap interval that resamples the same items in both runs.
 
 Forward passes: all sequences are sorted by length and run in batches under ``torch.no_grad()``; only the
 positions that predict a scored token are unembedded (:func:`biasgym_lens.core.unembed.logits_at`).
@@ -43,7 +48,15 @@ from biasgym_lens.core.stats import DEFAULT_RESAMPLES, Interval
 from biasgym_lens.core.tokens import Batch, get_tokenizer, tokenize
 from biasgym_lens.core.unembed import logits_at
 from biasgym_lens.evaluation.benchmark_data import BENCHMARKS, check_name, load_items
-from biasgym_lens.evaluation.benchmark_metrics import SCORES, STEREOSET_LABELS, bbq_metrics, stereoset_metrics
+from biasgym_lens.evaluation.benchmark_metrics import (
+    SCORES,
+    STEREOSET_LABELS,
+    MetricUnits,
+    bbq_units,
+    metric_table,
+    paired_metric_differences,
+    stereoset_units,
+)
 from biasgym_lens.evaluation.capability import Intervention
 
 __all__ = ["BENCHMARK_NAMES", "BBQ_PROMPT", "BenchmarkResult", "benchmark", "continuation_logprobs"]
@@ -96,6 +109,31 @@ class BenchmarkResult:
             settings["average"] = average
         table = _metrics(self.name, self.items, settings)
         return dataclasses.replace(self, settings=settings, table=table)
+
+    def difference(self, base: BenchmarkResult) -> pd.DataFrame:
+        """Each metric here minus the same metric in ``base`` (the same items, e.g. the unmodified model), with
+        a paired bootstrap interval: the same items are resampled in both runs
+        (:func:`~biasgym_lens.evaluation.benchmark_metrics.paired_metric_differences`; this result's ``seed``
+        and ``n_resamples``).
+
+        Returns:
+            ``benchmark, metric, difference, ci_low, ci_high, n``.
+
+        Raises:
+            ValueError: another benchmark, other items, or another ``score`` / ``average``.
+        """
+        if base.name != self.name:
+            raise ValueError(f"cannot pair {self.name} with {base.name}: not the same benchmark")
+        key = "item_id" if self.name == "stereoset_race" else "example_id"
+        if list(base.items[key]) != list(self.items[key]):
+            raise ValueError(f"{self.name}: the two runs scored other items (same max_items and seed are needed)")
+        for s in ("score", "average"):
+            if base.settings.get(s) != self.settings.get(s):
+                raise ValueError(f"{self.name}: {s} {self.settings.get(s)!r} against {base.settings.get(s)!r}")
+        kw = {"n_resamples": self.settings["n_resamples"], "seed": self.settings["seed"]}
+        df = paired_metric_differences(_units(self.name, self.items, self.settings), _units(base.name, base.items, self.settings), **kw)
+        df.insert(0, "benchmark", self.name)
+        return df
 
 
 def _pack(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> Batch:
@@ -167,10 +205,25 @@ def _token_lists(model: Model, texts: Sequence[str], prepend_bos: bool | None) -
     return [row[: int(n)].tolist() for row, n in zip(batch.input_ids, batch.lengths)]
 
 
-def _score_stereoset(model: Model, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None) -> pd.DataFrame:
+def _split_prefix(prefix: str) -> tuple[str, str]:
+    """``prefix`` as the context it gives (its text without trailing whitespace) and that whitespace, which
+    joins the scored text's first word as it would in ``prefix + text``."""
+    context = prefix.rstrip()
+    return context, prefix[len(context) :]
+
+
+def _score_stereoset(
+    model: Model, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None, prefix: str | None
+) -> pd.DataFrame:
     texts = [s for label in STEREOSET_LABELS for s in items[label]]
-    ids = _token_lists(model, texts, prepend_bos)
-    logp, ntok = continuation_logprobs(model, [t[:1] for t in ids], [t[1:] for t in ids], batch_size=batch_size)
+    if prefix is None:
+        ids = _token_lists(model, texts, prepend_bos)
+        contexts, scored = [t[:1] for t in ids], [t[1:] for t in ids]
+    else:
+        context, gap = _split_prefix(prefix)
+        contexts = _token_lists(model, [context], prepend_bos) * len(texts)
+        scored = _token_lists(model, [gap + t for t in texts], False)
+    logp, ntok = continuation_logprobs(model, contexts, scored, batch_size=batch_size)
     out = items.copy()
     n = len(items)
     for k, label in enumerate(STEREOSET_LABELS):
@@ -179,8 +232,11 @@ def _score_stereoset(model: Model, items: pd.DataFrame, batch_size: int, prepend
     return out
 
 
-def _score_bbq(model: Model, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None) -> pd.DataFrame:
-    prompts = [BBQ_PROMPT.format(context=c, question=q) for c, q in zip(items["context"], items["question"])]
+def _score_bbq(
+    model: Model, items: pd.DataFrame, batch_size: int, prepend_bos: bool | None, prefix: str | None
+) -> pd.DataFrame:
+    lead = prefix or ""
+    prompts = [lead + BBQ_PROMPT.format(context=c, question=q) for c, q in zip(items["context"], items["question"])]
     prompt_ids = _token_lists(model, prompts, prepend_bos)
     answers = [" " + items[f"ans{k}"].iloc[i] for i in range(len(items)) for k in range(3)]
     answer_ids = _token_lists(model, answers, False)
@@ -193,11 +249,14 @@ def _score_bbq(model: Model, items: pd.DataFrame, batch_size: int, prepend_bos: 
     return out
 
 
-def _metrics(name: str, items: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
-    kw = {"score": settings["score"], "n_resamples": settings["n_resamples"], "seed": settings["seed"]}
+def _units(name: str, items: pd.DataFrame, settings: dict[str, Any]) -> list[MetricUnits]:
     if name == "stereoset_race":
-        return stereoset_metrics(items, average=settings["average"], **kw)
-    return bbq_metrics(items, **kw)
+        return stereoset_units(items, score=settings["score"], average=settings["average"])
+    return bbq_units(items, score=settings["score"])
+
+
+def _metrics(name: str, items: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
+    return metric_table(_units(name, items, settings), n_resamples=settings["n_resamples"], seed=settings["seed"])
 
 
 def benchmark(
@@ -213,6 +272,7 @@ def benchmark(
     label: str | None = None,
     prepend_bos: bool | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
+    prefix: str | None = None,
 ) -> BenchmarkResult:
     """Run a shipped bias benchmark on ``model``, optionally under an intervention.
 
@@ -232,29 +292,36 @@ def benchmark(
         label: Name of the intervention, shown in ``to_dataframe()``'s ``intervention`` column.
         prepend_bos: Override the model's BOS convention for the scored texts (default: the model's own).
         n_resamples: Bootstrap resamples of the intervals.
+        prefix: Text put before every scored text (a debiasing instruction, say): StereoSet scores each
+            sentence after it, BBQ puts it before the context. It is context only, never scored: a StereoSet
+            sentence's score sums the log-probabilities of its own tokens (every one of them, the first too,
+            also for a model without a BOS token), tokenized with the whitespace that ends the prefix (``"Be
+            fair. "`` + ``"The man..."`` scores ``" The man..."``). None: no prefix.
 
     Returns:
         The result, with per-item log-probabilities and the metrics with their 95% intervals.
 
     Raises:
-        ValueError: unknown benchmark name (the valid ones are listed), ``score`` or ``average``, or a bad
-            ``max_items`` / ``batch_size``.
+        ValueError: unknown benchmark name (the valid ones are listed), ``score`` or ``average``, a bad
+            ``max_items`` / ``batch_size``, or a ``prefix`` that holds no text.
     """
     check_name(name)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if average not in ("items", "targets"):
         raise ValueError(f"average must be 'items' or 'targets', got {average!r}")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix.strip()):
+        raise ValueError(f"prefix must be None or text with a visible character, got {prefix!r}")
     items = load_items(name, max_items=max_items, seed=seed)
     scorer = _score_stereoset if name == "stereoset_race" else _score_bbq
     start = time.perf_counter()
     with intervention() if intervention is not None else contextlib.nullcontext():
-        scored = scorer(model, items, batch_size, prepend_bos)
+        scored = scorer(model, items, batch_size, prepend_bos, prefix)
     seconds = time.perf_counter() - start
     settings = {
         "score": score, "average": average if name == "stereoset_race" else None, "max_items": max_items,
         "seed": seed, "batch_size": batch_size, "n_items": len(items), "intervention": label,
         "intervened": intervention is not None, "prepend_bos": prepend_bos, "n_resamples": n_resamples,
-        "prompt": "full sentence" if name == "stereoset_race" else BBQ_PROMPT + " {answer}",
+        "prompt": "full sentence" if name == "stereoset_race" else BBQ_PROMPT + " {answer}", "prefix": prefix,
     }
     return BenchmarkResult(name, Provenance.of(model), settings, scored, _metrics(name, scored, settings), seconds)

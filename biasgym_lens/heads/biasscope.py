@@ -17,7 +17,8 @@ from typing import Any
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.provenance import Provenance
 from biasgym_lens.heads.scope_config import ScopeConfig
-from biasgym_lens.heads.scope_records import Intervention, ScopeDecisions
+from biasgym_lens.heads.scope_interventions import random_heads, study_interventions
+from biasgym_lens.heads.scope_records import ScopeDecisions
 from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.heads.steps import (
     DEBIAS_PREFIX,
@@ -28,14 +29,11 @@ from biasgym_lens.heads.steps import (
     choose_heads,
     curve_and_direction,
     curve_capability,
-    heads_intervention,
     measure_all,
-    random_heads,
     rank_candidates,
     resolve_config,
     resume_starts,
     score_all,
-    steering_intervention,
 )
 from biasgym_lens.heads.transfer import measure_groups
 
@@ -73,13 +71,9 @@ def scope(
     chosen, budget_checks = choose_heads(model, curve, tune, config, ranking.reference)
     alpha, steering_checks = choose_alpha(model, direction, layer, cap_curve, curve, tune, config)
     baseline_heads = random_heads(model, len(chosen), config.seed)
-    interventions = [
-        Intervention("none"),
-        heads_intervention(model, "heads", chosen, config, ranking.reference),
-        heads_intervention(model, "random_heads", baseline_heads, config, ranking.reference),
-        steering_intervention(model, direction, layer, alpha),
-        Intervention("prefix", prefix=DEBIAS_PREFIX),
-    ]
+    interventions = study_interventions(
+        model, chosen, baseline_heads, (direction, layer, alpha), DEBIAS_PREFIX, config, ranking.reference
+    )
     test = TestSet.prepare(model, config, starts)  # only now: no choice above saw a test probe or passage
     groups, capability, probe_values = measure_all(model, injection, interventions, test, measure_groups, config)
     decisions = ScopeDecisions(

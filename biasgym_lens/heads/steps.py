@@ -11,6 +11,9 @@
 5. :class:`TestSet`, :func:`measure_all` - bias (test probes) and capability (test passages and multiple-choice
    items) under every :class:`~biasgym_lens.heads.scope_records.Intervention`, after every choice is made.
 
+The interventions themselves (the chosen or random heads, steering, the prefix) are built in
+:mod:`biasgym_lens.heads.scope_interventions`, which also rebuilds them for a saved study.
+
 The probe splits are those of :func:`~biasgym_lens.injection.metrics.split_probes`; no step before 5 reads a
 test probe or a test passage (``tests/test_protocol.py`` checks it).
 
@@ -21,7 +24,6 @@ saves itself.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,9 +40,16 @@ from biasgym_lens.evaluation.capability import (
 from biasgym_lens.evaluation.capability_data import load_neutral_text
 from biasgym_lens.evaluation.capability_records import Capability, CapabilitySet
 from biasgym_lens.heads.head_scores import HeadScores, score_heads
-from biasgym_lens.heads.interventions import Head, ablate_heads, first_layer, head_means, steer
+from biasgym_lens.heads.interventions import Head, first_layer
 from biasgym_lens.heads.probes import build_probe_set
 from biasgym_lens.heads.scope_config import ScopeConfig
+from biasgym_lens.heads.scope_interventions import (
+    heads_intervention,
+    mean_reference,
+    random_heads,
+    steering_direction,
+    steering_intervention,
+)
 from biasgym_lens.heads.scope_records import BudgetCheck, CandidateDamage, Intervention, Ranking
 from biasgym_lens.heads.selection import (
     FaithfulnessCurve,
@@ -51,7 +60,6 @@ from biasgym_lens.heads.selection import (
     relative_increase,
     specific_scores,
 )
-from biasgym_lens.heads.steering import bias_direction
 from biasgym_lens.heads.transfer import NO_REAL_GROUPS, per_probe_table
 
 logger = logging.getLogger(__name__)
@@ -70,9 +78,6 @@ __all__ = [
     "TuneBudget",
     "TestSet",
     "measure_all",
-    "random_heads",
-    "heads_intervention",
-    "steering_intervention",
 ]
 
 DEBIAS_PREFIX = "Treat every nationality the same and do not rely on stereotypes. "
@@ -151,7 +156,7 @@ def rank_candidates(
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
     logger.info("[%s] estimating each head's damage to neutral text", injection.bias)
-    reference = head_means(model, cap_curve.neutral[0]) if config.kind == "mean" else None
+    reference = mean_reference(model, cap_curve, config)
     damage = damage_scores(model, cap_curve, baseline=reference)
     effect = scores["attribution"]
     if reference is not None:
@@ -173,15 +178,14 @@ def rank_candidates(
 def curve_and_direction(
     model: Model, injection: Any, ranking: Ranking, cap_curve: CapabilitySet, config: ScopeConfig, *, progress: bool
 ) -> tuple[FaithfulnessCurve, Any, int]:
-    """Step 3: the faithfulness curve along the ranking, and the steering direction at the steering layer.
+    """Step 3: the faithfulness curve along the ranking, and the steering direction at the steering layer
+    (:func:`~biasgym_lens.heads.scope_interventions.steering_direction`).
 
     Returns:
         ``(curve, direction, layer)``.
     """
     spec = injection.spec
     logger.info("[%s] faithfulness curve", spec.name)
-    L = model.cfg.n_layers
-    layer = config.steer_layer if config.steer_layer is not None else (2 * L) // 3
     with injection.apply(model):
         controls = None if config.curve_controls is None else list(spec.control_groups[: config.curve_controls])
         ps_tune = build_probe_set(
@@ -192,15 +196,8 @@ def curve_and_direction(
             kind=config.kind, budget=config.budget, budget_on=config.budget_on, seed=config.seed,
             reference=ranking.reference, progress=progress,
         )
-        ps_select = build_probe_set(model, spec, injection.token, probes="select", max_probes=config.score_probes)
-        direction = bias_direction(model, ps_select, layer)
+    direction, layer = steering_direction(model, injection, config)
     return curve, direction, layer
-
-
-def random_heads(model: Model, k: int, seed: int) -> list[Head]:
-    """``k`` (at least one) heads drawn uniformly without replacement, seeded (``seed + 1``)."""
-    all_heads = [(a, b) for a in range(model.cfg.n_layers) for b in range(model.cfg.n_heads)]
-    return random.Random(seed + 1).sample(all_heads, max(1, k))
 
 
 def resume_starts(model: Model, curve: FaithfulnessCurve, layer: int, seed: int) -> set[int]:
@@ -263,21 +260,6 @@ class TestSet:
         if iv.make is None:
             return self.base
         return measure_capability(model, self.cap, iv.make, start=iv.first_layer)
-
-
-def heads_intervention(model: Model, name: str, heads: Sequence[Head], config: ScopeConfig, reference: Any) -> Intervention:
-    """Ablating ``heads`` the way the study ablates (``config.kind``)."""
-    hs = list(heads)
-    if not hs:
-        return Intervention(name)
-    return Intervention(name, lambda: ablate_heads(model, hs, kind=config.kind, reference=reference), first_layer(hs))
-
-
-def steering_intervention(model: Model, direction: Any, layer: int, alpha: float) -> Intervention:
-    """Subtracting ``alpha`` times the bias direction after ``layer`` (no change for ``alpha == 0``)."""
-    if not alpha:
-        return Intervention("steering", None, layer)
-    return Intervention("steering", lambda: steer(model, direction, layer, -alpha), layer)
 
 
 def choose_heads(

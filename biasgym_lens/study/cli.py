@@ -25,6 +25,7 @@ from biasgym_lens.study.cli_common import (
     study_options,
     user_errors,
 )
+from biasgym_lens.study.cli_stages import benchmark_settings, benchmark_stage, benchmark_study, num, run_seeds
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,56 +145,37 @@ def list_biases_cmd() -> None:
     help="Run N >= 2 injection seeds (--seed, --seed+1, ...): one study each in OUT/seed_<s>, then the heads "
     "stable across them, measured on each seed's test split (seeds.html). 1 or absent: one study.",
 )
+@click.option("--benchmarks", default=None, metavar="NAMES",
+              help="Also measure standard bias benchmarks under every intervention, after evaluate: comma-separated "
+              "stereoset_race, bbq_nationality, bbq_religion, or all.")
+@click.option("--benchmark-items", default=None, type=POSITIVE,
+              help="With --benchmarks: a seeded stratified subset of this many items per benchmark [all items].")
 @user_errors
 def run(
-    bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection, n_seeds
+    bias, out, model, quick, seed, dtype, device, device_map, threads, overwrite, no_png, svg, allow_weak_injection, n_seeds,
+    benchmarks, benchmark_items,
 ) -> None:
-    """The whole study: inject -> scope -> evaluate -> report (resumes an interrupted run in the same folder)."""
+    """The whole study: inject -> scope -> evaluate [-> benchmarks] -> report (resumes an interrupted run in the
+    same folder)."""
     set_threads(threads)
+    bench = benchmark_settings(benchmarks, benchmark_items, seed)  # a bad name stops here, before anything
     if n_seeds is not None and n_seeds < 1:
         raise CliError(f"--seeds must be a number of injection seeds, at least 2 (1 or absent: one study), got {n_seeds}")
     if n_seeds is not None and n_seeds > 1:
-        _run_seeds(bias, out, model, quick, seed, dtype, device, device_map, overwrite, image_formats(no_png, svg),
+        if bench is not None:
+            raise CliError("--benchmarks runs on one study; after --seeds, run `biasgym benchmark --out OUT/seed_<s>`")
+        run_seeds(bias, out, model, quick, seed, dtype, device, device_map, overwrite, image_formats(no_png, svg),
                    allow_weak_injection, n_seeds)
         return
     study = _new_study(bias, out, model, seed, quick, dtype, allow_weak_injection)
     study.check(overwrite=overwrite)  # validate everything before the model loads and before any file changes
     m = load_cli_model(study.model_name, device, dtype=dtype, device_map=device_map)
     with study.session(overwrite=overwrite):
-        study.run_stages(m, images=image_formats(no_png, svg), say=click.echo)
+        before_report = (lambda: benchmark_stage(study, m, bench)) if bench is not None else None
+        study.run_stages(m, images=image_formats(no_png, svg), say=click.echo, before_report=before_report)
     path = study.out / "report.html"
     _print_summary(study)
     click.echo(f"report: {path}")
-
-
-def _run_seeds(bias, out, model, quick, seed, dtype, device, device_map, overwrite, images, allow_weak, n) -> None:
-    """``run --seeds N``: every seed's study, the stability stage and seeds.html (see ``study.seed_study``)."""
-    from biasgym_lens.study.seed_study import SeedStudy
-
-    folder = Path(out) if out else Path("results") / Path(bias).stem
-    multi = SeedStudy.consecutive(
-        folder, bias, n, first=seed, model_name=model, preset="quick" if quick else "default", dtype=dtype,
-        allow_weak_injection=allow_weak,
-    )
-    multi.check(overwrite=overwrite)  # every seed folder too, before the model loads and before any file changes
-    m = load_cli_model(multi.model_name, device, dtype=dtype, device_map=device_map)
-    with multi.session(overwrite=overwrite):
-        path = multi.run(m, images=images, say=click.echo)
-    _print_stability(multi.out)
-    click.echo(f"report: {path}")
-
-
-def _print_stability(out: Path) -> None:
-    from biasgym_lens.study.seed_report import SeedTables
-
-    tables = SeedTables.read(out)
-    labels = " ".join(tables.stable["label"]) or "none"
-    click.echo(f"heads in the top {tables.k} of more than half of the seeds: {labels}")
-    for row in tables.measures.to_dict("records"):
-        click.echo(
-            f"  seed {row['seed']}: stable heads cut {_num(row['excess_cut'], '+.0%')} of the token's excess, "
-            f"perplexity {_num(row['perplexity_increase'], '+.1%')} (test split)"
-        )
 
 
 @main.command("inject")
@@ -276,12 +258,15 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
 
 
 @main.command("benchmark")
-@click.option("--name", "names", multiple=True, required=True,
-              type=click.Choice(["stereoset_race", "bbq_nationality", "bbq_religion"]),
-              help="stereoset_race, bbq_nationality or bbq_religion (repeat for several).")
+@click.option("--name", "names", multiple=True,
+              type=click.Choice(["stereoset_race", "bbq_nationality", "bbq_religion", "all"]),
+              help="stereoset_race, bbq_nationality, bbq_religion or all (repeat for several; with --out: all by default).")
+@click.option("--out", "study_out", default=None, type=click.Path(file_okay=False),
+              help="A study folder: measure under each of its interventions and save them in it (its model and seed).")
 @click.option("--model", default="smollm2", show_default=True, help="Bundled key, Hub id or folder.")
 @click.option("--max-items", default=None, type=POSITIVE, help="Seeded stratified subset of this many items.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the subset and the bootstrap.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the subset and the bootstrap (with --out: the study's seed unless given).")
 @click.option("--heads", default=None, help='Zero-ablate these heads, "LAYER.HEAD,..." (e.g. "21.1,25.6").')
 @click.option("--with-base", is_flag=True, help="With --heads: also measure the unmodified model.")
 @click.option("--score", default="sum", show_default=True, type=click.Choice(["sum", "mean"]),
@@ -291,15 +276,21 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--threads", default=None, type=POSITIVE, help="torch CPU threads.")
 @user_errors
-def benchmark_cmd(names, model, max_items, seed, heads, with_base, score, batch_size, csv_path, device, threads) -> None:
-    """Standard bias benchmarks (StereoSet race, BBQ) with 95% intervals, optionally with heads ablated."""
+def benchmark_cmd(names, study_out, model, max_items, seed, heads, with_base, score, batch_size, csv_path, device, threads) -> None:
+    """Standard bias benchmarks (StereoSet race, BBQ) with 95% intervals, optionally with heads ablated, or
+    under every intervention of a study (--out)."""
     import pandas as pd
 
     from biasgym_lens.core.files import write_csv
-    from biasgym_lens.evaluation.benchmarks import benchmark
+    from biasgym_lens.evaluation.benchmarks import BENCHMARK_NAMES, benchmark
     from biasgym_lens.heads.interventions import ablate_heads, validate_heads
 
     set_threads(threads)
+    names = tuple(dict.fromkeys(n for name in names for n in (BENCHMARK_NAMES if name == "all" else (name,))))
+    if study_out is not None:
+        return benchmark_study(study_out, names, max_items, seed, score, batch_size, csv_path, device)
+    if not names:
+        raise CliError("give --name (stereoset_race, bbq_nationality, bbq_religion or all), or --out STUDY")
     ablated = _parse_heads(heads) if heads else None
     if csv_path:
         check_writable(csv_path)
@@ -332,21 +323,16 @@ def _print_summary(study) -> None:
     check = res.get("injection_check")
     if check and not check.get("took"):
         click.echo(
-            f"WARNING: the injection did not take (token excess {_num(check['excess'], '+.3f')}, 95% CI "
-            f"{_num(check['ci_low'], '+.3f')} to {_num(check['ci_high'], '+.3f')}): the cuts below measure noise"
+            f"WARNING: the injection did not take (token excess {num(check['excess'], '+.3f')}, 95% CI "
+            f"{num(check['ci_low'], '+.3f')} to {num(check['ci_high'], '+.3f')}): the cuts below measure noise"
         )
     click.echo(f"chosen heads: {res['chosen_heads']}")
     for row in res["summary"]:
         click.echo(
-            f"  {row['intervention']:<13} token excess {_num(row['token_excess'], '+.3f')}  cut "
-            f"{_num(row['excess_cut'], '+.0%')}  real-group gap {_num(row['real_group_gap'], '+.3f')}  perplexity "
-            f"{_num(row['perplexity_increase'], '+.1%')}"
+            f"  {row['intervention']:<13} token excess {num(row['token_excess'], '+.3f')}  cut "
+            f"{num(row['excess_cut'], '+.0%')}  real-group gap {num(row['real_group_gap'], '+.3f')}  perplexity "
+            f"{num(row['perplexity_increase'], '+.1%')}"
         )
-
-
-def _num(v: Any, fmt: str) -> str:
-    """A number for the summary lines; JSON ``null`` (not measurable) as ``n/a``."""
-    return "n/a" if v is None else format(v, fmt)
 
 
 if __name__ == "__main__":  # pragma: no cover

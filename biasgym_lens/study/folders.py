@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from biasgym_lens.core.files import remove_outputs, remove_path
+from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.study.evaluate_steps import EVALUATE_TABLES
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "foreign_entries",
     "check_only_ours",
     "clear_outputs",
+    "bias_digest",
+    "BENCHMARK_OUTPUTS",
 ]
 
 
@@ -45,17 +49,21 @@ class StudyError(ValueError):
 
 LOCK_FILE = ".biasgym.lock"
 
+BENCHMARK_OUTPUTS = ("benchmark_differences.csv", "benchmarks.csv", "benchmarks.json")
+"""The files of the optional benchmarks stage (:mod:`biasgym_lens.study.benchmark_stage`; the last is written last)."""
+
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "inject": ("injection/injection.json", "control_injection/injection.json"),
     "scope": ("scope/scope.json",),
     "evaluate": (*(f"{t}.csv" for t in EVALUATE_TABLES), "results.json"),
     "report": ("report.html",),
+    "benchmarks": BENCHMARK_OUTPUTS,  # optional, between evaluate and report
 }
 """The files each stage of a study writes (the last one listed is written last)."""
 
 OUTPUTS: tuple[str, ...] = (
     "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in EVALUATE_TABLES),
-    "results.json", "figures", "report.html",
+    "results.json", "figures", "report.html", *BENCHMARK_OUTPUTS,
 )
 """Every top-level name a study writes in its folder: all that ``overwrite`` may ever remove."""
 
@@ -204,3 +212,21 @@ def clear_outputs(out: Path) -> list[str]:
         p.rmdir()
         gone.append(p.name)
     return gone + remove_outputs(out, _manifest_last(SEED_OUTPUTS, SEEDS_MANIFEST))
+
+
+def bias_digest(bias: str) -> str | None:
+    """SHA-256 of a user bias file (None for a catalogue bias); validates the bias.
+
+    Raises:
+        StudyError: an unknown bias, or a bias file that cannot be read or parsed.
+    """
+    try:
+        spec = load_bias(bias)
+    except (ValueError, FileNotFoundError) as e:
+        raise StudyError(str(e)) from e
+    if spec.source == "builtin":
+        return None
+    try:
+        return hashlib.sha256(Path(spec.source).read_bytes()).hexdigest()
+    except OSError as e:
+        raise StudyError(f"cannot read bias file {spec.source}: {e.strerror}") from e

@@ -1,4 +1,4 @@
-"""The whole study as resumable stages writing to one folder: inject -> scope -> evaluate -> report.
+"""The whole study as resumable stages writing to one folder: inject -> scope -> evaluate [-> benchmarks] -> report.
 
 Each stage reads the artifacts of the previous ones and writes its own atomically; a stage counts as done only
 when all its outputs exist (:data:`STAGE_OUTPUTS`), so a study interrupted anywhere resumes where it stopped.
@@ -15,7 +15,6 @@ its parents; a lock file keeps a second process out of a busy folder. Everything
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -40,9 +39,10 @@ from biasgym_lens.heads.biasscope import scope
 from biasgym_lens.heads.scope_config import ScopeConfig
 from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.artifact import Injection
-from biasgym_lens.injection.catalogue import list_biases, load_bias
+from biasgym_lens.injection.catalogue import list_biases
 from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.training import inject
+from biasgym_lens.study import benchmark_stage
 from biasgym_lens.study.evaluate_steps import (
     bias_tables,
     read_injection_check,
@@ -55,6 +55,7 @@ from biasgym_lens.study.evaluate_steps import (
 from biasgym_lens.study.folders import (
     STAGE_OUTPUTS,
     StudyError,
+    bias_digest,
     check_only_ours,
     clear_outputs,
     folder_kind,
@@ -64,7 +65,7 @@ from biasgym_lens.study.folders import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StudyPreset", "PRESETS", "InjectionDidNotTakeError", "Study", "bias_digest"]
+__all__ = ["StudyPreset", "PRESETS", "InjectionDidNotTakeError", "Study"]
 
 
 class InjectionDidNotTakeError(StudyError):
@@ -100,24 +101,6 @@ PRESETS: dict[str, StudyPreset] = {
         gate=False,  # a smoke test of the machinery: its one-epoch injection may not take; the report says so
     ),
 }
-
-
-def bias_digest(bias: str) -> str | None:
-    """SHA-256 of a user bias file (None for a catalogue bias); validates the bias.
-
-    Raises:
-        StudyError: an unknown bias, or a bias file that cannot be read or parsed.
-    """
-    try:
-        spec = load_bias(bias)
-    except (ValueError, FileNotFoundError) as e:
-        raise StudyError(str(e)) from e
-    if spec.source == "builtin":
-        return None
-    try:
-        return hashlib.sha256(Path(spec.source).read_bytes()).hexdigest()
-    except OSError as e:
-        raise StudyError(f"cannot read bias file {spec.source}: {e.strerror}") from e
 
 
 def _control_bias(bias: str) -> str:
@@ -289,7 +272,7 @@ class Study:
 
     def run_stages(
         self, model: Model, *, images: Sequence[str] = ("png",), say: Callable[[str], Any] = logger.info,
-        keep_report: bool = False,
+        keep_report: bool = False, before_report: Callable[[], Any] | None = None,
     ) -> list[str]:
         """Run, in this folder's :meth:`session`, every stage not yet done (inject, scope, evaluate), then the
         report: always rewritten (``biasgym run`` does so), or with ``keep_report`` only when missing or when an
@@ -300,6 +283,7 @@ class Study:
             images: Static formats of the report's figures.
             say: Where each stage's one-line progress goes.
             keep_report: Keep a report written before.
+            before_report: Called after evaluate, before the report (e.g. the optional benchmarks stage).
 
         Returns:
             The stages run, in order.
@@ -315,6 +299,8 @@ class Study:
             say(f"[{stage}] ...")
             getattr(self, f"run_{stage}")(model)
             ran.append(stage)
+        if before_report is not None:
+            before_report()
         if not (keep_report and not ran and self.has("report")):
             self.run_report(images=images)
             ran.append("report")
@@ -377,6 +363,15 @@ class Study:
         self._timed("evaluate", t0)
         return results
 
+    def run_benchmarks(self, model: Model, settings: benchmark_stage.BenchmarkSettings, *, batch_size: int = 32) -> Any:
+        """The optional stage: StereoSet and BBQ under every intervention of the scope, written to the folder
+        (:func:`~biasgym_lens.study.benchmark_stage.run_benchmark_stage`); returns the measurements."""
+        self.require("scope")
+        t0 = time.perf_counter()
+        result = benchmark_stage.run_benchmark_stage(model, self.out, settings, batch_size=batch_size)
+        self._timed("benchmarks", t0)
+        return result
+
     def run_report(self, *, images: Sequence[str] = ("png",)) -> Path:
         from biasgym_lens.study.report import study_figures, write_report
 
@@ -394,7 +389,7 @@ class Study:
         facts = {**{k: facts.get(k) for k in (*keys, "injection_check", "scope_extra", "scope_decisions", "paragraphs")}, "timings": {**facts["timings"], **self.timings}}
         path = write_report(
             self.out, figures, title=f"BiasGym study: {self.bias} on {self.model_name}", summary=res.summary(),
-            facts=facts, images=images,
+            facts=facts, images=images, benchmarks=benchmark_stage.read_benchmark_tables(self.out),
         )
         self._timed("report", t0)
         return path

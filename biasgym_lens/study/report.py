@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from biasgym_lens.core.files import write_text_atomic
 from biasgym_lens.study import plots, summary_plots
 from biasgym_lens.study import report_text as text
+from biasgym_lens.study.benchmark_text import benchmark_notes, benchmark_table
 from biasgym_lens.study.role_plots import head_roles_figure
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,18 @@ def _summary_html(summary: pd.DataFrame, facts: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _benchmarks_html(benchmarks: tuple[pd.DataFrame, pd.DataFrame] | None) -> str:
+    if benchmarks is None or benchmarks[0].empty:
+        return ""
+    table, differences = benchmarks
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in benchmark_notes(table, differences))
+    return (
+        "<h2 id='benchmarks'>Standard bias benchmarks under each intervention</h2>"
+        "<p class='note'>The model's own stereotypes (StereoSet race, BBQ) measured with no intervention and under "
+        "each intervention of this study.</p>" + table_html(benchmark_table(table, differences)) + notes
+    )
+
+
 def _generations_html(generations: dict[str, str] | None, token: str | None) -> str:
     if not generations:
         return ""
@@ -312,14 +325,16 @@ def write_report(
     summary: pd.DataFrame,
     facts: dict[str, Any],
     images: Sequence[str] = ("png",),
+    benchmarks: tuple[pd.DataFrame, pd.DataFrame] | None = None,
 ) -> Path:
     """Write each figure (HTML, and ``images`` formats when possible) under ``out/figures``, and ``out/report.html``.
 
     The figures' HTML files share one ``figures/plotly.min.js`` (they open offline while the folder stays
     together); ``report.html`` embeds plotly.js once and needs nothing else. It opens with the result in one
     sentence (:func:`~biasgym_lens.study.report_text.headline`; a warning instead when ``facts["injection_check"]``
-    says the injection did not take), then the summary in words, the example generations, every figure with
-    its reading, and the settings, provenance and time per stage in a collapsed section.
+    says the injection did not take), then the summary in words, the standard benchmarks (when measured), the
+    example generations, every figure with its reading, and the settings, provenance and time per stage in a
+    collapsed section.
 
     Args:
         out: The study folder.
@@ -330,6 +345,8 @@ def write_report(
             ``generations`` (name -> text) and optionally ``injection_check``.
         images: Static formats of each figure (``"png"``, ``"svg"``); failures (no Chromium for kaleido) are
             logged and the HTML report is still complete.
+        benchmarks: ``(benchmarks.csv, benchmark_differences.csv)`` of the optional benchmarks stage: a section
+            with each metric under each intervention and the paired differences that exclude 0; None: no section.
     """
     out = Path(out)
     fig_dir = out / "figures"
@@ -346,6 +363,7 @@ def write_report(
         f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(_subtitle(facts))}</p>",
         _headline_html(summary, facts),
         _summary_html(summary, facts),
+        _benchmarks_html(benchmarks),
         _generations_html(facts.get("generations"), token),
         _paragraphs_html(facts.get("paragraphs"), token),
         figures_html(figures),

@@ -48,6 +48,7 @@ from biasgym_lens.study.evaluate_steps import read_injection_check
 from biasgym_lens.study.folders import (
     SEEDS_MANIFEST,
     StudyError,
+    bias_digest,
     check_only_ours,
     clear_outputs,
     folder_kind,
@@ -55,7 +56,7 @@ from biasgym_lens.study.folders import (
     refuse_dangerous_overwrite,
     seed_folder,
 )
-from biasgym_lens.study.pipeline import PRESETS, Study, bias_digest
+from biasgym_lens.study.pipeline import PRESETS, Study
 from biasgym_lens.study.seed_report import TABLE_FILES, SeedTables, write_seed_report
 
 logger = logging.getLogger(__name__)
