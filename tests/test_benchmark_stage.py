@@ -25,7 +25,8 @@ from biasgym_lens.study.benchmark_stage import (
 )
 from biasgym_lens.study.benchmark_text import benchmark_notes, benchmark_table
 from biasgym_lens.study.cli import main
-from biasgym_lens.study.pipeline import OUTPUTS, STAGE_OUTPUTS, Study
+from biasgym_lens.study.folders import OUTPUTS, STAGE_OUTPUTS
+from biasgym_lens.study.pipeline import Study
 from biasgym_lens.testing import save_tiny_pretrained
 
 ITEMS = 6
