@@ -33,6 +33,8 @@ _LAZY = {
     "closest_entities": "biasgym_lens.evaluation.elicit",
     "HeadScores": "biasgym_lens.heads.head_scores",
     "score_heads": "biasgym_lens.heads.head_scores",
+    "Circuit": "biasgym_lens.heads.circuits",
+    "circuit": "biasgym_lens.heads.circuits",
     "ablate_heads": "biasgym_lens.heads.interventions",
     "steer": "biasgym_lens.heads.interventions",
     "generate_greedy": "biasgym_lens.heads.interventions",

@@ -23,7 +23,7 @@ from biasgym_lens.core.unembed import logits_at, suffix_answer_logits, suffix_su
 from biasgym_lens.heads.probes import ProbeSet
 from biasgym_lens.injection.examples import length_groups
 
-__all__ = ["z_and_grads", "attribution_scores", "ablation_scores"]
+__all__ = ["z_and_grads", "attribution_scores", "ablation_scores", "probe_totals"]
 
 
 def z_and_grads(
@@ -106,7 +106,7 @@ def _head_dot(grad: Tensor, delta: Tensor, mask: Tensor) -> Tensor:
     return ((grad * delta).float() * mask[:, :, None, None].float()).sum((1, 3))
 
 
-def _probe_totals(per_row: Tensor, ps: ProbeSet, metric: str) -> Tensor:
+def probe_totals(per_row: Tensor, ps: ProbeSet, metric: str) -> Tensor:
     """Per-row contributions ``[rows, ...]`` -> per probe ``[n_probes, ...]``: each probe's metric depends on its
     token row and (for ``"excess"``) its control rows, so their contributions add up."""
     n = ps.n_probes
@@ -131,7 +131,7 @@ def _zero_attribution(
     per_row = torch.stack(
         [_head_dot(grads[layer], acts[layer], mask) for layer in range(model.cfg.n_layers)], dim=1
     )  # [rows, L, H]
-    return _probe_totals(per_row, ps, metric).cpu()
+    return probe_totals(per_row, ps, metric).cpu()
 
 
 def _aligned_controls(ps: ProbeSet) -> list[str]:
