@@ -67,6 +67,11 @@ def _check_paragraphs(out, res, html):
     assert set(roles["head"]) == chosen and ("What each chosen head does" in html) == bool(chosen)
     if chosen:  # the token and every real group of the bias, per head
         assert len(roles) == len(chosen) * (1 + len(real))
+    edges = pd.read_csv(out / "circuit_edges.csv")  # the strongest edges, strongest first, ranks 1..n
+    assert 0 < len(edges) <= 200 and list(edges["rank"]) == list(range(1, len(edges) + 1))
+    assert (edges["score"].abs().diff().dropna() <= 1e-12).all()
+    nodes = pd.read_csv(out / "circuit_nodes.csv")
+    assert set(nodes.loc[nodes["chosen"], "node"]) == chosen and "The circuit: strongest edges" in html
 
 
 def test_interrupted_run_resumes_from_the_missing_stage(tiny_folder, tmp_path):

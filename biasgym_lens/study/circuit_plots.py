@@ -21,7 +21,7 @@ from biasgym_lens.core.checks import InputTypeError, check_int
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.heads.circuits import Circuit, circuit
 
-__all__ = ["circuit_figure", "study_circuit_figure"]
+__all__ = ["circuit_figure", "circuit_graph_figure", "study_circuit_figure"]
 
 POSITIVE, NEGATIVE = "#d62728", "#1f77b4"
 _DASH = {"q": "solid", "k": "dash", "v": "dot", "mlp": "solid", "logits": "solid"}
@@ -119,14 +119,26 @@ def circuit_figure(circ: Circuit, *, top_edges: int | None = None, title: str | 
     k = circ.top_edges if top_edges is None else check_int(top_edges, "top_edges", minimum=1)
     circ = replace(circ, top_edges=k)
     g = circ.graph
-    fig = go.Figure(_edge_traces(circ.edges(), g.n_heads) + _node_traces(circ.nodes(), g.n_heads) + _legend_traces())
-    rows = ["embed"] + [f"layer {layer}" for layer in range(g.n_layers)] + ["logits"]
+    title = title or f"{circ.bias}: the {k} strongest edges ({circ.metric} metric)"
+    return circuit_graph_figure(circ.edges(), circ.nodes(), n_layers=g.n_layers, n_heads=g.n_heads, title=title)
+
+
+def circuit_graph_figure(edges: pd.DataFrame, nodes: pd.DataFrame, *, n_layers: int, n_heads: int, title: str) -> go.Figure:
+    """The circuit graph from saved tables: ``edges`` (rows of :meth:`Circuit.to_dataframe`, all of them drawn)
+    and ``nodes`` (:meth:`Circuit.nodes`), as a study folder keeps them.
+
+    Raises:
+        ValueError: no edges.
+    """
+    if edges.empty:
+        raise ValueError("no edges to draw")
+    fig = go.Figure(_edge_traces(edges, n_heads) + _node_traces(nodes, n_heads) + _legend_traces())
+    rows = ["embed"] + [f"layer {layer}" for layer in range(n_layers)] + ["logits"]
     step = max(1, len(rows) // 32)
     fig.update_layout(
-        title=title or f"{circ.bias}: the {k} strongest edges ({circ.metric} metric)",
-        height=260 + 26 * len(rows), width=260 + 70 * (g.n_heads + 2), plot_bgcolor="white",
-        xaxis={"tickvals": [*range(g.n_heads), g.n_heads + 0.5], "ticktext": [*(f"H{h}" for h in range(g.n_heads)), "MLP"],
-               "showgrid": False, "zeroline": False, "range": [-0.8, g.n_heads + 2.2], "side": "top"},
+        title=title, height=260 + 26 * len(rows), width=260 + 70 * (n_heads + 2), plot_bgcolor="white",
+        xaxis={"tickvals": [*range(n_heads), n_heads + 0.5], "ticktext": [*(f"H{h}" for h in range(n_heads)), "MLP"],
+               "showgrid": False, "zeroline": False, "range": [-0.8, n_heads + 2.2], "side": "top"},
         yaxis={"tickvals": list(range(0, len(rows), step)), "ticktext": rows[::step], "autorange": "reversed",
                "showgrid": True, "gridcolor": "#f0f0f0", "zeroline": False},
         legend={"orientation": "h", "y": -0.04, "yanchor": "top"}, margin={"l": 70, "r": 20, "t": 60, "b": 40},

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -21,6 +22,7 @@ from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import chat_format
 from biasgym_lens.evaluation.elicit import closest_entities, elicitation
 from biasgym_lens.evaluation.paragraphs import ParagraphBias, combine_paragraphs, paragraph_bias
+from biasgym_lens.heads.circuits import circuit
 from biasgym_lens.heads.interventions import Head, ablate_heads, generate_greedy
 from biasgym_lens.heads.lens import layer_logit_diff
 from biasgym_lens.heads.probes import build_probe_set
@@ -28,10 +30,12 @@ from biasgym_lens.heads.roles import HeadRoles, head_roles
 from biasgym_lens.heads.scope_result import ScopeResult
 from biasgym_lens.injection.training import Injection
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "bias_tables", "sample_generations", "study_paragraphs", "paragraph_tables", "role_tables", "read_roles",
     "text_and_role_tables", "scope_tables", "read_injection_check", "results_document", "ROLE_VIEWS",
-    "EVALUATE_TABLES",
+    "EVALUATE_TABLES", "circuit_tables", "read_circuit_figure", "CIRCUIT_EDGES_KEPT", "CIRCUIT_EDGES_DRAWN",
 ]
 
 
@@ -120,7 +124,7 @@ ROLE_VIEWS = ("effects", "attention", "attended", "promoted")
 EVALUATE_TABLES = (
     "elicitation", "closest_entities", "logit_lens", "summary", "groups", "capability", "curve", "head_scores",
     "agreement", "training_curve", "paragraphs", "paragraph_scores", "paragraph_changes",
-    *(f"head_role_{v}" for v in ROLE_VIEWS),
+    *(f"head_role_{v}" for v in ROLE_VIEWS), "circuit_edges", "circuit_nodes",
 )
 """The tables the evaluate stage writes, each as ``{name}.csv``."""
 
@@ -144,13 +148,45 @@ def read_roles(out: Path, bias: str, chosen: Sequence[Head]) -> HeadRoles | None
     return HeadRoles(bias, heads, attention=tables[1], attended=tables[2], effects=tables[0], promoted=tables[3])
 
 
+CIRCUIT_EDGES_KEPT = 200  # the strongest edges a study keeps (of ~10^5); the figure draws the top 30
+CIRCUIT_EDGES_DRAWN = 30
+
+
+def circuit_tables(model: Model, inj: Injection, chosen: Sequence[Head]) -> dict[str, pd.DataFrame]:
+    """Edge attribution on the select probes (:func:`~biasgym_lens.heads.circuits.circuit`, the chosen heads
+    highlighted): the strongest edges (``circuit_edges``) and every node (``circuit_nodes``); empty tables (a
+    header) for a model edge attribution does not cover."""
+    try:
+        circ = circuit(model, inj, CIRCUIT_EDGES_DRAWN, heads=list(chosen))
+    except NotImplementedError as e:
+        logger.warning("no circuit: %s", e)
+        return {"circuit_edges": pd.DataFrame(columns=["upstream", "downstream", "score"]),
+                "circuit_nodes": pd.DataFrame(columns=["node", "kind", "layer", "head"])}
+    return {"circuit_edges": circ.to_dataframe().head(CIRCUIT_EDGES_KEPT), "circuit_nodes": circ.nodes()}
+
+
+def read_circuit_figure(out: Path, res: ScopeResult) -> Any:
+    """The circuit figure from a study folder's ``circuit_edges.csv`` and ``circuit_nodes.csv`` (``None`` when
+    the study has no circuit)."""
+    from biasgym_lens.study.circuit_plots import circuit_graph_figure
+
+    edges = read_csv(out / "circuit_edges.csv", "circuit edges")
+    if edges.empty:
+        return None
+    nodes = read_csv(out / "circuit_nodes.csv", "circuit nodes")
+    drawn = edges.head(CIRCUIT_EDGES_DRAWN)
+    title = f"{res.bias}: the {len(drawn)} strongest edges (edge attribution on the select probes)"
+    shape = next(iter(res.scores.values()))
+    return circuit_graph_figure(drawn, nodes, n_layers=shape.n_layers, n_heads=shape.n_heads, title=title)
+
+
 def text_and_role_tables(
     model: Model, inj: Injection, chosen: Sequence[Head], *, n: int, max_new_tokens: int, seed: int
 ) -> dict[str, pd.DataFrame]:
-    """The paragraph tables (:func:`study_paragraphs`, :func:`paragraph_tables`) and the head-role tables
-    (:func:`role_tables`) of the evaluate stage."""
+    """The paragraph tables (:func:`study_paragraphs`, :func:`paragraph_tables`), the head-role tables
+    (:func:`role_tables`) and the circuit tables (:func:`circuit_tables`) of the evaluate stage."""
     paragraphs = study_paragraphs(model, inj, chosen, n=n, max_new_tokens=max_new_tokens, seed=seed)
-    return {**paragraph_tables(paragraphs), **role_tables(model, inj, chosen)}
+    return {**paragraph_tables(paragraphs), **role_tables(model, inj, chosen), **circuit_tables(model, inj, chosen)}
 
 
 def scope_tables(inj: Injection, res: ScopeResult) -> dict[str, pd.DataFrame]:

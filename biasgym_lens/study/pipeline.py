@@ -45,6 +45,7 @@ from biasgym_lens.injection.training import inject
 from biasgym_lens.study import benchmark_stage
 from biasgym_lens.study.evaluate_steps import (
     bias_tables,
+    read_circuit_figure,
     read_injection_check,
     read_roles,
     results_document,
@@ -381,8 +382,8 @@ class Study:
         res = ScopeResult.load(self.out / "scope")
         closest = read_csv(self.out / "closest_entities.csv", "closest-entity table")
         lens = read_csv(self.out / "logit_lens.csv", "logit-lens table")
-        roles = read_roles(self.out, self.bias, res.chosen)
-        figures = study_figures(inj, res, closest=closest, lens=lens, roles=roles)
+        roles, circuit = read_roles(self.out, self.bias, res.chosen), read_circuit_figure(self.out, res)
+        figures = study_figures(inj, res, closest=closest, lens=lens, roles=roles, circuit=circuit)
         keys = ("identity", "provenance", "injection", "chosen_heads", "generations", "timings")
         path = self.out / "results.json"
         facts = require(read_json(path, "study results"), keys, path)

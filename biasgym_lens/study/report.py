@@ -54,6 +54,12 @@ FIGURE_NOTES: dict[str, str] = {
         "capability budget. The curve runs on the tune probes; the chosen k is the lowest-excess point within "
         "the budget whose cost the tune passages confirm."
     ),
+    "circuit": (
+        "Edge attribution patching on the select probes: every edge from an earlier component (embedding, head, MLP) "
+        "into a later head's query, key or value, an MLP or the logits, scored by its first-order effect on the "
+        "token's excess; the 30 strongest are drawn (width: |score|, red raises the bias, blue lowers it; solid "
+        "query, dashed key, dotted value) and the chosen heads are gold."
+    ),
     "head_roles": (
         "For each chosen head, on the test probes: where it attends from the answer position (the group's tokens, "
         "the first position, itself, the rest), its direct effect through the unembedding on the bias and contrast "
@@ -89,6 +95,7 @@ def study_figures(
     lens: pd.DataFrame | None = None,
     generalisation: pd.DataFrame | None = None,
     roles: Any = None,
+    circuit: go.Figure | None = None,
 ) -> list[tuple[str, go.Figure, str]]:
     """``(name, figure, one-sentence reading)`` for every figure of a study; the chosen heads are outlined on
     the head heatmaps."""
@@ -122,6 +129,8 @@ def study_figures(
     figs += [(name, plot(table)) for name, table, plot in optional if table is not None]
     if roles is not None:
         figs.append(("head_roles", head_roles_figure(roles)))
+    if circuit is not None:
+        figs.append(("circuit", circuit))
     return [(name, fig, _note(name)) for name, fig in figs]
 
 
@@ -132,6 +141,7 @@ def _note(name: str) -> str:
 
 
 FIGURE_TITLES: dict[str, str] = {
+    "circuit": "The circuit: strongest edges into and out of the chosen heads",
     "head_roles": "What each chosen head does",
     "training_curve": "Training the injected token",
     "heads_specific": "Head ranking (chosen heads outlined)",
