@@ -53,6 +53,8 @@ def test_percent_and_interval_formats():
 
 def test_headline_without_intervals():
     text = headline(_summary(), HEADS)
+    assert "steering: no multiplier within the budget" in headline(_summary(), HEADS, None, 0.0)
+    assert headline(_summary(), HEADS, None, 0.5) == text
     assert text == (
         "3 heads (L21H1, L25H6, L23H1) remove 62% of the injected bias at +1.4% perplexity; "
         "3 random heads: \u22121%; steering: 3%; debiasing prefix: 10%."

@@ -209,7 +209,8 @@ def table_html(df: pd.DataFrame, *, muted: bool = False) -> str:
 
 def _headline_html(summary: pd.DataFrame, facts: dict[str, Any]) -> str:
     check = facts.get("injection_check")
-    sentence = html.escape(text.headline(summary, facts.get("chosen_heads") or [], check))
+    alpha = (facts.get("scope_decisions") or {}).get("steer_alpha")
+    sentence = html.escape(text.headline(summary, facts.get("chosen_heads") or [], check, alpha))
     if not text.injection_took(check):
         return f"<div class='headline warn' id='headline' role='alert'><span class='tag'>Warning</span>{sentence}</div>"
     return f"<div class='headline' id='headline'><span class='tag'>Result</span>{sentence}</div>"

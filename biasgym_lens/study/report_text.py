@@ -142,7 +142,10 @@ def _heads_clause(row: Mapping[str, Any], heads: Sequence[Sequence[int]]) -> str
 
 
 def headline(
-    summary: pd.DataFrame, chosen_heads: Sequence[Sequence[int]], injection_check: Mapping[str, Any] | None = None
+    summary: pd.DataFrame,
+    chosen_heads: Sequence[Sequence[int]],
+    injection_check: Mapping[str, Any] | None = None,
+    steer_alpha: float | None = None,
 ) -> str:
     """The study's result in one sentence, e.g. "3 heads (L21H1, L25H6, L23H1) remove 62% of the injected bias
     at +1.4% perplexity; 3 random heads: −1%; steering: 3%; debiasing prefix: 10%."
@@ -154,6 +157,8 @@ def headline(
         chosen_heads: The chosen ``(layer, head)`` pairs, in ranking order.
         injection_check: ``InjectionCheck.to_dict()``; when it says the injection did not take, the sentence
             says so and reports no cut.
+        steer_alpha: The steering multiplier the study used (``ScopeDecisions.steer_alpha``); 0 says that no
+            multiplier held the budget, so the steering baseline is no intervention at all.
 
     Raises:
         ValueError: ``summary`` has no ``intervention`` or ``excess_cut`` column.
@@ -168,8 +173,9 @@ def headline(
         first = _heads_clause(rows["heads"], chosen_heads)
     else:
         first = "No set of heads kept the neutral-text cost within the budget, so no heads were chosen"
+    no_steering = steer_alpha is not None and not steer_alpha
     others = [
-        f"{label}: {_cut_with_ci(rows[key])}"
+        f"{label}: {'no multiplier within the budget' if key == 'steering' and no_steering else _cut_with_ci(rows[key])}"
         for key, label in (
             ("random_heads", f"{len(chosen_heads)} random head{'s' if len(chosen_heads) != 1 else ''}"),
             ("steering", "steering"),
