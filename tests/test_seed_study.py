@@ -154,7 +154,7 @@ def _perplexity(model, passages, intervention=None) -> float:
 def test_the_stable_heads_measure_equals_an_independent_ablation_on_each_test_split(finished, tiny_folder):
     from biasgym_lens.core.hooks import active_hooks
     from biasgym_lens.core.models import load_model
-    from biasgym_lens.evaluation.capability_data import load_neutral_text
+    from biasgym_lens.evaluation.capability_data import load_neutral_text, passage_splits
     from biasgym_lens.heads.interventions import ablate_heads
     from biasgym_lens.heads.transfer import measure_groups
     from biasgym_lens.injection.artifact import Injection
@@ -176,8 +176,9 @@ def test_the_stable_heads_measure_equals_an_independent_ablation_on_each_test_sp
             df = measure_groups(model, inj.spec, inj, intervention, probes="test", max_probes=cfg["final_probes"])
             excess.append(float(df[df.kind == "token"]["excess"].item()))
         cut = 1 - excess[1] / excess[0]
-        rest = load_neutral_text()[cfg["tune_passages"]:]
-        test_passages = rest[: cfg["final_passages"]]
+        text = load_neutral_text()
+        split = passage_splits(len(text), curve=cfg["curve_passages"], tune=cfg["tune_passages"], test=cfg["final_passages"])
+        test_passages = [text[i] for i in split.test]
         increase = _perplexity(model, test_passages, ablate) / _perplexity(model, test_passages) - 1
         row = measures.loc[s]
         assert _heads(row["heads"]) == stable

@@ -63,8 +63,9 @@ def test_scope_tables_are_consistent(result):
     assert all(c["tune_cost_high"] > budget for c in checks[:-1])
     heads_row = summary[summary.intervention == "heads"].iloc[0]
     passages = load_neutral_text()
-    tune_cap = capability_set(model, passages=passages[:6], mc_items=[])
-    test_cap = capability_set(model, passages=passages[6:10], max_mc_items=8)
+    # tune: 6 of the 70 passages spread over the file (i * 70 // 6); test: the first 4 of the others (by hand)
+    tune_cap = capability_set(model, passages=[passages[i] for i in (0, 11, 23, 35, 46, 58)], mc_items=[])
+    test_cap = capability_set(model, passages=[passages[i] for i in (1, 2, 3, 4)], max_mc_items=8)
     if res.chosen:
         assert checks[-1]["tune_cost_high"] <= budget and len(res.chosen) == checks[-1]["candidate"]
         assert res.chosen == list(res.curve.heads[: len(res.chosen)])
@@ -128,8 +129,10 @@ def test_scope_with_mean_ablation_uses_the_neutral_mean(tiny_model):
     res = scope(tiny_model, inj, progress=False, **{**FAST_SCOPE, "kind": "mean", "methods": ("attribution",)})
     heads = res.chosen
     assert heads, "the tiny model's heads cost little: the budget admits some"
-    cap = capability_set(tiny_model, passages=load_neutral_text()[6:10], max_mc_items=0)  # the test passages
-    ref = capability_set(tiny_model, max_passages=FAST_SCOPE["curve_passages"], mc_items=[]).neutral[0]
+    text = load_neutral_text()
+    cap = capability_set(tiny_model, passages=[text[i] for i in (1, 2, 3, 4)], max_mc_items=0)  # the test passages
+    curve = [text[i] for i in (0, 11, 35, 46)]  # 4 of the 6 tune passages (0, 11, 23, 35, 46, 58), spread
+    ref = capability_set(tiny_model, passages=curve, mc_items=[]).neutral[0]
     mean_loss = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads, kind="mean", reference=ref), with_mc=False).neutral_loss
     assert res.capability.query("intervention == 'heads'")["neutral_loss"].item() == pytest.approx(mean_loss, rel=1e-5)
     assert active_hooks(tiny_model) == []
@@ -353,3 +356,18 @@ def test_summary_has_an_interval_for_every_number_and_the_per_probe_values_add_u
     res.save(tmp_path / "scope")
     again = ScopeResult.load(tmp_path / "scope")
     pd.testing.assert_frame_equal(again.summary(), s, check_exact=False, rtol=1e-9)
+
+
+def test_passage_splits_spread_over_the_file_and_stay_disjoint():
+    """Tune passages every n/tune-th (the file is grouped by topic), the curve's among them, test the rest."""
+    from biasgym_lens.evaluation.capability_data import passage_splits
+
+    sp = passage_splits(70, curve=8, tune=24)
+    assert sp.tune == (0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 37, 40, 43, 46, 49, 52, 55, 58, 61, 64, 67)
+    assert sp.curve == (0, 8, 17, 26, 35, 43, 52, 61) and set(sp.curve) <= set(sp.tune)
+    assert len(sp.test) == 46 and not set(sp.test) & set(sp.tune) and set(sp.test) | set(sp.tune) == set(range(70))
+    assert passage_splits(70, curve=8, tune=24, test=5).test == (1, 3, 4, 6, 7)
+    with pytest.raises(ValueError, match="no neutral passages are left for the test split after tune_passages=70"):
+        passage_splits(70, curve=8, tune=70)
+    with pytest.raises(ValueError, match=r"curve \(9\) must be at most tune \(8\)"):
+        passage_splits(70, curve=9, tune=8)

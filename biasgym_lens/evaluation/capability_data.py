@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "MC_ITEMS_FILE",
@@ -30,6 +30,8 @@ __all__ = [
     "MCItem",
     "load_mc_items",
     "load_neutral_text",
+    "PassageSplits",
+    "passage_splits",
 ]
 
 SCHEMA_VERSION = 1
@@ -230,3 +232,42 @@ def load_mc_items(path: str | os.PathLike[str] | None = None) -> tuple[MCItem, .
     doc, label = _read_json(path, MC_ITEMS_FILE)
     entries = _check_header(doc, label, "items")
     return tuple(_parse_item(raw, f"{label}: items[{index}]") for index, raw in enumerate(entries))
+
+
+class PassageSplits(NamedTuple):
+    """Indices of the neutral passages by use: the faithfulness curve's (a subset of the tune ones), the tune
+    passages every choice's budget check sees, and the test passages that only report costs."""
+
+    curve: tuple[int, ...]
+    tune: tuple[int, ...]
+    test: tuple[int, ...]
+
+
+def passage_splits(n_passages: int, *, curve: int, tune: int, test: int | None = None) -> PassageSplits:
+    """Split ``n_passages`` neutral passages into curve, tune and test indices, each spread evenly over the file.
+
+    The shipped passages are grouped by topic (science and weather first, sports and inventions last), so a
+    split into the first and the remaining passages would tune on some topics and test on others. Here the
+    tune passages are every ``n_passages / tune``-th passage (``i * n // tune``), the curve's are spread over
+    the tune ones the same way, and the test passages are all the others in file order (the first ``test`` of
+    them when given).
+
+    Raises:
+        ValueError: ``curve`` > ``tune``, ``tune`` >= ``n_passages`` (no test passage left), or a count < 1.
+
+    Examples:
+        >>> passage_splits(10, curve=2, tune=4)
+        PassageSplits(curve=(0, 5), tune=(0, 2, 5, 7), test=(1, 3, 4, 6, 8, 9))
+    """
+    if min(curve, tune, n_passages) < 1 or (test is not None and test < 1):
+        raise ValueError(f"passage counts must be >= 1, got curve={curve}, tune={tune}, test={test}, of {n_passages}")
+    if curve > tune:
+        raise ValueError(f"curve ({curve}) must be at most tune ({tune}): the curve's passages are tune passages")
+    if tune >= n_passages:
+        raise ValueError(
+            f"no neutral passages are left for the test split after tune_passages={tune}; the text has {n_passages}"
+        )
+    tune_idx = tuple(i * n_passages // tune for i in range(tune))
+    curve_idx = tuple(tune_idx[j * tune // curve] for j in range(curve))
+    rest = tuple(i for i in range(n_passages) if i not in set(tune_idx))
+    return PassageSplits(curve_idx, tune_idx, rest if test is None else rest[:test])

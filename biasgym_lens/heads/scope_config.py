@@ -40,11 +40,12 @@ class ScopeConfig:
         kind: Ablation kind for the curve, the chosen and the random heads: ``"zero"`` (default) or ``"mean"``
             (each head's mean output over the curve's neutral passages; the ranking's attribution and damage
             estimates then use those means too). The four reported head scores estimate zero ablation.
-        curve_passages: The first neutral passages: the damage estimates and the curve (fast).
-        tune_passages: The first neutral passages (the curve's among them) on which the chosen k and the
-            steering multiplier must hold the budget. Every choice sees only these.
-        final_passages: Neutral passages after the tune ones on which the reported cost is measured, never seen
-            by a choice (None: all the rest).
+        curve_passages: Neutral passages (among the tune ones) of the damage estimates and the curve (fast).
+        tune_passages: Neutral passages, spread evenly over the file's topics, on which the chosen k and the
+            steering multiplier must hold the budget (the curve's among them). Every choice sees only these;
+            see :func:`~biasgym_lens.evaluation.capability_data.passage_splits`.
+        final_passages: Neutral passages (the ones that are not tune passages) on which the reported cost is
+            measured, never seen by a choice (None: all of them).
         curve_probes: Tune-split probes used by the curve (None: all; see
             :func:`~biasgym_lens.injection.metrics.split_probes`).
         curve_controls: Control groups used by the curve (None: all); the final measures use all of them.

@@ -37,7 +37,7 @@ from biasgym_lens.evaluation.capability import (
     measure_capability,
     neutral_loss,
 )
-from biasgym_lens.evaluation.capability_data import load_neutral_text
+from biasgym_lens.evaluation.capability_data import PassageSplits, load_neutral_text, passage_splits
 from biasgym_lens.evaluation.capability_records import Capability, CapabilitySet
 from biasgym_lens.heads.head_scores import HeadScores, score_heads
 from biasgym_lens.heads.interventions import Head, first_layer
@@ -65,6 +65,7 @@ from biasgym_lens.heads.transfer import NO_REAL_GROUPS, per_probe_table
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "study_passages",
     "DEBIAS_PREFIX",
     "resolve_config",
     "check_inputs",
@@ -137,12 +138,20 @@ def score_all(model: Model, injection: Any, config: ScopeConfig, *, progress: bo
     return scores
 
 
+def study_passages(config: ScopeConfig, n_passages: int) -> PassageSplits:
+    """The neutral passages of each use under ``config`` (:func:`~biasgym_lens.evaluation.capability_data.passage_splits`:
+    curve, tune and test, each spread over the file)."""
+    return passage_splits(n_passages, curve=config.curve_passages, tune=config.tune_passages, test=config.final_passages)
+
+
 def curve_capability(model: Model, config: ScopeConfig) -> CapabilitySet:
     """Step 2a: the curve's neutral passages (no multiple choice). The clean residual entering every layer is
     kept once, so the damage checks, the curve and the steering checks resume at their first changed layer
     instead of recomputing the layers before it."""
     L = model.cfg.n_layers
-    return capability_set(model, max_passages=config.curve_passages, mc_items=[], resume_layers=range(1, L))
+    passages = load_neutral_text()
+    curve = [passages[i] for i in study_passages(config, len(passages)).curve]
+    return capability_set(model, passages=curve, mc_items=[], resume_layers=range(1, L))
 
 
 def rank_candidates(
@@ -210,8 +219,8 @@ def resume_starts(model: Model, curve: FaithfulnessCurve, layer: int, seed: int)
 
 @dataclass
 class TuneBudget:
-    """The tune passages (the first ``tune_passages`` neutral passages, the curve's among them) and the
-    unmodified model's loss on them: a chosen number of heads or steering multiplier must hold the budget here."""
+    """The tune passages (``tune_passages`` neutral passages spread over the file, the curve's among them; see
+    :func:`study_passages`) and the unmodified model's loss on them: a chosen number of heads or steering multiplier must hold the budget here."""
 
     cap: CapabilitySet
     base: Capability
@@ -219,7 +228,8 @@ class TuneBudget:
 
     @classmethod
     def prepare(cls, model: Model, config: ScopeConfig, starts: set[int]) -> TuneBudget:
-        passages = load_neutral_text()[: config.tune_passages]
+        text = load_neutral_text()
+        passages = [text[i] for i in study_passages(config, len(text)).tune]
         cap = capability_set(model, passages=passages, mc_items=[], resume_layers=sorted(x for x in starts if x))
         return cls(cap, measure_capability(model, cap, with_mc=False), config.budget_on)
 
@@ -233,8 +243,8 @@ class TuneBudget:
 
 @dataclass
 class TestSet:
-    """The test split of the capability data: the neutral passages after the tune ones and the multiple-choice
-    items, with the unmodified model's capability on them. Only measured, after every choice: every reported
+    """The test split of the capability data: the neutral passages that are not tune passages and the
+    multiple-choice items, with the unmodified model's capability on them. Only measured, after every choice: every reported
     cost comes from here."""
 
     cap: CapabilitySet
@@ -242,13 +252,8 @@ class TestSet:
 
     @classmethod
     def prepare(cls, model: Model, config: ScopeConfig, starts: set[int]) -> TestSet:
-        rest = load_neutral_text()[config.tune_passages :]
-        passages = rest if config.final_passages is None else rest[: config.final_passages]
-        if not passages:
-            raise ValueError(
-                f"no neutral passages are left for the test split after tune_passages={config.tune_passages}; "
-                f"the shipped text has {len(rest) + config.tune_passages}"
-            )
+        text = load_neutral_text()
+        passages = [text[i] for i in study_passages(config, len(text)).test]
         cap = capability_set(
             model, passages=passages, max_mc_items=config.mc_items, resume_layers=sorted(x for x in starts if x)
         )
