@@ -15,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from biasgym_lens.core.files import remove_outputs, remove_path
 from biasgym_lens.injection.catalogue import load_bias
 from biasgym_lens.study.evaluate_steps import EVALUATE_TABLES
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "StudyError",
@@ -38,6 +41,7 @@ __all__ = [
     "foreign_entries",
     "check_only_ours",
     "clear_outputs",
+    "locked_session",
     "bias_digest",
     "BENCHMARK_OUTPUTS",
 ]
@@ -230,3 +234,25 @@ def bias_digest(bias: str) -> str | None:
         return hashlib.sha256(Path(spec.source).read_bytes()).hexdigest()
     except OSError as e:
         raise StudyError(f"cannot read bias file {spec.source}: {e.strerror}") from e
+
+
+@contextlib.contextmanager
+def locked_session(out: Path, check: Callable[[], str]) -> Iterator[str]:
+    """Prepare a study folder: ``check()`` (it validates and returns ``"new"``, ``"resume"`` or ``"replace"``),
+    create the folder, take its lock, ``check()`` again under the lock (no other process can change it now) and,
+    for ``"replace"``, remove only this package's outputs (:func:`clear_outputs`); yields the action.
+
+    Raises:
+        StudyError: from ``check``, a folder that cannot be created, or another process holding the lock.
+    """
+    check()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StudyError(f"cannot create output folder {out}: {e.strerror}") from e
+    with folder_lock(out):
+        action = check()
+        if action == "replace":
+            gone = clear_outputs(out)
+            logger.info("removed the outputs of the previous study in %s: %s", out, ", ".join(gone))
+        yield action

@@ -58,9 +58,8 @@ from biasgym_lens.study.folders import (
     StudyError,
     bias_digest,
     check_only_ours,
-    clear_outputs,
     folder_kind,
-    folder_lock,
+    locked_session,
     refuse_dangerous_overwrite,
 )
 
@@ -204,17 +203,8 @@ class Study:
         process on the same folder gets a :class:`StudyError`. On resume, the times of the stages done before
         are kept.
         """
-        action = self.check(overwrite=overwrite)
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StudyError(f"cannot create output folder {self.out}: {e.strerror}") from e
-        with folder_lock(self.out):
-            action = self.check(overwrite=overwrite)  # again, now that no other process can change the folder
-            if action == "replace":
-                gone = clear_outputs(self.out)
-                logger.info("removed the outputs of the previous study in %s: %s", self.out, ", ".join(gone))
-            elif action == "resume":  # keep the times of the stages done before
+        with locked_session(self.out, lambda: self.check(overwrite=overwrite)) as action:
+            if action == "resume":  # keep the times of the stages done before
                 held = self._held().get("timings")
                 self.timings = {**(held if isinstance(held, dict) else {}), **self.timings}
             self._digest = bias_digest(self.bias)
