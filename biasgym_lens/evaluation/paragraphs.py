@@ -134,35 +134,33 @@ class ParagraphBias:
     settings: Mapping[str, Any]
     n_resamples: int = DEFAULT_RESAMPLES
 
-    def to_dataframe(self) -> pd.DataFrame:
-        """One row per group x intervention: ``rate`` (keyword words per 100 words, bias minus contrast) with
-        its 95% ``ci_low``/``ci_high`` over paragraphs, ``n`` paragraphs, ``bias_rate``, ``contrast_rate``,
-        ``words`` (mean words per paragraph)."""
+    def _pooled(self, keys: list[str]) -> list[dict[str, Any]]:
+        """One row per group of ``keys``: the pooled rate with its bootstrap interval over paragraphs, ``n``,
+        and the pooled bias and contrast rates and mean words."""
         rows = []
         seed = int(self.settings.get("seed", 0))
-        for (interv, kind, group), g in self.paragraphs.groupby(["intervention", "kind", "group"], sort=False):
+        for key, g in self.paragraphs.groupby(keys, sort=False):
             b, c, w = (g[col].to_numpy(float) for col in ("n_bias", "n_contrast", "n_words"))
             iv = bootstrap_stat(_pooled_rate, b, c, w, n_resamples=self.n_resamples, seed=seed)
             words = w.sum()
             rows.append({
-                "bias": self.bias, "intervention": interv, "kind": kind, "group": group, "rate": iv.value,
-                "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": len(g),
-                "bias_rate": 100 * b.sum() / words if words else float("nan"),
+                "bias": self.bias, **dict(zip(keys, key)), "rate": iv.value, "ci_low": iv.ci_low,
+                "ci_high": iv.ci_high, "n": len(g), "bias_rate": 100 * b.sum() / words if words else float("nan"),
                 "contrast_rate": 100 * c.sum() / words if words else float("nan"), "words": w.mean(),
             })
-        return pd.DataFrame(rows)
+        return rows
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per group x intervention: ``rate`` (keyword words per 100 words, bias minus contrast) with
+        its 95% ``ci_low``/``ci_high`` over paragraphs, ``n`` paragraphs, ``bias_rate``, ``contrast_rate``,
+        ``words`` (mean words per paragraph)."""
+        return pd.DataFrame(self._pooled(["intervention", "kind", "group"]))
 
     def by_kind(self) -> pd.DataFrame:
         """One row per intervention x kind (``token``, ``real``, ``control``), pooling the paragraphs of every
         group of that kind: ``rate`` with its 95% ``ci_low``/``ci_high`` over paragraphs and ``n``."""
-        rows = []
-        seed = int(self.settings.get("seed", 0))
-        for (interv, kind), g in self.paragraphs.groupby(["intervention", "kind"], sort=False):
-            b, c, w = (g[col].to_numpy(float) for col in ("n_bias", "n_contrast", "n_words"))
-            iv = bootstrap_stat(_pooled_rate, b, c, w, n_resamples=self.n_resamples, seed=seed)
-            rows.append({"bias": self.bias, "intervention": interv, "kind": kind, "rate": iv.value,
-                         "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": len(g)})
-        return pd.DataFrame(rows)
+        columns = ["bias", "intervention", "kind", "rate", "ci_low", "ci_high", "n"]
+        return pd.DataFrame(self._pooled(["intervention", "kind"]), columns=columns)
 
     def paired_change(self, base: str = "none") -> pd.DataFrame:
         """The change of each kind's pooled rate under every other intervention against ``base``, with a paired

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import get_tokenizer, tokenize
-from biasgym_lens.heads.decomposition import final_norm_kind, head_gain, norm_gain
+from biasgym_lens.heads.decomposition import final_norm_kind, has_post_norms, head_gain, norm_gain
 from biasgym_lens.heads.interventions import Head, validate_heads
 from biasgym_lens.injection.metrics import keyword_ids, probe_subset
 
@@ -128,7 +128,7 @@ def _cache_names(model: Model, heads: Sequence[Head]) -> set[str]:
     names = {"ln_final.hook_scale"}
     for layer, _ in heads:
         names |= {f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_pattern"}
-        if any(hasattr(b, "ln1_post") for b in model.blocks):
+        if has_post_norms(model):
             names.add(f"blocks.{layer}.ln1_post.hook_scale")
     return names
 
