@@ -38,6 +38,8 @@ __all__ = [
     "stable_heads",
     "FaithfulnessCurve",
     "faithfulness_curve",
+    "point_measures",
+    "curve_row",
     "pick_k",
     "budget_candidates",
     "first_within_budget",
@@ -241,24 +243,31 @@ def _curve_heads(
         yield rng.sample(all_heads, k), "random", d
 
 
+def point_measures(
+    model: Model, ps: ProbeSet, cap: CapabilitySet, make: Callable[[], Any], start: int,
+    probe_resid: list[Tensor] | None,
+) -> tuple[float, float, float]:
+    """``(excess, token logit difference, neutral loss)`` under the intervention ``make()`` (a context manager
+    factory) whose first changed layer is ``start``; both passes resume there from the clean residual (the
+    probes' only where ``probe_resid`` is kept)."""
+    resume = probe_resid is not None and start > 0
+    with make():
+        ex, tok = _resumed_excess(model, ps, probe_resid, start) if resume else _excess(model, ps)
+    return ex, tok, neutral_loss(model, cap, make, start=start)
+
+
 def _ablated_measures(
     model: Model, ps: ProbeSet, cap: CapabilitySet, heads: list[Head], kind: str, reference: Any,
     probe_resid: list[Tensor] | None,
 ) -> tuple[float, float, float]:
-    """``(excess, token logit difference, neutral loss)`` with ``heads`` ablated; both passes resume at the
-    earliest ablated layer (the probes' only where ``probe_resid`` is kept)."""
-    start = first_layer(heads)
-
-    def intervention() -> Any:
-        return ablate_heads(model, heads, kind=kind, reference=reference)
-
-    resume = probe_resid is not None and start > 0
-    with intervention():
-        ex, tok = _resumed_excess(model, ps, probe_resid, start) if resume else _excess(model, ps)
-    return ex, tok, neutral_loss(model, cap, intervention, start=start)
+    """:func:`point_measures` with ``heads`` ablated the ``kind`` way."""
+    return point_measures(
+        model, ps, cap, lambda: ablate_heads(model, heads, kind=kind, reference=reference), first_layer(heads),
+        probe_resid,
+    )
 
 
-def _curve_row(
+def curve_row(
     k: int, selection: str, draw: int, measures: tuple[float, float, float], base_excess: float, base_loss: float
 ) -> dict[str, Any]:
     """One row of the curve's table."""
@@ -327,7 +336,7 @@ def faithfulness_curve(
     for k in ks:
         for heads, selection, draw in _curve_heads(ranked_heads, all_heads, k, random_draws, rng):
             measures = _ablated_measures(model, ps, cap, heads, kind, reference, probe_resid)
-            rows.append(_curve_row(k, selection, draw, measures, base_excess, base_loss))
+            rows.append(curve_row(k, selection, draw, measures, base_excess, base_loss))
             bar.update(1)
     bar.close()
     table = pd.DataFrame(rows)

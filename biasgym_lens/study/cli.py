@@ -25,7 +25,14 @@ from biasgym_lens.study.cli_common import (
     study_options,
     user_errors,
 )
-from biasgym_lens.study.cli_stages import benchmark_settings, benchmark_stage, benchmark_study, num, run_seeds
+from biasgym_lens.study.cli_stages import (
+    benchmark_settings,
+    benchmark_stage,
+    benchmark_study,
+    num,
+    removals_study,
+    run_seeds,
+)
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -311,6 +318,18 @@ def benchmark_cmd(names, study_out, model, max_items, seed, heads, with_base, sc
     if csv_path:
         write_csv(table, csv_path)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command("removals")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A study folder with its scope stage done.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--threads", default=None, type=POSITIVE, help="torch CPU threads.")
+@user_errors
+def removals_cmd(out, device, threads) -> None:
+    """Compare ways of changing the heads (zero, mean, scale, project out the bias direction, per-head
+    steering) on the study's protocol: best test-probe cut within its budget, against random heads and steering."""
+    set_threads(threads)
+    removals_study(out, device)
 
 
 def _print_summary(study) -> None:

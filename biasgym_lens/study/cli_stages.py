@@ -10,7 +10,7 @@ import click
 
 from biasgym_lens.study.cli_common import CliError, check_writable, load_cli_model
 
-__all__ = ["run_seeds", "print_stability", "benchmark_settings", "benchmark_stage", "benchmark_study", "num"]
+__all__ = ["run_seeds", "print_stability", "benchmark_settings", "benchmark_stage", "benchmark_study", "removals_study", "num"]
 
 
 def run_seeds(bias, out, model, quick, seed, dtype, device, device_map, overwrite, images, allow_weak, n) -> None:
@@ -102,6 +102,27 @@ def benchmark_study(out, names, max_items, seed, score, batch_size, csv_path, de
     click.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"benchmarks saved in {Path(out) / 'benchmarks.csv'}; `biasgym report --out {out}` adds them to the report")
 
+
+
+def removals_study(out, device) -> None:
+    """``biasgym removals --out STUDY``: the kinds of head change compared on the study's protocol
+    (:func:`~biasgym_lens.heads.removal.compare_removals`), saved in ``STUDY/removals``."""
+    from biasgym_lens.heads.removal import compare_removals
+    from biasgym_lens.heads.scope_result import ScopeResult
+    from biasgym_lens.injection.artifact import Injection
+    from biasgym_lens.study.pipeline import Study
+
+    study = Study.open(out)
+    study.require("scope")
+    m = load_cli_model(study.model_name, device, dtype=study.dtype)
+    with study.session():
+        inj = Injection.load(study.out / "injection", m)
+        comparison = compare_removals(m, inj, ScopeResult.load(study.out / "scope"))
+        comparison.save(study.out / "removals")
+    cols = ["kind", "param", "k", "heads", "excess_cut", "excess_cut_ci_low", "excess_cut_ci_high",
+            "perplexity_increase", "random_cut", "steering_cut", "p_vs_random", "p_vs_steering"]
+    click.echo(comparison.table()[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"saved in {study.out / 'removals'}")
 
 
 def num(v: Any, fmt: str) -> str:

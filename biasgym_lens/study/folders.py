@@ -67,7 +67,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 
 OUTPUTS: tuple[str, ...] = (
     "study.json", "injection", "control_injection", "injection_check.json", "scope", *(f"{t}.csv" for t in EVALUATE_TABLES),
-    "results.json", "figures", "report.html", *BENCHMARK_OUTPUTS,
+    "results.json", "figures", "report.html", *BENCHMARK_OUTPUTS, "removals",
 )
 """Every top-level name a study writes in its folder: all that ``overwrite`` may ever remove."""
 

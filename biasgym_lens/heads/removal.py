@@ -1,0 +1,389 @@
+"""Which way of changing the responsible heads removes the most bias within the capability budget?
+
+Zeroing a head removes everything it writes, so the budget stops it where the heads that carry the bias also
+carry what the model needs. :func:`compare_removals` compares, for a finished study, five kinds of change on
+one protocol (the study's splits, ks, curve passages, budget and budget check):
+
+- ``zero``: the heads' output set to 0 (the study's own intervention);
+- ``mean``: set to each head's mean output over the curve's neutral passages;
+- ``scale``: multiplied by a factor ``s`` (``scales``), the paper's steering by a factor;
+- ``project``: the component along each head's bias direction removed
+  (:func:`~biasgym_lens.heads.head_edits.edit_heads`; directions from the select probes);
+- ``head_steer``: ``alpha`` times each head's bias direction subtracted (``head_alphas``).
+
+``zero`` and ``mean`` remove the whole output and follow the study's ranking, which already dropped the heads
+the model cannot lose; the kinds that keep most of the output follow the heads' effect on the bias
+(attribution patching on the select probes), since their cost is measured along the curve anyway.
+
+The steps, in order: the curve (:func:`removal_curve`: for every setting, a kind with one parameter, and every
+k, the token's excess on the tune probes and the cost on the curve's passages); each kind's choice
+(:func:`choose_removals`: its settings within the budget, least excess first, confirmed on the tune passages);
+then, only after every choice, the test split: none, the study's steering baseline, each kind's choice and as
+many random heads changed the same way (:func:`~biasgym_lens.heads.steps.measure_all`), with intervals and
+paired tests against random heads and steering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from biasgym_lens.core.artifacts import open_artifact, reading, save_artifact
+from biasgym_lens.core.checks import check_choice, check_real
+from biasgym_lens.core.files import read_csv, require
+from biasgym_lens.core.protocols import Model
+from biasgym_lens.core.provenance import Provenance, check_same_model
+from biasgym_lens.core.unembed import clean_residuals, suffix_supported
+from biasgym_lens.evaluation.capability import with_resume_layers
+from biasgym_lens.evaluation.capability_records import CapabilitySet
+from biasgym_lens.evaluation.intervals import bias_intervals, paired_comparisons
+from biasgym_lens.heads.head_edits import edit_heads, head_directions
+from biasgym_lens.heads.interventions import Head, ablate_heads, first_layer, head_means
+from biasgym_lens.heads.probes import ProbeSet, build_probe_set
+from biasgym_lens.heads.scope_benchmarks import rebuild_interventions
+from biasgym_lens.heads.scope_interventions import random_heads
+from biasgym_lens.heads.scope_records import Intervention
+from biasgym_lens.heads.scope_result import ScopeResult
+from biasgym_lens.heads.selection import curve_row, first_within_budget, point_measures
+from biasgym_lens.heads.steps import TestSet, TuneBudget, curve_capability, measure_all
+from biasgym_lens.heads.transfer import measure_groups
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "REMOVAL_KINDS",
+    "HEAD_ORDER",
+    "RemovalComparison",
+    "compare_removals",
+    "removal_curve",
+    "study_zero_curve",
+    "choose_removals",
+]
+
+REMOVAL_KINDS = ("zero", "mean", "scale", "project", "head_steer")
+HEAD_ORDER = {"zero": "ranking", "mean": "ranking", "scale": "effect", "project": "effect", "head_steer": "effect"}
+"""The head order each kind follows: the study's ``ranking`` or the heads' ``effect`` on the bias."""
+
+_FORMAT = 1
+_TABLES = ("curve", "checks", "choices", "summary", "comparisons")
+
+Setting = tuple[str, float]  # (kind, parameter: the scale or the multiplier; NaN for the others)
+Maker = Callable[[list[Head]], Callable[[], Any]]  # heads -> a factory of the context manager that changes them
+
+
+@dataclass(frozen=True, eq=False)
+class RemovalComparison:
+    """The kinds of head change compared on one study's protocol (:func:`compare_removals`).
+
+    Attributes:
+        bias: The bias name.
+        token: The injected token.
+        curve: ``kind, param, order, k, heads, excess, token_logit_diff, neutral_loss, loss_increase,
+            perplexity_increase, excess_cut``: the tune probes and the curve's passages.
+        checks: ``kind, param, k, curve_cost, tune_cost, tune_cost_high``: the settings tried on the tune
+            passages, in order, until one held the budget.
+        choices: ``kind, param, k, heads, random_heads``: each kind's choice (``k == 0``: nothing held).
+        summary: One row per measured intervention (``none``, ``steering``, each kind and ``{kind}_random``):
+            the token's excess and its cut, the real groups' gap and its cut (test probes), the cost on the test
+            passages and items, each with ``_ci_low`` / ``_ci_high``.
+        comparisons: Paired sign-flip tests on the test probes of each kind against its random heads and
+            against steering (:func:`~biasgym_lens.evaluation.intervals.paired_comparisons`).
+        settings: ``kinds, scales, head_alphas, budget, budget_on, budget_check, ks, seed``.
+        provenance: The model.
+    """
+
+    bias: str
+    token: str
+    curve: pd.DataFrame
+    checks: pd.DataFrame
+    choices: pd.DataFrame
+    summary: pd.DataFrame
+    comparisons: pd.DataFrame
+    settings: dict[str, Any]
+    provenance: Provenance
+
+    def table(self) -> pd.DataFrame:
+        """One row per kind: its choice, the test-split cut and cost with intervals, its random heads' and the
+        steering baseline's cut, and whether it beats each (one-sided paired test, p < 0.05, on the token's
+        excess)."""
+        s = self.summary.set_index("intervention")
+        comp = self.comparisons[self.comparisons.measure == "token_excess"].set_index(["a", "b"])
+        cost = f"{self.settings['budget_on']}_increase"
+        rows = []
+        for ch in self.choices.itertuples(index=False):
+            row: dict[str, Any] = {"bias": self.bias, "kind": ch.kind, "param": ch.param, "k": ch.k, "heads": ch.heads}
+            measured = ch.kind in s.index
+            for col in ("excess_cut", "excess_cut_ci_low", "excess_cut_ci_high", cost, f"{cost}_ci_low", f"{cost}_ci_high",
+                        "real_gap_cut", "real_gap_cut_ci_low", "real_gap_cut_ci_high"):
+                row[col] = s.loc[ch.kind, col] if measured and col in s.columns else math.nan
+            for other, name in ((f"{ch.kind}_random", "random"), ("steering", "steering")):
+                row[f"{name}_cut"] = s.loc[other, "excess_cut"] if other in s.index else math.nan
+                p = comp.loc[(ch.kind, other), "p_value"] if (ch.kind, other) in comp.index else math.nan
+                row[f"p_vs_{name}"] = p
+                row[f"beats_{name}"] = bool(p < 0.05)
+            row["within_budget"] = bool(measured and row[cost] <= self.settings["budget"])
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_dataframe(self, view: str = "table") -> pd.DataFrame:
+        """``"table"`` (one row per kind) or one of ``"curve"``, ``"checks"``, ``"choices"``, ``"summary"``,
+        ``"comparisons"``."""
+        check_choice(view, "view", ("table", *_TABLES))
+        return self.table() if view == "table" else getattr(self, view).copy()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the comparison into folder ``path`` (CSV and JSON, atomically; only new paths, empty folders and
+        earlier comparisons are replaced)."""
+        meta = {"format": _FORMAT, "bias": self.bias, "token": self.token, "settings": self.settings,
+                "provenance": self.provenance.to_dict()}
+
+        def write(folder: Path) -> dict[str, Any]:
+            for name in _TABLES:
+                getattr(self, name).to_csv(folder / f"{name}.csv", index=False)
+            self.table().to_csv(folder / "table.csv", index=False)
+            return meta
+
+        return save_artifact(path, "removals", "removals.json", write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RemovalComparison:
+        """Read a comparison saved with :meth:`save` (checksums checked).
+
+        Raises:
+            ArtifactError: missing, damaged or malformed files.
+        """
+        folder, meta = open_artifact(path, "removals", "removals.json", version=_FORMAT)
+        with reading(folder / "removals.json", "removal comparison"):
+            require(meta, ("bias", "token", "settings", "provenance"), folder / "removals.json")
+            tables = {name: read_csv(folder / f"{name}.csv", name) for name in _TABLES}
+            return cls(str(meta["bias"]), str(meta["token"]), **tables, settings=dict(meta["settings"]),
+                       provenance=Provenance.from_dict(meta["provenance"]))
+
+
+def _settings(kinds: Sequence[str], scales: Sequence[float], head_alphas: Sequence[float]) -> list[Setting]:
+    out: list[Setting] = []
+    for kind in kinds:
+        params = {"scale": scales, "head_steer": head_alphas}.get(kind, (math.nan,))
+        out += [(kind, float(p)) for p in params]
+    return out
+
+
+def _makers(model: Model, means: Any, directions: torch.Tensor) -> dict[str, Callable[[float], Maker]]:
+    """kind -> (param -> (heads -> context manager factory))."""
+    return {
+        "zero": lambda p: lambda hs: lambda: ablate_heads(model, hs, kind="zero"),
+        "mean": lambda p: lambda hs: lambda: ablate_heads(model, hs, kind="mean", reference=means),
+        "scale": lambda p: lambda hs: lambda: ablate_heads(model, hs, kind="scale", scale=p),
+        "project": lambda p: lambda hs: lambda: edit_heads(model, hs, directions, mode="project"),
+        "head_steer": lambda p: lambda hs: lambda: edit_heads(model, hs, directions, mode="subtract", alpha=p),
+    }
+
+
+def removal_curve(
+    model: Model,
+    ps: ProbeSet,
+    cap: CapabilitySet,
+    settings: Sequence[Setting],
+    orders: dict[str, list[Head]],
+    make: Callable[[Setting], Maker],
+    ks: Sequence[int],
+    *,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """For every setting and every k: the first k heads of the setting's kind's order (:data:`HEAD_ORDER`)
+    changed that way; the token's excess on ``ps`` and the loss on ``cap`` (run with the injection applied).
+    Each point resumes at its first changed layer (see :func:`~biasgym_lens.heads.selection.point_measures`)."""
+    L = model.cfg.n_layers
+    cap = with_resume_layers(cap, range(1, L))
+    base_excess, _, base_loss = point_measures(model, ps, cap, lambda: contextlib.nullcontext(), 0, None)
+    probe_resid = None
+    if suffix_supported(model):
+        with torch.no_grad():
+            probe_resid = clean_residuals(model, ps.batch.input_ids, ps.batch.attention_mask)
+    rows = []
+    bar = tqdm(total=len(settings) * len(ks), desc="removal curve", disable=not progress, leave=False)
+    for setting in settings:
+        order = HEAD_ORDER[setting[0]]
+        for k in ks:
+            heads = list(orders[order][:k])
+            measures = point_measures(model, ps, cap, make(setting)(heads), first_layer(heads), probe_resid)
+            row = curve_row(k, "top", 0, measures, base_excess, base_loss)
+            rows.append({"kind": setting[0], "param": setting[1], "order": order, "heads": _heads_text(heads), **row})
+            bar.update(1)
+    bar.close()
+    return pd.DataFrame(rows).drop(columns=["selection", "draw"])
+
+
+def study_zero_curve(result: ScopeResult, ks: Sequence[int]) -> pd.DataFrame:
+    """The ``zero`` rows of the removal curve from the study's own faithfulness curve (its ``top`` rows: the
+    same ranking, probes, passages and ks), which :func:`removal_curve` would compute again."""
+    top = result.curve.table
+    top = top[(top.selection == "top") & top.k.isin(list(ks))].drop(columns=["selection", "draw"])
+    heads = [_heads_text(result.curve.heads[: int(k)]) for k in top.k]
+    return top.assign(kind="zero", param=math.nan, order=HEAD_ORDER["zero"], heads=heads)[
+        ["kind", "param", "order", "heads", *top.columns]
+    ].reset_index(drop=True)
+
+
+def choose_removals(
+    curve: pd.DataFrame,
+    tune_cost: Callable[[str, float, int], tuple[float, float]],
+    budget: float,
+    budget_on: str,
+    *,
+    conservative: bool = True,
+) -> tuple[dict[str, tuple[float, int]], pd.DataFrame]:
+    """Each kind's choice: among its curve points within ``budget`` on the curve's passages, least excess first
+    (then fewer heads), the first whose cost on the tune passages holds the budget (its upper 95% end with
+    ``conservative``; see :func:`~biasgym_lens.heads.selection.first_within_budget`).
+
+    Returns:
+        ``({kind: (param, k)}, checks)``; ``k == 0`` where nothing held.
+    """
+    col = f"{budget_on}_increase"
+    chosen: dict[str, tuple[float, int]] = {}
+    checks: list[dict[str, Any]] = []
+    for kind, rows in curve.groupby("kind", sort=False):
+        fitting = rows[rows[col] <= budget].sort_values(["excess", "k", "param"])
+        point = {i: (float(r.param), int(r.k), float(getattr(r, col))) for i, r in enumerate(fitting.itertuples(index=False), 1)}
+        pick, tried = first_within_budget(  # candidates are 1-based row numbers: 0 means none held
+            list(point), lambda i, kind=kind, point=point: tune_cost(kind, *point[i][:2]), lambda i, point=point: point[i][2],
+            budget,
+            conservative=conservative,
+        )
+        chosen[str(kind)] = point[pick][:2] if pick else (math.nan, 0)
+        for t in tried:
+            param, k, _ = point[t.pop("candidate")]
+            checks.append({"kind": kind, "param": param, "k": k, **t})
+    cols = ["kind", "param", "k", "curve_cost", "tune_cost", "tune_cost_high"]
+    return chosen, pd.DataFrame(checks, columns=cols)
+
+
+def compare_removals(
+    model: Model,
+    injection: Any,
+    result: ScopeResult,
+    *,
+    kinds: Sequence[str] = REMOVAL_KINDS,
+    scales: Sequence[float] = (0.5,),
+    head_alphas: Sequence[float] = (1.0, 2.0),
+    progress: bool = True,
+) -> RemovalComparison:
+    """Compare the kinds of head change (:data:`REMOVAL_KINDS`) on a finished study's protocol: the same probe
+    splits, ks, passages, budget and budget check as ``result``'s, the test split measured only after every
+    choice.
+
+    Args:
+        model: The model the study ran on.
+        injection: The study's injection.
+        result: Its :class:`ScopeResult` (with its decisions and the attribution scores).
+        kinds: The kinds to compare, each once.
+        scales: The factors tried by ``scale`` (in [0, 1)).
+        head_alphas: The multipliers tried by ``head_steer`` (positive).
+        progress: Show a progress bar.
+
+    Raises:
+        ValueError: an unknown or repeated kind, a factor out of range, a result of another model, bias or
+            token, or one saved without its decisions or attribution scores.
+    """
+    kinds, scales, head_alphas = _check_args(kinds, scales, head_alphas)
+    config = _check_result(model, injection, result)
+    orders = {"ranking": list(result.decisions.ranked), "effect": result.scores["attribution"].top(len(result.decisions.ranked))}
+    ks = sorted(k for k in config.ks if k <= len(result.decisions.ranked))
+    cap_curve = curve_capability(model, config)
+    means = head_means(model, cap_curve.neutral[0]) if "mean" in kinds else None
+    reuse = "zero" in kinds and config.kind == "zero"  # the study's own curve already holds these points
+    settings = _settings([k for k in kinds if not (reuse and k == "zero")], scales, head_alphas)
+    with injection.apply(model):
+        directions = head_directions(model, _probes(model, injection, config, "select"))
+        makers = _makers(model, means, directions)
+        curve = removal_curve(
+            model, _probes(model, injection, config, "tune"), cap_curve, settings, orders,
+            lambda s: makers[s[0]](s[1]), ks, progress=progress,
+        )
+    if reuse:
+        curve = pd.concat([study_zero_curve(result, ks), curve], ignore_index=True)
+    steering = next(iv for iv in rebuild_interventions(model, injection, result) if iv.name == "steering")
+
+    def intervention(name: str, kind: str, param: float, heads: list[Head]) -> Intervention:
+        return Intervention(name, makers[kind](param)(heads), first_layer(heads)) if heads else Intervention(name)
+
+    def heads_of(kind: str, k: int) -> list[Head]:
+        return list(orders[HEAD_ORDER[kind]][:k])
+
+    starts = {first_layer(orders[o][:k]) for o in orders for k in ks} | {first_layer(random_heads(model, k, config.seed)) for k in ks}
+    tune = TuneBudget.prepare(model, config, starts | {steering.first_layer})
+    chosen, checks = choose_removals(
+        curve, lambda kind, p, k: tune.cost(model, intervention(kind, kind, p, heads_of(kind, k))),
+        config.budget, config.budget_on, conservative=config.budget_check == "upper",
+    )
+    interventions = [Intervention("none"), steering]
+    choice_rows = []
+    for kind, (param, k) in chosen.items():
+        picked, baseline = heads_of(kind, k), random_heads(model, k, config.seed) if k else []
+        choice_rows.append({"kind": kind, "param": param, "k": k, "heads": _heads_text(picked), "random_heads": _heads_text(baseline)})
+        if k:
+            interventions += [intervention(kind, kind, param, picked), intervention(f"{kind}_random", kind, param, baseline)]
+    test = TestSet.prepare(model, config, starts | {steering.first_layer})  # only now: every choice is made
+    _, capability, values = measure_all(model, injection, interventions, test, measure_groups, config)
+    summary = _summary(capability, values, config.seed)
+    pairs = [(k, other) for k, (_, n) in chosen.items() if n for other in (f"{k}_random", "steering")]
+    return RemovalComparison(
+        injection.bias, injection.token, curve, checks, pd.DataFrame(choice_rows), summary,
+        paired_comparisons(values, pairs, seed=config.seed),
+        {"kinds": list(kinds), "scales": list(scales), "head_alphas": list(head_alphas), "budget": config.budget,
+         "budget_on": config.budget_on, "budget_check": config.budget_check, "ks": ks, "seed": config.seed},
+        Provenance.of(model),
+    )
+
+
+def _check_args(kinds: Sequence[str], scales: Sequence[float], alphas: Sequence[float]) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
+    kinds = tuple(check_choice(k, "kind", REMOVAL_KINDS) for k in kinds)
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds must name each of {', '.join(REMOVAL_KINDS)} at most once, got {list(kinds)}")
+    scales = tuple(check_real(s, "scale", minimum=0.0) for s in scales)
+    if any(s >= 1 for s in scales) or ("scale" in kinds and not scales):
+        raise ValueError(f"scales must be factors in [0, 1), at least one, got {list(scales)}")
+    alphas = tuple(check_real(a, "head_alpha", positive=True) for a in alphas)
+    if "head_steer" in kinds and not alphas:
+        raise ValueError("head_alphas must hold at least one positive multiplier")
+    return kinds, scales, alphas
+
+
+def _check_result(model: Model, injection: Any, result: ScopeResult) -> Any:
+    if not isinstance(result, ScopeResult):
+        raise TypeError(f"result must be a ScopeResult, got {type(result).__name__}")
+    if (result.bias, result.token) != (injection.bias, injection.token):
+        raise ValueError(f"the result is of {result.bias!r} ({result.token}), the injection of {injection.bias!r} ({injection.token})")
+    if result.decisions is None or "attribution" not in result.scores:
+        raise ValueError("the result lacks its decisions or its attribution scores (saved by an older version); run scope again")
+    check_same_model(result.provenance, model, "the scope result")
+    return result.config
+
+
+def _probes(model: Model, injection: Any, config: Any, split: str) -> ProbeSet:
+    """The select probes (as the study scores heads) or the tune probes (as its curve runs on them)."""
+    spec = injection.spec
+    if split == "select":
+        return build_probe_set(model, spec, injection.token, probes="select", max_probes=config.score_probes)
+    controls = None if config.curve_controls is None else list(spec.control_groups[: config.curve_controls])
+    return build_probe_set(model, spec, injection.token, probes="tune", controls=controls, max_probes=config.curve_probes)
+
+
+def _summary(capability: pd.DataFrame, values: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Per intervention: the bias measures and their intervals (test probes) beside the capability ones."""
+    bias = bias_intervals(values, seed=seed)
+    return bias.merge(capability, on="intervention", how="left")
+
+
+def _heads_text(heads: Sequence[Head]) -> str:
+    return " ".join(f"L{layer}H{head}" for layer, head in heads)
