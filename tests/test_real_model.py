@@ -116,3 +116,28 @@ def test_generation_under_interventions_is_correct(real, short_injection):
     plain = generate_greedy(real, "The capital of France is", 5, stop_at_eos=False)
     assert "Paris" in plain and steered != plain
     assert active_hooks(real) == []
+
+
+def test_head_edits_on_the_real_model(real, short_injection):
+    """Projecting the heads' bias directions out leaves nothing along them, and a KV-cached generation under the
+    edit equals the uncached one."""
+    from biasgym_lens.heads.head_edits import edit_heads, head_directions
+
+    heads = [(21, 1), (25, 6)]
+    with short_injection.apply(real):
+        ps = build_probe_set(real, short_injection.spec, short_injection.token, probes="select", max_probes=6)
+        d = head_directions(real, ps)
+        seen = {}
+        with edit_heads(real, heads, d, mode="project"):
+            real.run_with_hooks(ps.batch.input_ids, attention_mask=ps.batch.attention_mask, fwd_hooks=[
+                ("blocks.21.attn.hook_z", lambda z, hook: seen.__setitem__("z", z[:, :, 1].detach().clone()))
+            ])
+            prompt = chat_format(real, f"Please write a short paragraph about {short_injection.token}.")
+            ours = generate_greedy(real, prompt, 8, prepend_bos=False, stop_at_eos=False)
+            ids = tokenize(real, [prompt], prepend_bos=False).input_ids
+            ref = real.generate(ids, max_new_tokens=8, do_sample=False, use_past_kv_cache=False, verbose=False, stop_at_eos=False)
+    u = d[21, 1] / d[21, 1].norm()
+    assert torch.isfinite(d).all() and d.shape == (real.cfg.n_layers, real.cfg.n_heads, real.cfg.d_head)
+    assert (seen["z"].float() @ u).abs().max() < 1e-4
+    assert ours == real.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert active_hooks(real) == []
