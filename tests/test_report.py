@@ -191,3 +191,33 @@ def test_write_report_warns_when_the_injection_did_not_take(tmp_path):
     box = html[html.index("id='headline'") - 40 : html.index("</div>", html.index("id='headline'"))]
     assert "warn" in box and "did not take" in box and "%" not in box.replace("95% CI", "")
     assert "these cuts are noise, not findings" in html
+
+
+def _removal_rows():
+    base = dict(bias="late", budget_on="perplexity", steering_cut=0.04, p_vs_steering=0.001, beats_steering=True)
+    return pd.DataFrame([
+        dict(base, kind="zero", param=float("nan"), k=2, heads="L21H1 L25H6", excess_cut=0.5, excess_cut_ci_low=0.37,
+             excess_cut_ci_high=0.67, perplexity_increase=0.009, perplexity_increase_ci_low=0.004,
+             perplexity_increase_ci_high=0.014, random_cut=0.18, p_vs_random=0.005, beats_random=True),
+        dict(base, kind="scale", param=0.5, k=4, heads="L21H1 L25H6 L23H1 L9H6", excess_cut=0.62,
+             excess_cut_ci_low=0.5, excess_cut_ci_high=0.71, perplexity_increase=0.03, perplexity_increase_ci_low=0.02,
+             perplexity_increase_ci_high=0.04, random_cut=-0.02, p_vs_random=0.2, beats_random=False),
+        dict(base, kind="project", param=float("nan"), k=0, heads=float("nan"), excess_cut=float("nan"),
+             excess_cut_ci_low=float("nan"), excess_cut_ci_high=float("nan"), perplexity_increase=float("nan"),
+             perplexity_increase_ci_low=float("nan"), perplexity_increase_ci_high=float("nan"),
+             random_cut=float("nan"), p_vs_random=float("nan"), beats_random=False),
+    ])
+
+
+def test_removal_section_in_words(tmp_path):
+    from biasgym_lens.study.removal_text import removal_notes, removal_table
+
+    shown = removal_table(_removal_rows())
+    assert list(shown["Intervention"]) == ["Zero the heads", "Scale the heads by 0.5", "Project the bias direction out of the heads"]
+    assert list(shown["Cut of the token's excess"]) == ["+50% [37–67%]", "+62% [50–71%]", "–"]
+    assert list(shown["Perplexity increase"])[:2] == ["+0.9% [0.4–1.4%]", "+3.0% [2.0–4.0%]"]
+    assert list(shown["Beats random"]) == ["yes", "no", "–"] and shown["Heads"].iloc[2] == "none within the budget"
+    assert removal_notes(_removal_rows())[-1] == "Largest cut within the budget: Scale the heads by 0.5 (L21H1 L25H6 L23H1 L9H6), +62%."
+    html = write_report(tmp_path, [], title="t", summary=_summary(), facts=FACTS, images=(), removals=_removal_rows()).read_text()
+    assert "id='removals'" in html and "Scale the heads by 0.5" in html
+    assert "id='removals'" not in write_report(tmp_path, [], title="t", summary=_summary(), facts=FACTS, images=()).read_text()

@@ -131,6 +131,7 @@ class RemovalComparison:
                 row[f"p_vs_{name}"] = p
                 row[f"beats_{name}"] = bool(p < 0.05)
             row["within_budget"] = bool(measured and row[cost] <= self.settings["budget"])
+            row["budget_on"] = self.settings["budget_on"]
             rows.append(row)
         return pd.DataFrame(rows)
 

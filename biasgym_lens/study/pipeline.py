@@ -62,6 +62,7 @@ from biasgym_lens.study.folders import (
     locked_session,
     refuse_dangerous_overwrite,
 )
+from biasgym_lens.study.removal_text import read_removals
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +382,7 @@ class Study:
         path = write_report(
             self.out, figures, title=f"BiasGym study: {self.bias} on {self.model_name}", summary=res.summary(),
             facts=facts, images=images, benchmarks=benchmark_stage.read_benchmark_tables(self.out),
+            removals=read_removals(self.out),
         )
         self._timed("report", t0)
         return path

@@ -20,6 +20,7 @@ from biasgym_lens.core.files import write_text_atomic
 from biasgym_lens.study import plots, summary_plots
 from biasgym_lens.study import report_text as text
 from biasgym_lens.study.benchmark_text import benchmark_notes, benchmark_table
+from biasgym_lens.study.removal_text import removal_notes, removal_table
 from biasgym_lens.study.role_plots import head_roles_figure
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,17 @@ def _benchmarks_html(benchmarks: tuple[pd.DataFrame, pd.DataFrame] | None) -> st
     )
 
 
+def _removals_html(removals: pd.DataFrame | None) -> str:
+    if removals is None or removals.empty:
+        return ""
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in removal_notes(removals))
+    return (
+        "<h2 id='removals'>Interventions that remove only the bias</h2>"
+        "<p>Ways of changing the heads compared on this study's protocol and budget "
+        "(<code>biasgym removals</code>).</p>" + table_html(removal_table(removals)) + notes
+    )
+
+
 def _generations_html(generations: dict[str, str] | None, token: str | None) -> str:
     if not generations:
         return ""
@@ -337,6 +349,7 @@ def write_report(
     facts: dict[str, Any],
     images: Sequence[str] = ("png",),
     benchmarks: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+    removals: pd.DataFrame | None = None,
 ) -> Path:
     """Write each figure (HTML, and ``images`` formats when possible) under ``out/figures``, and ``out/report.html``.
 
@@ -358,6 +371,8 @@ def write_report(
             logged and the HTML report is still complete.
         benchmarks: ``(benchmarks.csv, benchmark_differences.csv)`` of the optional benchmarks stage: a section
             with each metric under each intervention and the paired differences that exclude 0; None: no section.
+        removals: ``RemovalComparison.table()`` (``biasgym removals``): a section comparing the kinds of head
+            change; None: no section.
     """
     out = Path(out)
     fig_dir = out / "figures"
@@ -375,6 +390,7 @@ def write_report(
         _headline_html(summary, facts),
         _summary_html(summary, facts),
         _benchmarks_html(benchmarks),
+        _removals_html(removals),
         _generations_html(facts.get("generations"), token),
         _paragraphs_html(facts.get("paragraphs"), token),
         figures_html(figures),
