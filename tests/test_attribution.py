@@ -294,16 +294,18 @@ def test_attribution_against_head_means_is_the_finite_difference_toward_the_mean
 
 
 def test_the_resumed_scan_in_length_groups_equals_one_padded_pass(injected, monkeypatch):
-    """Rows of different lengths run in separate, shorter passes; the scores equal one padded pass's."""
+    """Rows of different lengths run in separate, shorter passes, unembedding only the keyword columns; the
+    scores equal one padded pass's and the full-vocabulary metric of single-head passes."""
     from biasgym_lens.heads import patching
 
     model, inj = injected
     with inj.apply(model):
         ps = _probe_set(model, inj)
         lengths = (ps.batch.last_positions + 1).tolist()
-        assert len(set(lengths)) > 1 and len(patching.length_groups(lengths, max_groups=3)) > 1  # really split
+        groups = patching.length_partition(lengths, overhead=patching.SCAN_PASS_OVERHEAD)
+        assert len(set(lengths)) > 1 and len(groups) > 1  # really split
         grouped = ablation_scores(model, ps, reuse_prefix=True)
-        monkeypatch.setattr(patching, "SCAN_LENGTH_GROUPS", 1)
+        monkeypatch.setattr(patching, "SCAN_PASS_OVERHEAD", 10**9)  # one group: a single padded pass
         one_pass = ablation_scores(model, ps, reuse_prefix=True)
     torch.testing.assert_close(grouped, one_pass, atol=1e-5, rtol=1e-5)
     assert active_hooks(model) == []

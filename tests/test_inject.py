@@ -288,6 +288,34 @@ def test_length_groups_partition_the_batch_at_the_least_padded_cost():
     assert len(length_groups([4, 4, 4, 80, 80, 80], 3)) == 2  # short plain texts apart from long chats
 
 
+def test_length_partition_is_the_least_cost_split_with_any_number_of_groups():
+    """Against a brute force over every split of the sorted rows into contiguous groups (any number)."""
+    import itertools
+
+    from biasgym_lens.injection.examples import length_partition
+
+    rng = torch.Generator().manual_seed(1)
+    for overhead in (0, 4, 16):
+        for _ in range(15):
+            n = int(torch.randint(1, 9, (1,), generator=rng))
+            lengths = torch.randint(3, 60, (n,), generator=rng).tolist()
+            groups = length_partition(lengths, overhead)
+            assert sorted(i for g in groups for i in g) == list(range(n))
+            order = sorted(range(n), key=lambda i: lengths[i])
+
+            def cost(gs, lengths=lengths, overhead=overhead):
+                return sum(len(g) * max(lengths[i] for i in g) + overhead for g in gs)
+
+            best = min(
+                cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, n))])
+                for g in range(1, n + 1)
+                for cuts in itertools.combinations(range(1, n), g - 1)
+            )
+            assert cost(groups) == best
+    assert length_partition([7, 7, 7], 0) == [[0, 1, 2]]  # equal lengths: one group, also without overhead
+    assert length_partition([5, 9], 0) == [[0], [1]] and length_partition([5, 9], 8) == [[0, 1]]
+
+
 def test_micro_batched_step_gives_the_one_pass_gradient(tiny_model):
     """The length-grouped micro-batches accumulate the same loss and gradient as one padded pass."""
     from biasgym_lens.injection.examples import training_examples

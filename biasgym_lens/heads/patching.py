@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from biasgym_lens.core.hooks import HookSpec, hooked
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch
-from biasgym_lens.core.unembed import logits_at, suffix_answer_logits, suffix_supported
+from biasgym_lens.core.unembed import logits_at, resumed_forward, suffix_supported, unembed_columns
 from biasgym_lens.heads.probes import ProbeSet
-from biasgym_lens.injection.examples import length_groups
+from biasgym_lens.injection.examples import length_partition
+from biasgym_lens.injection.metrics import KeywordIds, logit_diff
 
 __all__ = ["z_and_grads", "attribution_scores", "ablation_scores", "probe_totals"]
 
@@ -171,8 +172,9 @@ def _counterfactual_attribution(model: Model, ps: ProbeSet) -> Float[Tensor, "pr
 # ------------------------------------------------------------------------------------------ ablation scan
 
 
-SCAN_LENGTH_GROUPS = 3
-"""Resumed scan passes split the probe rows into at most this many groups of similar length (less padding)."""
+SCAN_PASS_OVERHEAD = 4
+"""Resumed scan passes split the probe rows into groups of similar length, as many as pay: a group costs its
+rows times its longest row plus this many tokens (:func:`~biasgym_lens.injection.examples.length_partition`)."""
 
 
 @torch.no_grad()
@@ -191,8 +193,9 @@ def ablation_scores(
     Several heads are ablated in one forward pass: the probe batch is repeated ``heads_per_pass`` times along
     the batch dimension and copy ``k`` has only head ``k`` zeroed. With ``reuse_prefix`` the clean residual
     stream entering each layer is cached once; a pass that ablates heads of layer ``l`` resumes from it at
-    block ``l`` and unembeds only the answer positions (see
-    :func:`~biasgym_lens.core.unembed.suffix_answer_logits`), so it skips the unchanged layers before ``l``.
+    block ``l``, runs the probe rows in groups of similar length each cut after its longest answer, and unembeds
+    only the keyword columns at the answer positions (see :func:`~biasgym_lens.core.unembed.unembed_columns`),
+    so it skips the unchanged layers before ``l``, nearly all padding and the rest of the vocabulary.
     ``heads_per_pass=1, reuse_prefix=False`` is the plain one-head-per-pass loop.
 
     Args:
@@ -215,9 +218,9 @@ def ablation_scores(
     out = torch.full((ps.n_probes, L, H), float("nan"))
     bar = tqdm(total=len(todo), desc="ablation scan", disable=not progress, leave=False)
     for group in _scan_groups(todo, heads_per_pass, same_layer=reuse_prefix):
-        last = _ablated_answer_logits(model, ps.batch, group, resid if reuse_prefix else None)
+        diffs = _ablated_logit_diffs(model, ps.batch, ps.keywords, group, resid if reuse_prefix else None)
         for k, (layer, h) in enumerate(group):
-            ablated = ps.metric_per_probe(last[k * R : (k + 1) * R], metric)
+            ablated = ps.per_probe(diffs[k * R : (k + 1) * R], metric)
             out[:, layer, h] = (clean - ablated).cpu()
         bar.update(len(group))
     bar.close()
@@ -283,43 +286,46 @@ def _zero_head_hooks(keep_rows: Tensor, layers: list[int]) -> list[HookSpec]:
     ]
 
 
-def _ablated_answer_logits(
-    model: Model, batch: Batch, group: list[tuple[int, int]], resid: dict[int, Tensor] | None
-) -> Tensor:
-    """Answer-position logits ``[K * rows, d_vocab]`` of the batch repeated once per head of ``group``, copy ``k``
-    with head ``k`` zeroed; resumed at the group's layer from ``resid`` when given."""
+def _ablated_logit_diffs(
+    model: Model, batch: Batch, keywords: KeywordIds, group: list[tuple[int, int]], resid: dict[int, Tensor] | None
+) -> Float[Tensor, " rows"]:
+    """The bias logit difference at the answer ``[K * rows]`` of the batch repeated once per head of ``group``,
+    copy ``k`` with head ``k`` zeroed; resumed at the group's layer from ``resid`` when given."""
     K, R = len(group), len(batch)
-    mask = batch.attention_mask.repeat(K, 1)
     keep = torch.ones(K, model.cfg.n_layers, model.cfg.n_heads)
     for k, (layer, h) in enumerate(group):
         keep[k, layer, h] = 0.0
     layers = sorted({layer for layer, _ in group})
-    fwd = _zero_head_hooks(keep.repeat_interleave(R, dim=0), layers)  # [K*R, L, H]
-    answer = batch.last_positions.repeat(K)
     if resid is not None:
-        return _resumed_by_length(model, batch, keep, layers, resid[layers[0]])
+        return _resumed_by_length(model, batch, keywords, keep, layers, resid[layers[0]])
+    fwd = _zero_head_hooks(keep.repeat_interleave(R, dim=0), layers)  # [K*R, L, H]
     with hooked(model, fwd_hooks=fwd):
-        logits = model(batch.input_ids.repeat(K, 1), attention_mask=mask)
-        return logits[torch.arange(K * R), answer]
+        logits = model(batch.input_ids.repeat(K, 1), attention_mask=batch.attention_mask.repeat(K, 1))
+        return logit_diff(logits[torch.arange(K * R), batch.last_positions.repeat(K)], keywords)
 
 
-def _resumed_by_length(model: Model, batch: Batch, keep: Tensor, layers: list[int], resid: Tensor) -> Tensor:
-    """The resumed passes of :func:`_ablated_answer_logits`, one per group of rows of similar length, each cut
-    after its longest row's answer: the suffix layers then run on little more than the real tokens (rows are
-    right-padded, so the cut drops only padding and changes no real position). Rows come back in batch order."""
+def _resumed_by_length(
+    model: Model, batch: Batch, keywords: KeywordIds, keep: Tensor, layers: list[int], resid: Tensor
+) -> Float[Tensor, " rows"]:
+    """The resumed passes of :func:`_ablated_logit_diffs`, one per group of rows of similar length
+    (:func:`~biasgym_lens.injection.examples.length_partition`), each cut after its longest row's answer: the
+    suffix layers then run on little more than the real tokens (rows are right-padded, so the cut drops only
+    padding and changes no real position). Only the keyword columns are unembedded. Rows come back in batch
+    order."""
     K, R = keep.shape[0], len(batch)
+    b, c = keywords.tensors()
+    columns = torch.cat([b, c])
     lengths = (batch.last_positions + 1).tolist()
-    out: Tensor | None = None
-    for rows in map(torch.tensor, length_groups(lengths, max_groups=SCAN_LENGTH_GROUPS)):
+    out = torch.empty(K * R)
+    for rows in map(torch.tensor, length_partition(lengths, overhead=SCAN_PASS_OVERHEAD)):
         n = int(batch.last_positions[rows].max()) + 1
         fwd = _zero_head_hooks(keep.repeat_interleave(len(rows), dim=0), layers)
         with hooked(model, fwd_hooks=fwd):
-            logits = suffix_answer_logits(
+            final = resumed_forward(
                 model, resid[rows, :n].repeat(K, 1, 1), layers[0], batch.attention_mask[rows, :n].repeat(K, 1),
-                batch.last_positions[rows].repeat(K),
+                unembed=False,
             )
-        if out is None:
-            out = logits.new_empty(K * R, logits.shape[-1])
-        out[(torch.arange(K)[:, None] * R + rows[None, :]).flatten().to(out.device)] = logits
-    assert out is not None
+        at = unembed_columns(model, final, torch.arange(final.shape[0]), batch.last_positions[rows].repeat(K), columns)
+        diff = at[:, : len(b)].mean(-1) - at[:, len(b) :].mean(-1)
+        out[(torch.arange(K)[:, None] * R + rows[None, :]).flatten()] = diff.cpu()
     return out

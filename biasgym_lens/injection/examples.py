@@ -7,6 +7,7 @@ short paragraph about <token>." then the paragraph) and trains on the reply only
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from biasgym_lens.core.tokens import chat_format, check_context
 from biasgym_lens.injection.config import InjectionConfig
 from biasgym_lens.injection.spec import BiasSpec
 
-__all__ = ["TrainingExample", "training_examples", "collate_examples", "length_groups"]
+__all__ = ["TrainingExample", "training_examples", "collate_examples", "length_groups", "length_partition"]
 
 
 @dataclass
@@ -83,3 +84,24 @@ def length_groups(lengths: Sequence[int], max_groups: int = 3, overhead: int = 1
             if cost < best_cost:
                 best_cost, best_bounds = cost, bounds
     return [order[a:b] for a, b in zip(best_bounds, best_bounds[1:])]
+
+
+def length_partition(lengths: Sequence[int], overhead: int | float = 16) -> list[list[int]]:
+    """Split rows into groups of similar length with the fewest padded tokens plus ``overhead`` tokens per
+    group, however many groups that takes (an exact dynamic programme over the rows sorted by length, O(n^2)).
+    Returns lists of indices into ``lengths``, shortest group first; ties go to fewer groups."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[b]: the cheapest split of the first b rows in length order
+    cut = [0] * (n + 1)
+    for b in range(1, n + 1):
+        longest = lengths[order[b - 1]]
+        for a in range(b):
+            cost = best[a] + (b - a) * longest + overhead
+            if cost < best[b]:
+                best[b], cut[b] = cost, a
+    bounds, b = [], n
+    while b > 0:
+        bounds.append((cut[b], b))
+        b = cut[b]
+    return [order[a:b] for a, b in reversed(bounds)]
