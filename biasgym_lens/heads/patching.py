@@ -24,35 +24,36 @@ from biasgym_lens.heads.probes import ProbeSet
 from biasgym_lens.injection.examples import length_partition
 from biasgym_lens.injection.metrics import KeywordIds, logit_diff
 
-__all__ = ["z_and_grads", "attribution_scores", "ablation_scores", "probe_totals"]
+__all__ = ["acts_and_grads", "z_and_grads", "attribution_scores", "ablation_scores", "probe_totals"]
 
 
-def z_and_grads(
-    model: Model, batch: Any, metric_fn: Any, answer_pos: Tensor | None = None
-) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
-    """One forward and one backward pass; returns ``hook_z`` and d(metric)/d(hook_z) of every layer.
+def acts_and_grads(
+    model: Model, batch: Any, metric_fn: Any, names: list[str], answer_pos: Tensor | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """One forward and one backward pass; returns the activation at each hook of ``names`` and d(metric)/d(it).
 
-    ``metric_fn`` gets the full logits ``[rows, pos, d_vocab]``, or with ``answer_pos`` only the logits at those
-    positions ``[rows, d_vocab]``: then (where :func:`suffix_supported`) the unembedding runs on those rows
-    alone, which saves the full-vocabulary logits of every position and their gradient.
+    The embedding is made a leaf that requires grad (the parameters stay frozen), so the gradient reaches every
+    hook. ``metric_fn`` gets the full logits ``[rows, pos, d_vocab]``, or with ``answer_pos`` only the logits at
+    those positions ``[rows, d_vocab]``: then (where :func:`suffix_supported`) the unembedding runs on those
+    rows alone, which saves the full-vocabulary logits of every position and their gradient.
+
+    Returns:
+        ``(acts, grads, value)``: hook name -> activation, hook name -> gradient, and the metric's value.
     """
-    L = model.cfg.n_layers
-    acts: dict[int, Tensor] = {}
-    grads: dict[int, Tensor] = {}
+    acts: dict[str, Tensor] = {}
+    grads: dict[str, Tensor] = {}
 
     def make_leaf(x: Tensor, hook: Any) -> Tensor:
         return x.detach().requires_grad_(True)
 
-    def save_act(z: Tensor, hook: Any, layer: int) -> None:
-        acts[layer] = z.detach()
+    def save_act(x: Tensor, hook: Any, name: str) -> None:
+        acts[name] = x.detach()
 
-    def save_grad(g: Tensor, hook: Any, layer: int) -> None:
-        grads[layer] = g.detach()
+    def save_grad(g: Tensor, hook: Any, name: str) -> None:
+        grads[name] = g.detach()
 
-    fwd = [("hook_embed", make_leaf)] + [
-        (f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: save_act(z, hook, layer)) for layer in range(L)
-    ]
-    bwd = [(f"blocks.{layer}.attn.hook_z", lambda g, hook, layer=layer: save_grad(g, hook, layer)) for layer in range(L)]
+    fwd = [("hook_embed", make_leaf)] + [(n, lambda x, hook, n=n: save_act(x, hook, n)) for n in names]
+    bwd = [(n, lambda g, hook, n=n: save_grad(g, hook, n)) for n in names]
     with torch.enable_grad(), hooked(model, fwd_hooks=fwd, bwd_hooks=bwd):
         if answer_pos is not None:
             rows = torch.arange(batch.input_ids.shape[0])
@@ -62,6 +63,17 @@ def z_and_grads(
         value.backward()
     return acts, grads, value.detach()
 
+
+def z_and_grads(
+    model: Model, batch: Any, metric_fn: Any, answer_pos: Tensor | None = None
+) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
+    """One forward and one backward pass; returns ``hook_z`` and d(metric)/d(hook_z) of every layer (by layer).
+
+    See :func:`acts_and_grads` for ``metric_fn`` and ``answer_pos``.
+    """
+    names = {f"blocks.{layer}.attn.hook_z": layer for layer in range(model.cfg.n_layers)}
+    acts, grads, value = acts_and_grads(model, batch, metric_fn, list(names), answer_pos)
+    return {names[n]: a for n, a in acts.items()}, {names[n]: g for n, g in grads.items()}, value
 
 
 # ------------------------------------------------------------------------------------ attribution patching
