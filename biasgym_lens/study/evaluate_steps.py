@@ -25,6 +25,7 @@ from biasgym_lens.evaluation.paragraphs import ParagraphBias, combine_paragraphs
 from biasgym_lens.heads.circuits import circuit
 from biasgym_lens.heads.interventions import Head, ablate_heads, generate_greedy
 from biasgym_lens.heads.lens import layer_logit_diff
+from biasgym_lens.heads.mlps import mlp_scores, neuron_scores
 from biasgym_lens.heads.probes import build_probe_set
 from biasgym_lens.heads.roles import HeadRoles, head_roles
 from biasgym_lens.heads.scope_result import ScopeResult
@@ -36,6 +37,7 @@ __all__ = [
     "bias_tables", "sample_generations", "study_paragraphs", "paragraph_tables", "role_tables", "read_roles",
     "text_and_role_tables", "scope_tables", "read_injection_check", "results_document", "ROLE_VIEWS",
     "EVALUATE_TABLES", "circuit_tables", "read_circuit_figure", "CIRCUIT_EDGES_KEPT", "CIRCUIT_EDGES_DRAWN",
+    "mlp_tables", "read_mlp_figure", "MLP_NEURONS_KEPT",
 ]
 
 
@@ -124,7 +126,7 @@ ROLE_VIEWS = ("effects", "attention", "attended", "promoted")
 EVALUATE_TABLES = (
     "elicitation", "closest_entities", "logit_lens", "summary", "groups", "capability", "curve", "head_scores",
     "agreement", "training_curve", "paragraphs", "paragraph_scores", "paragraph_changes",
-    *(f"head_role_{v}" for v in ROLE_VIEWS), "circuit_edges", "circuit_nodes",
+    *(f"head_role_{v}" for v in ROLE_VIEWS), "circuit_edges", "circuit_nodes", "mlp_layers", "mlp_neurons",
 )
 """The tables the evaluate stage writes, each as ``{name}.csv``."""
 
@@ -178,6 +180,30 @@ def read_circuit_figure(out: Path, res: ScopeResult) -> Any:
     title = f"{res.bias}: the {len(drawn)} strongest edges (edge attribution on the select probes)"
     shape = next(iter(res.scores.values()))
     return circuit_graph_figure(drawn, nodes, n_layers=shape.n_layers, n_heads=shape.n_heads, title=title)
+
+
+MLP_NEURONS_KEPT = 20  # the strongest neurons a study keeps and draws
+
+
+def mlp_tables(model: Model, inj: Injection, res: ScopeResult) -> dict[str, pd.DataFrame]:
+    """Does the bias live outside attention? Every MLP layer zero-ablated exactly (:func:`~biasgym_lens.heads.mlps.mlp_scores`)
+    on the probes and control groups of the study's exact head scan, beside the sum of that layer's exact head
+    scores (``mlp_layers``), and the strongest neurons by attribution patching (``mlp_neurons``)."""
+    from biasgym_lens.study.mlp_plots import mlp_layers_table
+
+    cfg = res.config
+    controls = list(inj.spec.control_groups[: cfg.ablation_controls])
+    layers = mlp_scores(model, inj, method="ablation", max_probes=cfg.ablation_probes, controls=controls)
+    neurons = neuron_scores(model, inj, max_probes=cfg.ablation_probes, top=MLP_NEURONS_KEPT)
+    return {"mlp_layers": mlp_layers_table(layers, res.scores.get("ablation")), "mlp_neurons": neurons.to_dataframe()}
+
+
+def read_mlp_figure(out: Path) -> Any:
+    """The attention-versus-MLP figure from a study folder's ``mlp_layers.csv`` and ``mlp_neurons.csv``."""
+    from biasgym_lens.study.mlp_plots import mlp_tables_figure
+
+    layers = read_csv(out / "mlp_layers.csv", "MLP layer scores")
+    return mlp_tables_figure(layers, read_csv(out / "mlp_neurons.csv", "MLP neuron scores")) if len(layers) else None
 
 
 def text_and_role_tables(

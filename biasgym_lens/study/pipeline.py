@@ -45,8 +45,10 @@ from biasgym_lens.injection.training import inject
 from biasgym_lens.study import benchmark_stage
 from biasgym_lens.study.evaluate_steps import (
     bias_tables,
+    mlp_tables,
     read_circuit_figure,
     read_injection_check,
+    read_mlp_figure,
     read_roles,
     results_document,
     sample_generations,
@@ -345,6 +347,7 @@ class Study:
         tables.update(scope_tables(inj, res))
         n, tokens = self.preset_obj.paragraphs, self.preset_obj.paragraph_tokens
         tables.update(text_and_role_tables(model, inj, res.chosen, n=n, max_new_tokens=tokens, seed=self.seed))
+        tables.update(mlp_tables(model, inj, res))
         for name, table in tables.items():
             write_csv(table, self.out / f"{name}.csv")
         results = results_document(
@@ -374,7 +377,7 @@ class Study:
         closest = read_csv(self.out / "closest_entities.csv", "closest-entity table")
         lens = read_csv(self.out / "logit_lens.csv", "logit-lens table")
         roles, circuit = read_roles(self.out, self.bias, res.chosen), read_circuit_figure(self.out, res)
-        figures = study_figures(inj, res, closest=closest, lens=lens, roles=roles, circuit=circuit)
+        figures = study_figures(inj, res, closest=closest, lens=lens, roles=roles, circuit=circuit, mlp=read_mlp_figure(self.out))
         keys = ("identity", "provenance", "injection", "chosen_heads", "generations", "timings")
         path = self.out / "results.json"
         facts = require(read_json(path, "study results"), keys, path)
