@@ -9,7 +9,8 @@ All run on one quickly trained injection of "late" (``with inj.apply(model)``) a
 metric is the project's (excess bias logit difference at the answer positions), averaged over the probes.
 1. scan: exact zero-ablation of each head: ``ablation_scores`` vs TransformerLens's ``generic_activation_patch``
    (a patch setter zeroing one head's ``hook_z``) vs a ``run_with_hooks`` loop; max |diff|; executed matmul
-   FLOPs (``FlopCounterMode``) over the floor (one clean pass plus each head's suffix layers, real tokens only).
+   FLOPs (``FlopCounterMode``) over the floor (one clean pass plus each head's suffix layers, real tokens only,
+   and only the keyword columns of the unembedding at the answer).
 2. attribution: attribution patching, zero baseline: ``attribution_scores`` vs TransformerLens's
    ``attribution_patch`` (with the workarounds it needs) and its batched ``cache_activation_and_gradient``.
 3. dla: ``dla_scores`` vs ``direct_logit_attribution`` and ``cache.stack_head_results`` + ``cache.logit_attrs``.
@@ -142,13 +143,15 @@ def counted(fn) -> tuple[float, dict]:
 
 def flop_floor(model, ps, heads) -> float:
     """FLOPs of one clean pass plus, per head, the layers from its own to the last, each row on its real
-    tokens only (right padding), unembedding only the answer position (counted row by row, unpadded)."""
+    tokens only (right padding), unembedding only the keyword columns at the answer position (what the metric
+    reads; counted row by row, unpadded)."""
     L, root, b, total = model.cfg.n_layers, type(model).__name__, ps.batch, 0.0
+    keyword_unembed = 2 * model.cfg.d_model * (len(ps.keywords.bias) + len(ps.keywords.contrast))
     for r in range(len(b)):
         n = int(b.attention_mask[r].sum())
-        flops, per_module = counted(lambda r=r, n=n: model(b.input_ids[r : r + 1, :n]))
+        per_module = counted(lambda r=r, n=n: model(b.input_ids[r : r + 1, :n]))[1]
         layer = [sum(per_module.get(f"{root}.blocks.{i}", {}).values()) for i in range(L)]
-        suffix = [sum(layer[i:]) + (flops - sum(layer)) / n for i in range(L)]  # the rest is the unembedding
+        suffix = [sum(layer[i:]) + keyword_unembed for i in range(L)]
         total += suffix[0] + sum(suffix[i] for i, _ in heads)
     return total
 

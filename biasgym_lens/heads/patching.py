@@ -184,7 +184,7 @@ def _counterfactual_attribution(model: Model, ps: ProbeSet) -> Float[Tensor, "pr
 # ------------------------------------------------------------------------------------------ ablation scan
 
 
-SCAN_PASS_OVERHEAD = 4
+SCAN_PASS_OVERHEAD = 16
 """Resumed scan passes split the probe rows into groups of similar length, as many as pay: a group costs its
 rows times its longest row plus this many tokens (:func:`~biasgym_lens.injection.examples.length_partition`)."""
 
