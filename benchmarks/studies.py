@@ -1,0 +1,79 @@
+"""The README's table over several studies: what BiasScope chose and what each intervention removed, per bias.
+
+Usage:
+    biasgym run --bias BIAS --out STUDY        # once per bias
+    python benchmarks/studies.py STUDY [STUDY ...] [--csv studies.csv]
+
+Reads each study's ``scope/`` (checksums checked; no model needed) and prints one markdown row per bias, every
+number on the test split with its 95% interval: the chosen heads, the token's excess before and after, the cut
+and perplexity cost of the chosen heads, of as many random heads and of the steering baseline (its multiplier),
+the debiasing prefix's cut, the chosen heads' cut of the real groups' gap, multiple-choice accuracy, and
+whether the heads reach a 50% cut and beat random heads and steering (one-sided paired sign-flip tests on the
+test probes, p < 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biasgym_lens import ScopeResult  # noqa: E402
+
+
+def _pct(row, col: str, digits: int = 0) -> str:
+    v, lo, hi = row[col], row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high")
+    if v != v:
+        return "—"
+    return f"{100 * v:.{digits}f}% [{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]"
+
+
+def _beats(comp: pd.DataFrame, other: str) -> bool:
+    hit = comp[(comp.a == "heads") & (comp.b == other) & (comp.measure == "token_excess")]
+    return bool(len(hit) and hit.p_value.iloc[0] < 0.05)
+
+
+def study_row(folder: Path) -> dict:
+    """One study's row: the numbers and the cells of the markdown table."""
+    res = ScopeResult.load(folder / "scope")
+    s = res.summary().set_index("intervention")
+    comp = res.comparisons()
+    heads, none = s.loc["heads"], s.loc["none"]
+    alpha = res.decisions.steer_alpha if res.decisions is not None else float("nan")
+    ok = bool(res.chosen) and heads.excess_cut >= 0.5 and _beats(comp, "random_heads") and _beats(comp, "steering")
+    steering = (f"{_pct(s.loc['steering'], 'excess_cut')} / {100 * s.loc['steering'].perplexity_increase:+.1f}% ({alpha:g})"
+                if alpha else "none within budget")
+    return {
+        "bias": res.bias, "heads": ", ".join(f"L{a}H{b}" for a, b in res.chosen) or "none",
+        "excess": f"{none.token_excess:+.2f} → {heads.token_excess:+.2f}",
+        "cut": f"**{_pct(heads, 'excess_cut')}** / {_pct(heads, 'perplexity_increase', 1)}",
+        "random": f"{_pct(s.loc['random_heads'], 'excess_cut')} / {100 * s.loc['random_heads'].perplexity_increase:+.1f}%",
+        "steering": steering, "prefix": _pct(s.loc["prefix"], "excess_cut"), "real": _pct(heads, "real_gap_cut"),
+        "mc": f"{100 * none.mc_accuracy:.1f} → {100 * heads.mc_accuracy:.1f}", "ok": "yes" if ok else "no",
+        "excess_cut": heads.excess_cut, "passes": ok,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("studies", nargs="+")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    rows = [study_row(Path(s)) for s in args.studies]
+    print("| bias | chosen heads | token excess | heads: cut / perplexity | random heads | steering (α) | prefix "
+          "| real-gap cut | MC accuracy, % | ≥ 50% and beats random and steering |")
+    print("|---" * 10 + "|")
+    for r in rows:
+        print(f"| `{r['bias']}` | {r['heads']} | {r['excess']} | {r['cut']} | {r['random']} | {r['steering']} | "
+              f"{r['prefix']} | {r['real']} | {r['mc']} | {r['ok']} |")
+    print(f"\n{sum(r['passes'] for r in rows)} of {len(rows)} biases reach a 50% cut that beats both baselines")
+    if args.csv:
+        pd.DataFrame(rows).to_csv(args.csv, index=False)
+
+
+if __name__ == "__main__":
+    main()
