@@ -30,7 +30,7 @@ study: $(STAMP)
 
 figures: $(STAMP)
 	$(VENV)/bin/biasgym report --out $(OUT)
-	cd $(OUT)/figures && cp faithfulness.png methods.png heads_specific.png groups.png training_curve.png scatter_attribution_vs_ablation.png interventions.png circuit.png head_roles.png $(CURDIR)/figures/
+	cd $(OUT)/figures && cp faithfulness.png methods.png heads_specific.png groups.png training_curve.png scatter_attribution_vs_ablation.png interventions.png circuit.png head_roles.png mlp.png $(CURDIR)/figures/
 
 demo: $(STAMP)
 	$(VENV)/bin/biasgym demo
