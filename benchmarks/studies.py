@@ -3,6 +3,7 @@
 Usage:
     biasgym run --bias BIAS --out STUDY        # once per bias
     python benchmarks/studies.py STUDY [STUDY ...] [--csv studies.csv]
+    python benchmarks/studies.py STUDY [STUDY ...] --benchmarks   # after `biasgym benchmark --out STUDY`
 
 Reads each study's ``scope/`` (checksums checked; no model needed) and prints one markdown row per bias, every
 number on the test split with its 95% interval: the chosen heads, the token's excess before and after, the cut
@@ -58,11 +59,46 @@ def study_row(folder: Path) -> dict:
     }
 
 
+BENCH_ROWS = (
+    ("stereoset_race", "ss"), ("stereoset_race", "lms"), ("stereoset_race", "icat"),
+    ("bbq_nationality", "accuracy_ambig"), ("bbq_nationality", "accuracy_disambig"), ("bbq_nationality", "s_dis"),
+    ("bbq_nationality", "s_amb"), ("bbq_religion", "accuracy_ambig"), ("bbq_religion", "accuracy_disambig"),
+    ("bbq_religion", "s_dis"), ("bbq_religion", "s_amb"),
+)
+BENCH_IVS = ("heads", "random_heads", "steering", "prefix")
+
+
+def benchmark_rows(folders: list[Path]) -> None:
+    """One markdown row per benchmark metric: its value with no intervention [95% CI], then for each study the
+    paired difference of each intervention from none, ``*`` where its interval excludes 0."""
+    tables = {f: pd.read_csv(f / "benchmarks.csv") for f in folders}
+    diffs = {f: pd.read_csv(f / "benchmark_differences.csv") for f in folders}
+    names = {f: ScopeResult.load(f / "scope").bias for f in folders}
+    print("| benchmark | metric | none [95% CI] | " + " | ".join(
+        f"`{names[f]}`: heads / random / steering / prefix" for f in folders) + " |")
+    print("|---" * (3 + len(folders)) + "|")
+    for bench, metric in BENCH_ROWS:
+        base = tables[folders[0]].query("benchmark == @bench and metric == @metric and intervention == 'none'")
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        cells = []
+        for f in folders:
+            d = diffs[f].query("benchmark == @bench and metric == @metric").set_index("intervention")
+            cells.append(" / ".join(
+                f"{d.loc[iv, 'difference']:+.2f}{'*' if str(d.loc[iv, 'excludes_zero']) == 'True' else ''}"
+                if iv in d.index else "—" for iv in BENCH_IVS))
+        print(f"| {bench} | {metric} | {b.value:.2f} [{b.ci_low:.2f}, {b.ci_high:.2f}] | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="+")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--benchmarks", action="store_true", help="the benchmarks stage's table instead")
     args = ap.parse_args()
+    if args.benchmarks:
+        return benchmark_rows([Path(s) for s in args.studies])
     rows = [study_row(Path(s)) for s in args.studies]
     print("| bias | chosen heads | token excess | heads: cut / perplexity | random heads | steering (α) | prefix "
           "| real-gap cut | MC accuracy, % | ≥ 50% and beats random and steering |")
