@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biasgym_lens import ScopeResult  # noqa: E402
 
 
-def _pct(row, col: str, digits: int = 0) -> str:
+def _pct(row, col: str, digits: int = 0, sign: str = "") -> str:
     v, lo, hi = row[col], row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high")
     if v != v:
         return "—"
-    return f"{100 * v:.{digits}f}% [{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]"
+    return f"{100 * v:{sign}.{digits}f}% [{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]"
 
 
 def _beats(comp: pd.DataFrame, other: str) -> bool:
@@ -51,7 +51,7 @@ def study_row(folder: Path) -> dict:
     return {
         "bias": res.bias, "heads": ", ".join(f"L{a}H{b}" for a, b in res.chosen) or "none",
         "excess": f"{none.token_excess:+.2f} → {heads.token_excess:+.2f}",
-        "cut": f"**{_pct(heads, 'excess_cut')}** / {_pct(heads, 'perplexity_increase', 1)}",
+        "cut": f"**{_pct(heads, 'excess_cut')}** / {_pct(heads, 'perplexity_increase', 1, '+')}",
         "random": f"{_pct(s.loc['random_heads'], 'excess_cut')} / {100 * s.loc['random_heads'].perplexity_increase:+.1f}%",
         "steering": steering, "prefix": _pct(s.loc["prefix"], "excess_cut"), "real": _pct(heads, "real_gap_cut"),
         "mc": f"{100 * none.mc_accuracy:.1f} → {100 * heads.mc_accuracy:.1f}", "ok": "yes" if ok else "no",
