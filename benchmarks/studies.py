@@ -91,6 +91,22 @@ def benchmark_rows(folders: list[Path]) -> None:
         print(f"| {bench} | {metric} | {b.value:.2f} [{b.ci_low:.2f}, {b.ci_high:.2f}] | " + " | ".join(cells) + " |")
 
 
+def benchmark_values(folders: list[Path]) -> None:
+    """Per study, one markdown row per benchmark metric: its value [95% CI] under none and each intervention."""
+    for f in folders:
+        table = pd.read_csv(f / "benchmarks.csv")
+        print(f"\n`{ScopeResult.load(f / 'scope').bias}`:\n")
+        print("| benchmark | metric | none | " + " | ".join(BENCH_IVS) + " |")
+        print("|---" * (3 + len(BENCH_IVS)) + "|")
+        for bench, metric in BENCH_ROWS:
+            rows = table.query("benchmark == @bench and metric == @metric").set_index("intervention")
+            if rows.empty:
+                continue
+            cells = [f"{rows.loc[iv, 'value']:.2f} [{rows.loc[iv, 'ci_low']:.2f}, {rows.loc[iv, 'ci_high']:.2f}]"
+                     if iv in rows.index else "—" for iv in ("none", *BENCH_IVS)]
+            print(f"| {bench} | {metric} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="+")
@@ -98,7 +114,11 @@ def main() -> None:
     ap.add_argument("--benchmarks", action="store_true", help="the benchmarks stage's table instead")
     args = ap.parse_args()
     if args.benchmarks:
-        return benchmark_rows([Path(s) for s in args.studies])
+        benchmark_rows([Path(s) for s in args.studies])
+        print("\n<details><summary>Every value with its 95% interval</summary>")
+        benchmark_values([Path(s) for s in args.studies])
+        print("\n</details>")
+        return None
     rows = [study_row(Path(s)) for s in args.studies]
     print("| bias | chosen heads | token excess | heads: cut / perplexity | random heads | steering (α) | prefix "
           "| real-gap cut | MC accuracy, % | ≥ 50% and beats random and steering |")
