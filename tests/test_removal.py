@@ -173,7 +173,7 @@ def test_the_zero_kind_reproduces_the_study(compared):
         assert mine.loc["zero", col] == pytest.approx(study.loc["heads", col], rel=1e-6, abs=1e-9), col
         assert mine.loc["steering", col] == pytest.approx(study.loc["steering", col], rel=1e-4, abs=1e-5), col
     if len(res.chosen) == len(res.decisions.random_heads):
-        assert mine.loc["zero_random", "excess_cut"] == pytest.approx(study.loc["random_heads", "excess_cut"], rel=1e-6)
+        assert mine.loc["zero_random", "excess_cut"] == pytest.approx(study.loc["random_heads", "excess_cut"], rel=1e-4, abs=1e-5)
 
 
 def test_the_table_has_a_row_per_kind_with_intervals_and_tests(compared, tmp_path):
