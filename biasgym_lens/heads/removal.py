@@ -25,7 +25,6 @@ paired tests against random heads and steering.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -42,8 +41,6 @@ from biasgym_lens.core.checks import check_choice, check_real
 from biasgym_lens.core.files import read_csv, require
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.provenance import Provenance, check_same_model
-from biasgym_lens.core.unembed import clean_residuals, suffix_supported
-from biasgym_lens.evaluation.capability import with_resume_layers
 from biasgym_lens.evaluation.capability_records import CapabilitySet
 from biasgym_lens.evaluation.intervals import bias_intervals, paired_comparisons
 from biasgym_lens.heads.head_edits import edit_heads, head_directions
@@ -53,7 +50,7 @@ from biasgym_lens.heads.scope_benchmarks import rebuild_interventions
 from biasgym_lens.heads.scope_interventions import random_heads
 from biasgym_lens.heads.scope_records import Intervention
 from biasgym_lens.heads.scope_result import ScopeResult
-from biasgym_lens.heads.selection import curve_row, first_within_budget, point_measures
+from biasgym_lens.heads.selection import curve_baseline, curve_row, first_within_budget, point_measures
 from biasgym_lens.heads.steps import TestSet, TuneBudget, curve_capability, measure_all
 from biasgym_lens.heads.transfer import measure_groups
 
@@ -203,13 +200,7 @@ def removal_curve(
     """For every setting and every k: the first k heads of the setting's kind's order (:data:`HEAD_ORDER`)
     changed that way; the token's excess on ``ps`` and the loss on ``cap`` (run with the injection applied).
     Each point resumes at its first changed layer (see :func:`~biasgym_lens.heads.selection.point_measures`)."""
-    L = model.cfg.n_layers
-    cap = with_resume_layers(cap, range(1, L))
-    base_excess, _, base_loss = point_measures(model, ps, cap, lambda: contextlib.nullcontext(), 0, None)
-    probe_resid = None
-    if suffix_supported(model):
-        with torch.no_grad():
-            probe_resid = clean_residuals(model, ps.batch.input_ids, ps.batch.attention_mask)
+    cap, (base_excess, _, base_loss), probe_resid = curve_baseline(model, ps, cap)
     rows = []
     bar = tqdm(total=len(settings) * len(ks), desc="removal curve", disable=not progress, leave=False)
     for setting in settings:

@@ -39,6 +39,7 @@ __all__ = [
     "FaithfulnessCurve",
     "faithfulness_curve",
     "point_measures",
+    "curve_baseline",
     "curve_row",
     "pick_k",
     "budget_candidates",
@@ -243,6 +244,22 @@ def _curve_heads(
         yield rng.sample(all_heads, k), "random", d
 
 
+def curve_baseline(
+    model: Model, ps: ProbeSet, cap: CapabilitySet
+) -> tuple[CapabilitySet, tuple[float, float, float], list[Tensor] | None]:
+    """What a curve's points resume from: ``cap`` keeping the clean residual entering every layer, the
+    unmodified ``(excess, token logit difference, neutral loss)``, and the probes' clean residuals (None where
+    resuming is not supported). Each point then resumes at its earliest changed layer (the layers before it are
+    unchanged); equal to full passes up to float rounding (tested)."""
+    cap = with_resume_layers(cap, range(1, model.cfg.n_layers))
+    base_excess, base_token = _excess(model, ps)
+    probe_resid = None
+    if suffix_supported(model):
+        with torch.no_grad():
+            probe_resid = clean_residuals(model, ps.batch.input_ids, ps.batch.attention_mask)
+    return cap, (base_excess, base_token, neutral_loss(model, cap)), probe_resid
+
+
 def point_measures(
     model: Model, ps: ProbeSet, cap: CapabilitySet, make: Callable[[], Any], start: int,
     probe_resid: list[Tensor] | None,
@@ -320,17 +337,8 @@ def faithfulness_curve(
     ks = sorted({int(k) for k in ks if 1 <= int(k) <= len(ranked_heads)})
     if not ks:
         raise ValueError(f"no usable k in {list(ks)} for {len(ranked_heads)} ranked heads")
-    base_excess, base_token = _excess(model, ps)
-    # Every point resumes at its earliest ablated layer from the clean residual stream kept once (the layers
-    # before it are unchanged): the probes' here, the neutral passages' in ``cap``. Equal to full passes up to
-    # float rounding (tested).
-    cap = with_resume_layers(cap, range(1, L))
-    base_loss = neutral_loss(model, cap)
+    cap, (base_excess, base_token, base_loss), probe_resid = curve_baseline(model, ps, cap)
     rng = random.Random(seed)
-    probe_resid = None
-    if suffix_supported(model):
-        with torch.no_grad():
-            probe_resid = clean_residuals(model, ps.batch.input_ids, ps.batch.attention_mask)
     rows = []
     bar = tqdm(total=len(ks) * (1 + random_draws), desc="faithfulness curve", disable=not progress, leave=False)
     for k in ks:
