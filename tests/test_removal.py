@@ -56,6 +56,16 @@ def test_edit_heads_changes_only_the_named_heads_as_computed_by_hand(tiny_model,
     assert torch.equal(edited[0, :, other], clean[0, :, other])
 
 
+def test_a_repeated_head_is_edited_once(tiny_model):
+    d = _directions(tiny_model, 2)
+    with edit_heads(tiny_model, [(1, 0)], d, mode="subtract", alpha=0.5):
+        once = _z(tiny_model, 1)
+    with edit_heads(tiny_model, [(1, 0), (1, 0)], d, mode="subtract", alpha=0.5):
+        listed_twice = _z(tiny_model, 1)
+    assert torch.equal(once, listed_twice)
+    assert not torch.equal(once, _z(tiny_model, 1))  # the edit does change the head
+
+
 def test_projecting_twice_is_projecting_once(tiny_model):
     d = _directions(tiny_model, 1)
     with edit_heads(tiny_model, [(0, 0)], d):

@@ -26,7 +26,7 @@ from torch import Tensor
 from biasgym_lens.core.checks import InputTypeError, check_choice, check_real
 from biasgym_lens.core.hooks import hooked
 from biasgym_lens.core.protocols import Model
-from biasgym_lens.heads.interventions import Head, validate_heads
+from biasgym_lens.heads.interventions import Head, heads_by_layer, validate_heads
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = ["EDIT_MODES", "head_directions", "edit_heads"]
@@ -99,7 +99,7 @@ def edit_heads(
 
     Args:
         model: A bridge.
-        heads: ``(layer, head)`` pairs.
+        heads: ``(layer, head)`` pairs (a repeated head is edited once).
         directions: Every head's direction (:func:`head_directions`).
         mode: ``"project"`` or ``"subtract"``.
         alpha: The multiplier of ``"subtract"`` (ignored by ``"project"``).
@@ -112,9 +112,7 @@ def edit_heads(
     check_choice(mode, "mode", EDIT_MODES)
     alpha = check_real(alpha, "alpha")
     directions = _check_directions(model, directions)
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in validate_heads(model, heads):
-        by_layer.setdefault(layer, []).append(head)
+    by_layer = heads_by_layer(validate_heads(model, heads))
     hooks = []
     for layer, hs in by_layer.items():
         dirs = directions[layer, hs].float()

@@ -39,6 +39,7 @@ __all__ = [
     "Head",
     "validate_heads",
     "first_layer",
+    "heads_by_layer",
     "ablate_heads",
     "head_ablation_hooks",
     "reference_z",
@@ -129,7 +130,7 @@ def head_ablation_hooks(
     seed = check_int(seed, "seed")
     if rows is not None:
         rows = check_int_list(rows, "rows", minimum=0)
-    by_layer = _heads_by_layer(validate_heads(model, heads))
+    by_layer = heads_by_layer(validate_heads(model, heads))
     ref, means = _reference_outputs(model, kind, reference, list(by_layer))
     gen = torch.Generator().manual_seed(seed)
     return [
@@ -138,8 +139,8 @@ def head_ablation_hooks(
     ]
 
 
-def _heads_by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
-    """Layer -> its heads (each once), layers in the order first met."""
+def heads_by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    """Layer -> its heads (each once, a repeated head dropped), layers in the order first met."""
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
         if head not in by_layer[layer]:

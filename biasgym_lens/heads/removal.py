@@ -289,6 +289,48 @@ def compare_removals(
     """
     kinds, scales, head_alphas = _check_args(kinds, scales, head_alphas)
     config = _check_result(model, injection, result)
+    plan, curve = _tune_curve(model, injection, result, config, kinds, scales, head_alphas, progress)
+    chosen, checks = _choose(model, plan, curve)
+    choices, summary, comparisons = _test(model, injection, plan, chosen)
+    return RemovalComparison(
+        injection.bias, injection.token, curve, checks, choices, summary, comparisons,
+        {"kinds": list(kinds), "scales": list(scales), "head_alphas": list(head_alphas), "budget": config.budget,
+         "budget_on": config.budget_on, "budget_check": config.budget_check, "ks": plan.ks, "seed": config.seed},
+        Provenance.of(model),
+    )
+
+
+@dataclass(eq=False)
+class _Plan:
+    """What the steps of one comparison share: the study's settings, the two head orders, the ks, each kind's
+    maker and the study's steering baseline."""
+
+    config: Any
+    orders: dict[str, list[Head]]
+    ks: list[int]
+    makers: dict[str, Callable[[float], Maker]]
+    steering: Intervention
+
+    def heads(self, kind: str, k: int) -> list[Head]:
+        """The first ``k`` heads of the order ``kind`` follows."""
+        return list(self.orders[HEAD_ORDER[kind]][:k])
+
+    def intervention(self, name: str, kind: str, param: float, heads: list[Head]) -> Intervention:
+        """``heads`` changed the way of ``kind`` with ``param`` (no heads: no change)."""
+        return Intervention(name, self.makers[kind](param)(heads), first_layer(heads)) if heads else Intervention(name)
+
+    def starts(self, model: Model) -> set[int]:
+        """Every layer an intervention of the comparison may start at (to resume the passes from)."""
+        ordered = {first_layer(self.orders[o][:k]) for o in self.orders for k in self.ks}
+        return ordered | {first_layer(random_heads(model, k, self.config.seed)) for k in self.ks} | {self.steering.first_layer}
+
+
+def _tune_curve(
+    model: Model, injection: Any, result: ScopeResult, config: Any, kinds: Sequence[str],
+    scales: Sequence[float], head_alphas: Sequence[float], progress: bool,
+) -> tuple[_Plan, pd.DataFrame]:
+    """The plan and the curve of every setting on the tune probes and the curve's passages (the study's own
+    zero-ablation points reused when it ablated by zeroing)."""
     orders = {"ranking": list(result.decisions.ranked), "effect": result.scores["attribution"].top(len(result.decisions.ranked))}
     ks = sorted(k for k in config.ks if k <= len(result.decisions.ranked))
     cap_curve = curve_capability(model, config)
@@ -305,37 +347,37 @@ def compare_removals(
     if reuse:
         curve = pd.concat([study_zero_curve(result, ks), curve], ignore_index=True)
     steering = next(iv for iv in rebuild_interventions(model, injection, result) if iv.name == "steering")
+    return _Plan(config, orders, ks, makers, steering), curve
 
-    def intervention(name: str, kind: str, param: float, heads: list[Head]) -> Intervention:
-        return Intervention(name, makers[kind](param)(heads), first_layer(heads)) if heads else Intervention(name)
 
-    def heads_of(kind: str, k: int) -> list[Head]:
-        return list(orders[HEAD_ORDER[kind]][:k])
-
-    starts = {first_layer(orders[o][:k]) for o in orders for k in ks} | {first_layer(random_heads(model, k, config.seed)) for k in ks}
-    tune = TuneBudget.prepare(model, config, starts | {steering.first_layer})
-    chosen, checks = choose_removals(
-        curve, lambda kind, p, k: tune.cost(model, intervention(kind, kind, p, heads_of(kind, k))),
+def _choose(model: Model, plan: _Plan, curve: pd.DataFrame) -> tuple[dict[str, tuple[float, int]], pd.DataFrame]:
+    """Each kind's setting and k within the budget (:func:`choose_removals`), its cost confirmed on the tune
+    passages."""
+    config = plan.config
+    tune = TuneBudget.prepare(model, config, plan.starts(model))
+    return choose_removals(
+        curve, lambda kind, p, k: tune.cost(model, plan.intervention(kind, kind, p, plan.heads(kind, k))),
         config.budget, config.budget_on, conservative=config.budget_check == "upper",
     )
-    interventions = [Intervention("none"), steering]
+
+
+def _test(
+    model: Model, injection: Any, plan: _Plan, chosen: dict[str, tuple[float, int]]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Only now, every choice made: none, steering, each kind's choice and as many random heads changed the same
+    way, measured on the test split. Returns the choices, the summary with intervals and the paired tests."""
+    config = plan.config
+    interventions = [Intervention("none"), plan.steering]
     choice_rows = []
     for kind, (param, k) in chosen.items():
-        picked, baseline = heads_of(kind, k), random_heads(model, k, config.seed) if k else []
+        picked, baseline = plan.heads(kind, k), random_heads(model, k, config.seed) if k else []
         choice_rows.append({"kind": kind, "param": param, "k": k, "heads": _heads_text(picked), "random_heads": _heads_text(baseline)})
         if k:
-            interventions += [intervention(kind, kind, param, picked), intervention(f"{kind}_random", kind, param, baseline)]
-    test = TestSet.prepare(model, config, starts | {steering.first_layer})  # only now: every choice is made
+            interventions += [plan.intervention(kind, kind, param, picked), plan.intervention(f"{kind}_random", kind, param, baseline)]
+    test = TestSet.prepare(model, config, plan.starts(model))
     _, capability, values = measure_all(model, injection, interventions, test, measure_groups, config)
-    summary = _summary(capability, values, config.seed)
     pairs = [(k, other) for k, (_, n) in chosen.items() if n for other in (f"{k}_random", "steering")]
-    return RemovalComparison(
-        injection.bias, injection.token, curve, checks, pd.DataFrame(choice_rows), summary,
-        paired_comparisons(values, pairs, seed=config.seed),
-        {"kinds": list(kinds), "scales": list(scales), "head_alphas": list(head_alphas), "budget": config.budget,
-         "budget_on": config.budget_on, "budget_check": config.budget_check, "ks": ks, "seed": config.seed},
-        Provenance.of(model),
-    )
+    return pd.DataFrame(choice_rows), _summary(capability, values, config.seed), paired_comparisons(values, pairs, seed=config.seed)
 
 
 def _check_args(kinds: Sequence[str], scales: Sequence[float], alphas: Sequence[float]) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
