@@ -136,3 +136,15 @@ def test_the_three_probe_splits_are_disjoint_and_cover_every_probe():
         assert sorted((*s.select, *s.tune, *s.test)) == sorted(probes) and len(set(probes)) == len(probes)
         assert len(s.tune) >= 10 and len(s.test) >= 10, name
         assert set(probe_subset(probes, "eval")) == {*s.tune, *s.test}
+
+
+def test_logit_diff_on_the_keyword_columns_alone_equals_it_on_the_full_vocabulary():
+    from biasgym_lens.injection.metrics import KeywordIds, logit_diff
+
+    kw = KeywordIds(bias=(7, 3, 40), contrast=(12, 5))
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    columns, local = kw.columns()
+    assert columns.tolist() == [7, 3, 40, 12, 5]
+    by_hand = logits[:, [7, 3, 40]].mean(-1) - logits[:, [12, 5]].mean(-1)
+    assert torch.equal(logit_diff(logits[:, columns], local), logit_diff(logits, kw))
+    assert torch.allclose(logit_diff(logits, kw), by_hand)

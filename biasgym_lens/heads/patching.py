@@ -325,8 +325,7 @@ def _resumed_by_length(
     padding and changes no real position). Only the keyword columns are unembedded. Rows come back in batch
     order."""
     K, R = keep.shape[0], len(batch)
-    b, c = keywords.tensors()
-    columns = torch.cat([b, c])
+    columns, local = keywords.columns()
     lengths = (batch.last_positions + 1).tolist()
     out = torch.empty(K * R)
     for rows in map(torch.tensor, length_partition(lengths, overhead=SCAN_PASS_OVERHEAD)):
@@ -338,6 +337,5 @@ def _resumed_by_length(
                 unembed=False,
             )
         at = unembed_columns(model, final, torch.arange(final.shape[0]), batch.last_positions[rows].repeat(K), columns)
-        diff = at[:, : len(b)].mean(-1) - at[:, len(b) :].mean(-1)
-        out[(torch.arange(K)[:, None] * R + rows[None, :]).flatten()] = diff.cpu()
+        out[(torch.arange(K)[:, None] * R + rows[None, :]).flatten()] = logit_diff(at, local).cpu()
     return out

@@ -46,6 +46,13 @@ class KeywordIds:
             torch.tensor(self.contrast, dtype=torch.long, device=device),
         )
 
+    def columns(self) -> tuple[Tensor, KeywordIds]:
+        """The vocabulary columns a metric reads (bias keywords, then contrast keywords) and the same keywords
+        as positions in those columns: :func:`logit_diff` of logits unembedded on the columns alone equals its
+        value on the full logits."""
+        nb, nc = len(self.bias), len(self.contrast)
+        return torch.cat(self.tensors()), KeywordIds(tuple(range(nb)), tuple(range(nb, nb + nc)))
+
 
 def keyword_ids(model_or_tokenizer: Any, spec: Any) -> KeywordIds:
     """Single-token ids of the bias and contrast keywords for this model's tokenizer.
