@@ -225,6 +225,34 @@ def test_logits_at_equals_the_full_forward_pass(injected, tiny_gemma3):
         assert active_hooks(model) == []
 
 
+def test_length_chunks_group_probes_by_length_and_cut_only_padding(injected):
+    """Every probe once; a chunk's probes are no longer than the next chunk's; each chunk is its probes' rows cut
+    to their longest row, with the same metric as in the whole set."""
+    model, inj = injected
+    with inj.apply(model):
+        ps = _probe_set(model, inj)
+        rows_per_probe = 1 + len(ps.controls)
+        budget = 2 * rows_per_probe * ps.batch.input_ids.shape[1]
+        chunks = ps.length_chunks(budget)
+        assert sorted(i for idx, _ in chunks for i in idx) == list(range(ps.n_probes))
+        assert len(chunks) > 1
+        length = ps.batch.attention_mask.sum(1).view(rows_per_probe, ps.n_probes).max(0).values
+        for (idx, _), (nxt, _) in zip(chunks, chunks[1:]):
+            assert int(length[idx].max()) <= int(length[nxt].min())
+        for idx, chunk in chunks:
+            width = chunk.batch.input_ids.shape[1]
+            assert width == int(length[idx].max())
+            assert len(idx) == 1 or chunk.batch.input_ids.numel() <= budget
+            whole = ps.subset(idx)
+            assert torch.equal(chunk.batch.input_ids, whole.batch.input_ids[:, :width])
+            assert int(whole.batch.attention_mask[:, width:].sum()) == 0  # only padding was cut
+            with torch.no_grad():
+                got = chunk.metric_per_probe(model(chunk.batch.input_ids, attention_mask=chunk.batch.attention_mask))
+                ref = whole.metric_per_probe(model(whole.batch.input_ids, attention_mask=whole.batch.attention_mask))
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert active_hooks(model) == []
+
+
 def test_chunked_attribution_equals_one_pass(injected):
     """Chunks of probes (bounded backward memory) give the one-pass scores; a probe subset keeps its metric."""
     model, inj = injected

@@ -169,7 +169,7 @@ def test_chunks_give_the_scores_of_one_pass(injected):
         ps = _probe_set(model, inj, n=4)
         one = edge_attribution_scores(model, ps, "token", max_tokens=None)
         chunked = edge_attribution_scores(model, ps, "token", max_tokens=8)
-    assert len(ps.chunks(8)) == 4
+    assert len(ps.length_chunks(8)) == 4
     torch.testing.assert_close(chunked, one, atol=1e-6, rtol=1e-5, equal_nan=True)
     _clean(model)
 

@@ -19,6 +19,7 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from jaxtyping import Bool
@@ -75,21 +76,22 @@ class EdgeGraph:
         """Query heads per key/value head (1 without grouped-query attention)."""
         return self.n_heads // (self.n_kv_heads or self.n_heads)
 
-    @property
-    def upstream(self) -> list[str]:
-        """Upstream node names in index order."""
+    @cached_property
+    def upstream(self) -> tuple[str, ...]:
+        """Upstream node names in index order (built once per graph)."""
         out = ["embed"]
         for layer in range(self.n_layers):
             out += [f"L{layer}H{h}" for h in range(self.n_heads)] + [f"MLP{layer}"]
-        return out
+        return tuple(out)
 
-    @property
-    def downstream(self) -> list[str]:
-        """Downstream input names in index order (``"L{l}H{h}.q"``, ..., ``"MLP{l}"``, ``"logits"``)."""
+    @cached_property
+    def downstream(self) -> tuple[str, ...]:
+        """Downstream input names in index order (``"L{l}H{h}.q"``, ..., ``"MLP{l}"``, ``"logits"``; built once
+        per graph)."""
         out = []
         for layer in range(self.n_layers):
             out += [f"L{layer}H{h}.{kind}" for kind in "qkv" for h in range(self.n_heads)] + [f"MLP{layer}"]
-        return out + ["logits"]
+        return (*out, "logits")
 
     def head_index(self, layer: int, head: int) -> int:
         """Upstream index of head ``(layer, head)``."""
@@ -127,7 +129,11 @@ class EdgeGraph:
 
     def sources(self) -> list[int]:
         """``n_sources`` of every downstream index."""
-        return [self.n_sources(layer, kind) for _, kind, layer, _ in map(self.downstream_node, range(self.n_downstream))]
+        return list(self._sources)
+
+    @cached_property
+    def _sources(self) -> tuple[int, ...]:
+        return tuple(self.n_sources(layer, kind) for _, kind, layer, _ in map(self.downstream_node, range(self.n_downstream)))
 
     @property
     def n_upstream(self) -> int:
@@ -140,7 +146,7 @@ class EdgeGraph:
     def valid(self) -> Bool[Tensor, "upstream downstream"]:
         """Which ``(upstream, downstream)`` pairs are edges."""
         up = torch.arange(self.n_upstream)[:, None]
-        return up < torch.tensor(self.sources())[None, :]
+        return up < torch.tensor(self._sources)[None, :]
 
     def edge(self, upstream: str, downstream: str) -> tuple[int, int]:
         """Indices of the edge ``upstream -> downstream`` (downstream as in :attr:`downstream`).
@@ -157,7 +163,7 @@ class EdgeGraph:
                 f"unknown downstream input {downstream!r}; valid: 'L<l>H<h>.q|k|v', 'MLP<l>', 'logits' in range"
             )
         i, j = ups.index(upstream), downs.index(downstream)
-        if i >= self.sources()[j]:
+        if i >= self._sources[j]:
             raise ValueError(f"{upstream} -> {downstream} is not an edge: {upstream} does not write before it reads")
         return i, j
 

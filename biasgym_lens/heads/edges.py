@@ -59,8 +59,9 @@ def edge_attribution_scores(
         model: A TransformerLens bridge (see :func:`~biasgym_lens.heads.edge_graph.check_edge_support`).
         ps: The probes (token rows and control rows).
         metric: ``"excess"`` (the token's bias logit difference minus the control groups' mean) or ``"token"``.
-        max_tokens: Run over chunks of probes of at most about this many padded tokens (same scores, bounded
-            memory); None: all probes in one pass.
+        max_tokens: Run over chunks of probes of similar length of at most about this many padded tokens
+            (:meth:`~biasgym_lens.heads.probes.ProbeSet.length_chunks`; the same scores up to float rounding,
+            bounded memory, less padding); None: all probes in one pass.
 
     Returns:
         ``[n_probes, n_upstream, n_downstream]`` scores, indexed as in :func:`edge_graph`.
@@ -73,8 +74,14 @@ def edge_attribution_scores(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     check_edge_support(model)
     graph, weights = edge_graph(model), input_weights(model)
-    chunks = ps.chunks(max_tokens) if max_tokens is not None else [ps]
-    return torch.cat([probe_totals(_EdgePass(model, graph, c, weights).run(metric), c, metric).cpu() for c in chunks])
+    chunks = ps.length_chunks(max_tokens) if max_tokens is not None else [(list(range(ps.n_probes)), ps)]
+    closed_form: bool | None = None  # checked against autograd on the first chunk, then trusted (or not)
+    scores = torch.empty(ps.n_probes, graph.n_upstream, graph.n_downstream)
+    for probes, chunk in chunks:
+        edge_pass = _EdgePass(model, graph, chunk, weights, closed_form)
+        scores[probes] = probe_totals(edge_pass.run(metric), chunk, metric).cpu()
+        closed_form = edge_pass.closed_form
+    return scores
 
 
 def input_weights(model: Model) -> Float[Tensor, "n_layers inputs d_model d_head"]:
@@ -90,7 +97,9 @@ class _EdgePass:
     """State of one forward and backward pass: the upstream outputs at every position, each layer's head-space
     gradients and norm graph, then the scores, multiplied out in blocks of inputs."""
 
-    def __init__(self, model: Model, graph: EdgeGraph, ps: ProbeSet, weights: Tensor) -> None:
+    def __init__(
+        self, model: Model, graph: EdgeGraph, ps: ProbeSet, weights: Tensor, closed_form: bool | None = None
+    ) -> None:
         self.model, self.graph, self.ps = model, graph, ps
         self.H, self.group = graph.n_heads, graph.kv_group  # query heads, query heads per key/value head
         R, P = ps.batch.input_ids.shape
@@ -108,7 +117,7 @@ class _EdgePass:
         self.grads: dict[int, dict[str, Tensor]] = {}  # layer -> head-space gradients q, k, v (GQA: z)
         self.leaf: Tensor | None = None
         self.recording = True
-        self.closed_form: bool | None = None  # the norm's closed-form Jacobian matches autograd (None: unchecked)
+        self.closed_form = closed_form  # the norm's closed-form Jacobian matches autograd (None: unchecked)
 
     # -------------------------------------------------------------------------------------- the pass
 

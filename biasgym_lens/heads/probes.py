@@ -66,6 +66,34 @@ class ProbeSet:
         per = max(1, max_tokens // max(1, rows_per_probe * width))
         return [self.subset(range(i, min(i + per, self.n_probes))) for i in range(0, self.n_probes, per)]
 
+    def length_chunks(self, max_tokens: int = 1024) -> list[tuple[list[int], ProbeSet]]:
+        """Like :meth:`chunks`, with less padding: probes of similar length together (each probe's length is
+        that of its longest row), each chunk cut to its own longest row (right padding: only padding is cut)
+        and holding at most about ``max_tokens`` padded tokens (at least one probe each). Returns each chunk's
+        probe indices in this set with the chunk; per-probe results go back to ``indices``."""
+        rows_per_probe = 1 + len(self.controls)
+        n = self.n_probes
+        row_len = self.batch.attention_mask.sum(1).view(rows_per_probe, n)
+        length = row_len.max(0).values.tolist()
+        out: list[tuple[list[int], ProbeSet]] = []
+        current: list[int] = []
+        for i in sorted(range(n), key=lambda i: (length[i], i)):
+            if current and rows_per_probe * (len(current) + 1) * length[i] > max_tokens:
+                out.append((current, self._trimmed(current)))
+                current = []
+            current.append(i)
+        out.append((current, self._trimmed(current)))
+        return out
+
+    def _trimmed(self, probes: Sequence[int]) -> ProbeSet:
+        """:meth:`subset`, cut to its longest row when padded on the right."""
+        sub = self.subset(probes)
+        if sub.batch.padding_side != "right":
+            return sub
+        width = int(sub.batch.attention_mask.sum(1).max())
+        batch = Batch(sub.batch.input_ids[:, :width], sub.batch.attention_mask[:, :width], "right")
+        return ProbeSet(sub.spec, sub.token, sub.token_id, sub.probes, sub.controls, batch, sub.keywords, sub.token_positions)
+
     def subset(self, probes: Sequence[int]) -> ProbeSet:
         """The same probe set restricted to the probes at these indices (rows in the same layout)."""
         idx = list(probes)
