@@ -64,6 +64,16 @@ def test_batch_select_and_to():
     assert b.to("cpu").input_ids.data_ptr() != 0
 
 
+def test_batch_trimmed_cuts_only_right_padding():
+    ids = torch.tensor([[5, 6, 0, 0, 0], [7, 8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    cut = Batch(ids, mask).trimmed()
+    assert torch.equal(cut.input_ids, ids[:, :3]) and torch.equal(cut.attention_mask, mask[:, :3])
+    assert torch.equal(cut.last_positions, Batch(ids, mask).last_positions)
+    left = Batch(ids.flip(-1), mask.flip(-1), "left")
+    assert left.trimmed() is left  # left padding: real positions would move, so nothing is cut
+
+
 def test_chat_format_uses_the_template(tiny_model):
     prompt = chat_format(tiny_model, "Please write a short paragraph about Italy.")
     assert prompt.endswith("<|im_start|>assistant\n")

@@ -56,6 +56,14 @@ class Batch:
         idx = torch.as_tensor(rows, dtype=torch.long)
         return Batch(self.input_ids[idx], self.attention_mask[idx], self.padding_side)
 
+    def trimmed(self) -> Batch:
+        """Right padding cut to the longest row (only padding columns go; no real position moves); a left-padded
+        batch as it is."""
+        if self.padding_side != "right":
+            return self
+        n_pos = int(self.lengths.max())
+        return Batch(self.input_ids[:, :n_pos], self.attention_mask[:, :n_pos], self.padding_side)
+
 
 def last_positions(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
     """Position of the last real (mask == 1) token in each row; works for left and right padding.

@@ -8,7 +8,7 @@ groups of the same probe, so generic effects (every group's keyword logits movin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import einops
 import torch
@@ -86,13 +86,9 @@ class ProbeSet:
         return out
 
     def _trimmed(self, probes: Sequence[int]) -> ProbeSet:
-        """:meth:`subset`, cut to its longest row when padded on the right."""
+        """:meth:`subset`, cut to its longest row when padded on the right (:meth:`Batch.trimmed`)."""
         sub = self.subset(probes)
-        if sub.batch.padding_side != "right":
-            return sub
-        width = int(sub.batch.attention_mask.sum(1).max())
-        batch = Batch(sub.batch.input_ids[:, :width], sub.batch.attention_mask[:, :width], "right")
-        return ProbeSet(sub.spec, sub.token, sub.token_id, sub.probes, sub.controls, batch, sub.keywords, sub.token_positions)
+        return replace(sub, batch=sub.batch.trimmed())
 
     def subset(self, probes: Sequence[int]) -> ProbeSet:
         """The same probe set restricted to the probes at these indices (rows in the same layout)."""

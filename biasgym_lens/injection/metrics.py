@@ -128,9 +128,7 @@ def answer_logits(
     order = torch.argsort(every.lengths.cpu(), stable=True)
     out: list[Tensor] = []
     for chunk in order.split(batch_size):
-        part = every.select(chunk)
-        n_pos = int(part.lengths.max())  # this chunk's own padding only
-        batch = Batch(part.input_ids[:, :n_pos], part.attention_mask[:, :n_pos])
+        batch = every.select(chunk).trimmed()  # this chunk's own padding only
         rows = torch.arange(len(batch))
         out.append(logits_at(model, batch.input_ids, batch.attention_mask, rows, batch.last_positions))
     logits = torch.cat(out)
