@@ -215,6 +215,8 @@ class _Plan:
     ks: list[int]
     makers: dict[str, Callable[[float], Maker]]
     steering: Intervention
+    starts: set[int]
+    """Every layer an intervention of the comparison may start at (the tune and test passes resume from them)."""
 
     def heads(self, kind: str, k: int) -> list[Head]:
         """The first ``k`` heads of the order ``kind`` follows."""
@@ -223,11 +225,6 @@ class _Plan:
     def intervention(self, name: str, kind: str, param: float, heads: list[Head]) -> Intervention:
         """``heads`` changed the way of ``kind`` with ``param`` (no heads: no change)."""
         return Intervention(name, self.makers[kind](param)(heads), first_layer(heads)) if heads else Intervention(name)
-
-    def starts(self, model: Model) -> set[int]:
-        """Every layer an intervention of the comparison may start at (to resume the passes from)."""
-        ordered = {first_layer(self.orders[o][:k]) for o in self.orders for k in self.ks}
-        return ordered | {first_layer(random_heads(model, k, self.config.seed)) for k in self.ks} | {self.steering.first_layer}
 
 
 def _tune_curve(
@@ -252,14 +249,16 @@ def _tune_curve(
     if reuse:
         curve = pd.concat([study_zero_curve(result, ks), curve], ignore_index=True)
     steering = next(iv for iv in rebuild_interventions(model, injection, result) if iv.name == "steering")
-    return _Plan(config, orders, ks, makers, steering), curve
+    starts = {first_layer(orders[o][:k]) for o in orders for k in ks}
+    starts |= {first_layer(random_heads(model, k, config.seed)) for k in ks} | {steering.first_layer}
+    return _Plan(config, orders, ks, makers, steering, starts), curve
 
 
 def _choose(model: Model, plan: _Plan, curve: pd.DataFrame) -> tuple[dict[str, tuple[float, int]], pd.DataFrame]:
     """Each kind's setting and k within the budget (:func:`choose_removals`), its cost confirmed on the tune
     passages."""
     config = plan.config
-    tune = TuneBudget.prepare(model, config, plan.starts(model))
+    tune = TuneBudget.prepare(model, config, plan.starts)
     return choose_removals(
         curve, lambda kind, p, k: tune.cost(model, plan.intervention(kind, kind, p, plan.heads(kind, k))),
         config.budget, config.budget_on, conservative=config.budget_check == "upper",
@@ -279,7 +278,7 @@ def _test(
         choice_rows.append({"kind": kind, "param": param, "k": k, "heads": _heads_text(picked), "random_heads": _heads_text(baseline)})
         if k:
             interventions += [plan.intervention(kind, kind, param, picked), plan.intervention(f"{kind}_random", kind, param, baseline)]
-    test = TestSet.prepare(model, config, plan.starts(model))
+    test = TestSet.prepare(model, config, plan.starts)
     _, capability, values = measure_all(model, injection, interventions, test, measure_groups, config)
     pairs = [(k, other) for k, (_, n) in chosen.items() if n for other in (f"{k}_random", "steering")]
     return pd.DataFrame(choice_rows), _summary(capability, values, config.seed), paired_comparisons(values, pairs, seed=config.seed)
