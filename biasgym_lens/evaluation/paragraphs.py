@@ -282,23 +282,43 @@ def paragraph_bias(
     rows = []
     with injection.apply(model) if injection is not None else contextlib.nullcontext():
         for name, intervention in interventions.items():
-            texts: list[str] = []
-            for k, start in enumerate(range(0, len(prompts), batch_size)):
-                chunk_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-                texts += generate(
-                    model, prompts[start : start + batch_size], max_new_tokens, temperature=temperature,
-                    top_p=top_p, seed=chunk_seed, intervention=intervention, prepend_bos=False,
-                ).texts
-            for i, text in enumerate(texts):
-                group, kind = pairs[i // n]
-                s = score_text(text, bias_kw, contrast_kw)
-                rows.append({"group": group, "kind": kind, "intervention": name, "sample": i % n, "text": text,
-                             "n_words": s.n_words, "n_bias": s.n_bias, "n_contrast": s.n_contrast, "score": s.score})
+            texts = _sample(model, prompts, intervention, max_new_tokens, temperature, top_p, seed, batch_size)
+            rows += _scored_rows(texts, pairs, n, name, bias_kw, contrast_kw)
     settings = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "batch_size": batch_size, "model": model_info(model).name, "bias_keywords": bias_kw,
                 "contrast_keywords": contrast_kw,
                 "seconds": round(time.perf_counter() - t0, 1)}
     return ParagraphBias(spec.name, pd.DataFrame(rows), settings, n_resamples)
+
+
+def _sample(
+    model: Model, prompts: Sequence[str], intervention: Intervention, max_new_tokens: int, temperature: float,
+    top_p: float, seed: int, batch_size: int,
+) -> list[str]:
+    """The paragraphs of ``prompts`` under one intervention, in streams of ``batch_size`` prompts; stream ``k``
+    samples with the seed drawn from ``(seed, k)``, so every intervention samples with the same seeds."""
+    texts: list[str] = []
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        texts += generate(
+            model, prompts[start : start + batch_size], max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=chunk_seed, intervention=intervention, prepend_bos=False,
+        ).texts
+    return texts
+
+
+def _scored_rows(
+    texts: Sequence[str], pairs: Sequence[tuple[str, str]], n: int, intervention: str,
+    bias_kw: Sequence[str], contrast_kw: Sequence[str],
+) -> list[dict[str, Any]]:
+    """One row per paragraph (``n`` per group, groups in the order of ``pairs``) with its keyword counts."""
+    rows = []
+    for i, text in enumerate(texts):
+        group, kind = pairs[i // n]
+        s = score_text(text, bias_kw, contrast_kw)
+        rows.append({"group": group, "kind": kind, "intervention": intervention, "sample": i % n, "text": text,
+                     "n_words": s.n_words, "n_bias": s.n_bias, "n_contrast": s.n_contrast, "score": s.score})
+    return rows
 
 
 def combine_paragraphs(*parts: ParagraphBias) -> ParagraphBias:
