@@ -172,10 +172,10 @@ def scan_anchor(model, inj, ps, heads) -> dict:
     diff = {(a, b): (got[a] - got[b]).abs().max().item() for a, b in (("tl", "project"), ("loop", "project"), ("tl", "loop"))}
     print(f"anchor scan: exact zero-ablation of {len(heads)} of {L * H} heads, {len(ps.batch)} rows: project "
           f"{t['project']:.1f}s, TL generic_activation_patch {t['tl']:.1f}s, run_with_hooks loop {t['loop']:.1f}s")
-    line(f"TL activation-patching sweep vs project (max |diff| {diff['tl', 'project']:.1e})", t["tl"] / t["project"], ">= 3x")
-    line(f"run_with_hooks loop vs project (max |diff| {diff['loop', 'project']:.1e})", t["loop"] / t["project"], ">= 3x")
+    line(f"TL activation-patching sweep vs project (max |diff| {diff['tl', 'project']:.1e})", t["tl"] / t["project"], ">= 3.2x")
+    line(f"run_with_hooks loop vs project (max |diff| {diff['loop', 'project']:.1e})", t["loop"] / t["project"], ">= 3.2x")
     line(f"TL sweep vs run_with_hooks loop (max |diff| {diff['tl', 'loop']:.1e})", t["tl"] / t["loop"], "~1 (same passes)")
-    line("project scan FLOPs / floor (clean pass + suffix layers, real tokens)", scan / floor, "-> 1")
+    line("project scan FLOPs / floor (clean pass + suffix layers, real tokens)", scan / floor, "<= 1.1")
     line("TL sweep or loop FLOPs / floor (1 + one full pass per head)", one_per_head / floor, "(reference)")
     print("  failure mode: generic_activation_patch takes no attention mask (exact here only because the probes "
           "are right-padded, so no answer position sees a pad)")

@@ -321,14 +321,17 @@ def test_attribution_against_head_means_is_the_finite_difference_toward_the_mean
     assert active_hooks(model) == []
 
 
-def test_the_resumed_scan_in_length_groups_equals_one_padded_pass(injected, monkeypatch):
-    """Rows of different lengths run in separate, shorter passes, unembedding only the keyword columns; the
-    scores equal one padded pass's and the full-vocabulary metric of single-head passes."""
+def test_the_resumed_scan_packed_equals_length_groups_and_one_padded_pass(injected, monkeypatch):
+    """The resumed passes run on packed rows (no padding); where packing is refused, rows of different lengths
+    run in separate, shorter passes; both equal one padded pass, all unembedding only the keyword columns."""
     from biasgym_lens.heads import patching
 
     model, inj = injected
     with inj.apply(model):
         ps = _probe_set(model, inj)
+        assert patching.packing_supported(model)
+        packed = ablation_scores(model, ps, reuse_prefix=True)
+        monkeypatch.setattr(patching, "packing_supported", lambda m: False)
         lengths = (ps.batch.last_positions + 1).tolist()
         groups = patching.length_partition(lengths, overhead=patching.SCAN_PASS_OVERHEAD)
         assert len(set(lengths)) > 1 and len(groups) > 1  # really split
@@ -336,4 +339,5 @@ def test_the_resumed_scan_in_length_groups_equals_one_padded_pass(injected, monk
         monkeypatch.setattr(patching, "SCAN_PASS_OVERHEAD", 10**9)  # one group: a single padded pass
         one_pass = ablation_scores(model, ps, reuse_prefix=True)
     torch.testing.assert_close(grouped, one_pass, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, one_pass, atol=1e-5, rtol=1e-5)
     assert active_hooks(model) == []

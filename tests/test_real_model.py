@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from biasgym_lens.core.hooks import active_hooks
+from biasgym_lens.core.packing import packing_supported
 from biasgym_lens.core.tokens import chat_format, tokenize
 from biasgym_lens.heads.decomposition import (
     component_hook_names,
@@ -85,7 +86,8 @@ def test_exact_scan_matches_single_head_runs_and_attribution_tracks_it(real, sho
     heads = [(layer, h) for layer in (0, 14, 21, 29) for h in range(9)]
     with short_injection.apply(real):
         ps = build_probe_set(real, load_bias("bad_driving"), short_injection.token, controls=["Japan"], max_probes=4)
-        exact = ablation_scores(real, ps, heads=heads, heads_per_pass=9)  # resumed at each layer
+        assert packing_supported(real)
+        exact = ablation_scores(real, ps, heads=heads, heads_per_pass=9)  # resumed at each layer, packed rows
         loop = ablation_scores(real, ps, heads=heads, heads_per_pass=1, reuse_prefix=False)
         torch.testing.assert_close(exact, loop, atol=1e-4, rtol=1e-4, equal_nan=True)
         with torch.no_grad():

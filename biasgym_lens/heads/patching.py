@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from biasgym_lens.core.hooks import HookSpec, hooked
+from biasgym_lens.core.packing import Packing, attention_cost, pack_rows, packed_forward, packing_supported
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch
 from biasgym_lens.core.unembed import logits_at, resumed_forward, suffix_supported, unembed_columns
@@ -224,13 +225,15 @@ def ablation_scores(
     _check_scan_heads(todo, L, H)
     reuse_prefix = _resolve_reuse_prefix(model, reuse_prefix)
     clean, resid = _clean_scan_pass(model, ps, metric, todo, reuse_prefix)
+    packing = None
     if reuse_prefix:
         todo = sorted(todo)  # passes that share a layer go together, so each resumes from one cached residual
+        packing = _scan_packing(model, ps.batch) if packing_supported(model) else None
     R = len(ps.batch)
     out = torch.full((ps.n_probes, L, H), float("nan"))
     bar = tqdm(total=len(todo), desc="ablation scan", disable=not progress, leave=False)
     for group in _scan_groups(todo, heads_per_pass, same_layer=reuse_prefix):
-        diffs = _ablated_logit_diffs(model, ps.batch, ps.keywords, group, resid if reuse_prefix else None)
+        diffs = _ablated_logit_diffs(model, ps.batch, ps.keywords, group, resid if reuse_prefix else None, packing)
         for k, (layer, h) in enumerate(group):
             ablated = ps.per_probe(diffs[k * R : (k + 1) * R], metric)
             out[:, layer, h] = (clean - ablated).cpu()
@@ -299,15 +302,19 @@ def _zero_head_hooks(keep_rows: Tensor, layers: list[int]) -> list[HookSpec]:
 
 
 def _ablated_logit_diffs(
-    model: Model, batch: Batch, keywords: KeywordIds, group: list[tuple[int, int]], resid: dict[int, Tensor] | None
+    model: Model, batch: Batch, keywords: KeywordIds, group: list[tuple[int, int]], resid: dict[int, Tensor] | None,
+    packing: Packing | None = None,
 ) -> Float[Tensor, " rows"]:
     """The bias logit difference at the answer ``[K * rows]`` of the batch repeated once per head of ``group``,
-    copy ``k`` with head ``k`` zeroed; resumed at the group's layer from ``resid`` when given."""
+    copy ``k`` with head ``k`` zeroed; resumed at the group's layer from ``resid`` when given, on packed rows
+    with ``packing``."""
     K, R = len(group), len(batch)
     keep = torch.ones(K, model.cfg.n_layers, model.cfg.n_heads)
     for k, (layer, h) in enumerate(group):
         keep[k, layer, h] = 0.0
     layers = sorted({layer for layer, _ in group})
+    if resid is not None and packing is not None:
+        return _resumed_packed(model, packing, keywords, keep, layers, resid[layers[0]])
     if resid is not None:
         return _resumed_by_length(model, batch, keywords, keep, layers, resid[layers[0]])
     fwd = _zero_head_hooks(keep.repeat_interleave(R, dim=0), layers)  # [K*R, L, H]
@@ -339,3 +346,30 @@ def _resumed_by_length(
         at = unembed_columns(model, final, torch.arange(final.shape[0]), batch.last_positions[rows].repeat(K), columns)
         out[(torch.arange(K)[:, None] * R + rows[None, :]).flatten()] = logit_diff(at, local).cpu()
     return out
+
+
+def _scan_packing(model: Model, batch: Batch) -> Packing:
+    """How the resumed passes pack the rows: each row's real tokens up to its answer, no padding."""
+    mask = batch.attention_mask.cpu()
+    starts = mask.argmax(-1)  # the first real token (0 under right padding)
+    lengths = batch.last_positions.cpu() - starts + 1
+    return pack_rows(lengths.tolist(), starts.tolist(), attention=attention_cost(model))
+
+
+def _resumed_packed(
+    model: Model, packing: Packing, keywords: KeywordIds, keep: Tensor, layers: list[int], resid: Tensor
+) -> Float[Tensor, " rows"]:
+    """The resumed passes of :func:`_ablated_logit_diffs` as one pass on packed rows
+    (:mod:`~biasgym_lens.core.packing`): each row's tokens up to its answer, side by side with other rows', so
+    the suffix layers run on the real tokens and little else, in one pass per group of heads. Only the keyword
+    columns are unembedded. Rows come back in batch order."""
+    K, B = keep.shape[0], packing.n_rows
+    columns, local = keywords.columns()
+    x = packing.pack(resid).repeat(K, 1, 1)
+    fwd = _zero_head_hooks(keep.repeat_interleave(B, dim=0), layers)
+    with hooked(model, fwd_hooks=fwd):
+        final = packed_forward(model, x, layers[0], packing.position_ids().repeat(K, 1))
+    row, pos = packing.last_tokens()
+    rows = (torch.arange(K)[:, None] * B + row[None, :]).flatten()
+    at = unembed_columns(model, final, rows, pos.repeat(K), columns)
+    return logit_diff(at, local).cpu()
