@@ -12,7 +12,14 @@ from biasgym_lens.heads.edge_check import check_edges
 from biasgym_lens.heads.edge_graph import EdgeGraph, edge_graph
 from biasgym_lens.heads.edges import edge_attribution_scores
 from biasgym_lens.heads.head_scores import spearman
-from biasgym_lens.heads.norm_vjp import closed_form_vjp, norm_form, norm_vjp
+from biasgym_lens.heads.norm_vjp import (
+    closed_form_projected,
+    closed_form_vjp,
+    norm_form,
+    norm_scale,
+    norm_vjp,
+    projection_weights,
+)
 from biasgym_lens.heads.path_patching import path_patching_scores
 from biasgym_lens.heads.probes import build_probe_set
 from biasgym_lens.injection.catalogue import load_bias
@@ -133,6 +140,24 @@ def test_the_closed_form_norm_jacobian_is_autograds(tiny_tokenizer_dir, tiny_fam
     torch.testing.assert_close(closed_form_vjp(*norm_form(model, ln), x, vectors), exact, atol=1e-5, rtol=1e-4)
     one = torch.autograd.grad(ln(x), x, vectors[3])[0]  # one product, no batching
     torch.testing.assert_close(exact[3], one, atol=1e-6, rtol=1e-5)
+
+
+def test_the_closed_form_written_in_place_is_autograds_product_of_the_projections(tiny_tokenizer_dir, tiny_family):
+    """Edge attribution's fast path: head-space gradients projected by their weights and taken through the norm
+    straight into a buffer equal autograd's vector-Jacobian products of the projected vectors."""
+    from biasgym_lens.testing import tiny_bridge
+
+    model = tiny_bridge(tiny_family, tiny_tokenizer_dir)
+    ln, d = model.blocks[1].ln1, model.cfg.d_model
+    x = (3.0 * torch.randn(2, 5, d) + 0.5).requires_grad_(True)
+    W, g = torch.randn(6, d, 4), torch.randn(2, 5, 6, 4)
+    exact, ok = norm_vjp(model, ln, x, ln(x), torch.einsum("rpce,cde->crpd", g, W))
+    kind, gain, eps = norm_form(model, ln)
+    r, chat = norm_scale(kind, eps, x)
+    out = torch.full((6, 2, 5, d), float("nan"))
+    got = closed_form_projected(projection_weights(kind, gain, W), g * r[..., None], chat, out)
+    assert got is out and ok
+    torch.testing.assert_close(out, exact, atol=1e-5, rtol=1e-4)
 
 
 def test_raw_and_compatibility_mode_give_the_same_edge_scores(tiny_tokenizer_dir, monkeypatch):

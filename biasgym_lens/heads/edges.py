@@ -37,7 +37,7 @@ from biasgym_lens.core.hooks import HookSpec, hooked
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.unembed import logits_at
 from biasgym_lens.heads.edge_graph import EdgeGraph, check_edge_support, edge_graph
-from biasgym_lens.heads.norm_vjp import closed_form_finish, norm_form, norm_scale, norm_vjp
+from biasgym_lens.heads.norm_vjp import closed_form_projected, norm_form, norm_scale, norm_vjp, projection_weights
 from biasgym_lens.heads.patching import probe_totals
 from biasgym_lens.heads.probes import METRICS, ProbeSet
 
@@ -176,10 +176,9 @@ class _EdgePass:
         self.out[0] += x.detach().float()
 
     def _heads_out(self, z: Tensor, layer: int) -> None:
-        start = self.graph.head_index(layer, 0)
-        self.out[start : start + self.H] = einops.einsum(
-            z.detach().float(), self.W_O[layer], "row pos head d_head, head d_head d_model -> head row pos d_model"
-        )
+        start, d = self.graph.head_index(layer, 0), self.out.shape[-1]
+        per_head = einops.rearrange(z.detach().float(), "row pos head d_head -> head (row pos) d_head")
+        torch.bmm(per_head, self.W_O[layer], out=self.out[start : start + self.H].view(self.H, -1, d))
         if self.group > 1:
             self.kept.setdefault(layer, {})["z"] = z
 
@@ -213,22 +212,25 @@ class _EdgePass:
             grads["k"], grads["v"] = self._split_key_value(kept, grads["z"])
         g = torch.cat([grads[kind] for kind in "qkv"], dim=2)  # [rows, pos, 3 * n_heads, d_head]
         ln1 = self.model.blocks[layer].ln1
+        cols = [self.graph.input_index(layer, h, kind) for kind in "qkv" for h in range(self.H)]
+        n_up = self.graph.n_sources(layer, "q")
         form = norm_form(self.model, ln1) if self.closed_form else None
-        if form is not None:  # closed form, checked on an earlier layer: r * gain folded into the projection
+        if form is not None:  # closed form, checked on an earlier layer: written straight into the block
             kind, gain, eps = form
             r, chat = norm_scale(kind, eps, kept["ln1.hook_in"])
-            resid = closed_form_finish(kind, self._project(g * r[..., None], layer, gain), chat)
-        else:  # the norm's output gradient per head input, then through the norm's Jacobian
-            resid, self.closed_form = norm_vjp(
-                self.model, ln1, kept["ln1.hook_in"], kept["ln1.hook_out"], self._project(g, layer), trust=self.closed_form
-            )
-        cols = [self.graph.input_index(layer, h, kind) for kind in "qkv" for h in range(self.H)]
-        self._contract(cols, self.graph.n_sources(layer, "q"), resid)
+            weights = projection_weights(kind, gain, self.W_in[layer])
+            closed_form_projected(weights, g * r[..., None], chat, self._reserve(cols, n_up))
+            self._flush_if_full()
+            return
+        # the norm's output gradient per head input, then through the norm's Jacobian
+        resid, self.closed_form = norm_vjp(
+            self.model, ln1, kept["ln1.hook_in"], kept["ln1.hook_out"], self._project(g, layer), trust=self.closed_form
+        )
+        self._contract(cols, n_up, resid)
 
-    def _project(self, g: Tensor, layer: int, gain: Tensor | None = None) -> Float[Tensor, "c rows pos d_model"]:
-        """``W g`` of each head input (``g``: ``[rows, pos, c, d_head]``), times ``gain`` when given."""
-        W = self.W_in[layer] if gain is None else self.W_in[layer] * gain[:, None]
-        return einops.einsum(g, W, "r p c e, c d e -> c r p d")
+    def _project(self, g: Tensor, layer: int) -> Float[Tensor, "c rows pos d_model"]:
+        """``W g`` of each head input (``g``: ``[rows, pos, c, d_head]``)."""
+        return einops.einsum(g, self.W_in[layer], "r p c e, c d e -> c r p d")
 
     def _split_key_value(self, kept: dict[str, Tensor], gz: Tensor) -> tuple[Tensor, Tensor]:
         """Per-query-head key and value gradients ``[rows, pos, n_heads, d_head]`` of a GQA layer: for each
@@ -249,18 +251,26 @@ class _EdgePass:
 
     def _contract(self, cols: list[int], n_up: int, grad: Float[Tensor, "n rows pos d_model"]) -> None:
         """Queue ``scores[r, u, cols] = sum over positions of out_u . grad`` for the first ``n_up`` upstream
-        nodes: the gradients are copied into a block that is multiplied out once it holds
-        :data:`CONTRACT_COLUMNS` inputs, so each block reads the upstream outputs once (one input at a time the
-        product is memory-bound)."""
-        n = grad.shape[0]
+        nodes (see :meth:`_reserve`)."""
+        self._reserve(cols, n_up).copy_(grad.detach())
+        self._flush_if_full()
+
+    def _reserve(self, cols: list[int], n_up: int) -> Float[Tensor, "n rows pos d_model"]:
+        """Room in the block for the gradients of the inputs ``cols`` (written by the caller), which read the
+        first ``n_up`` upstream nodes. The block is multiplied out once it holds :data:`CONTRACT_COLUMNS`
+        inputs, so each block reads the upstream outputs once (one input at a time the product is
+        memory-bound)."""
+        n = len(cols)
         if self.block is None:
             self.block = self.out.new_empty(CONTRACT_COLUMNS + 3 * self.H + 1, *self.out.shape[1:])
         if len(self.block_cols) + n > self.block.shape[0]:
             self._flush()
         start = len(self.block_cols)
-        self.block[start : start + n].copy_(grad.detach())
         self.block_cols += cols
         self.block_sources = max(self.block_sources, n_up)
+        return self.block[start : start + n]
+
+    def _flush_if_full(self) -> None:
         if len(self.block_cols) >= CONTRACT_COLUMNS:
             self._flush()
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from biasgym_lens.core.protocols import Model
 
-__all__ = ["autograd_vjp", "closed_form_vjp", "closed_form_finish", "norm_form", "norm_scale", "norm_vjp"]
+__all__ = [
+    "autograd_vjp", "closed_form_vjp", "closed_form_finish", "closed_form_projected", "projection_weights", "norm_form",
+    "norm_scale", "norm_vjp",
+]
 
 
 def autograd_vjp(
@@ -61,6 +65,30 @@ def closed_form_finish(kind: str, w: Float[Tensor, "n *batch d_model"], chat: Te
     if kind == "ln":
         w = w - w.mean(-1, keepdim=True)
     return torch.addcmul(w, chat, dot, value=-1.0)
+
+
+def projection_weights(kind: str, gain: Float[Tensor, " d_model"], weights: Float[Tensor, "c d_model d_head"]) -> Tensor:
+    """The weights of :func:`closed_form_projected`: each input's ``W`` scaled by the norm's gain along
+    ``d_model``, and for LayerNorm centred along it (so the product is already ``w - mean(w)``)."""
+    scaled = weights * gain[:, None]
+    return scaled - scaled.mean(1, keepdim=True) if kind == "ln" else scaled
+
+
+def closed_form_projected(
+    weights: Float[Tensor, "c d_model d_head"], g: Float[Tensor, "rows pos c d_head"], chat: Float[Tensor, "rows pos d_model"],
+    out: Float[Tensor, "c rows pos d_model"],
+) -> Float[Tensor, "c rows pos d_model"]:
+    """``J^T (W g)`` of each of ``c`` head inputs through a LayerNorm or RMSNorm, written into ``out``.
+
+    ``weights`` are :func:`projection_weights`, ``g`` the head-space gradients times the norm's ``r`` and
+    ``chat`` its normalised input (:func:`norm_scale`). The same values as :func:`closed_form_finish` of the
+    projected vectors, in three passes over ``out`` instead of six and without a temporary of its size: the
+    projection is written in place, and the ``chat`` term is subtracted in place."""
+    c, d = weights.shape[0], weights.shape[1]
+    flat = out.view(c, -1, d)
+    torch.bmm(einops.rearrange(g, "r p c e -> c (r p) e"), weights.transpose(1, 2), out=flat)
+    dot = torch.einsum("c...d,...d->c...", out, chat)[..., None] / d
+    return out.addcmul_(chat, dot, value=-1.0)
 
 
 def closed_form_vjp(
