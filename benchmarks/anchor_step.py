@@ -21,6 +21,7 @@ import copy
 import ctypes
 import gc
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,8 @@ from biasgym_lens.core.hooks import hooked  # noqa: E402
 from biasgym_lens.injection.catalogue import load_bias  # noqa: E402
 from biasgym_lens.injection.config import InjectionConfig  # noqa: E402
 from biasgym_lens.injection.examples import collate_examples, training_examples  # noqa: E402
-from biasgym_lens.injection.loss import lm_loss  # noqa: E402
+from biasgym_lens.injection.loss import lm_loss, train_step_loss  # noqa: E402
+from biasgym_lens.injection.metrics import keyword_ids  # noqa: E402
 
 WAYS = ("vector", "plain-vector", "hf")  # the memory probe's ways: project (bridge), vector on plain HF, HF's
 
@@ -125,10 +127,12 @@ def plain_hf(model):
     return plain.eval()
 
 
-def hf_way(hf, batch, lr: float, weight_decay: float = 0.01, drop_new_column: bool = False):
+def hf_way(hf, batch, lr: float, weight_decay: float = 0.01, drop_new_column: bool = False, weighted=((), 1.0)):
     """Hugging Face's step: ``resize_token_embeddings``, the whole embedding matrix trainable with a gradient
     mask keeping only the new row, AdamW. Built in the first call (a memory probe counts the new matrix, its
-    gradient and the optimizer state). ``drop_new_column``: the loss ignores the new token's output logit."""
+    gradient and the optimizer state). ``drop_new_column``: the loss ignores the new token's output logit;
+    ``weighted``: the keyword ids and weight of the loss (default the plain loss). ``step(other)`` steps on
+    another ``(ids, mask, target)``."""
     tid, ids, mask, target, init = batch
     state: dict = {}
 
@@ -145,11 +149,12 @@ def hf_way(hf, batch, lr: float, weight_decay: float = 0.01, drop_new_column: bo
         emb.register_hook(lambda g: g * keep)
         state.update(emb=emb, old=old, opt=torch.optim.AdamW([emb], lr=lr, weight_decay=weight_decay))
 
-    def step() -> float:
+    def step(other=None) -> float:
         if not state:
             build()
-        logits = hf(input_ids=ids, attention_mask=mask).logits
-        loss = lm_loss(logits[..., : state["old"]] if drop_new_column else logits, ids, target, tid)
+        x, m, t = other if other is not None else (ids, mask, target)
+        logits = hf(input_ids=x, attention_mask=m).logits
+        loss = lm_loss(logits[..., : state["old"]] if drop_new_column else logits, x, t, tid, *weighted)
         state["opt"].zero_grad()
         loss.backward()
         state["opt"].step()
@@ -201,7 +206,8 @@ def memory_growth(model_name: str, threads: int) -> dict:
 
 
 def step_anchor(model, repeats: int, model_name: str | None = None, threads: int = 2, lr: float = 2e-2) -> dict:
-    """Anchor 4: one injection step, the project's vs Hugging Face's, on the same batch and starting vector."""
+    """Anchor 4: one injection step, the project's vs Hugging Face's, on the same batch and starting vector; then
+    on the batches an injection trains on (:func:`real_batches_anchor`)."""
     batch, n = step_batch(model), max(3, repeats + 1)
     ours, t_ours = curve(vector_way(model, batch, lr), n)
     plain, t_plain = curve(plain_vector_way(plain_hf(model), batch, lr), n)
@@ -228,7 +234,63 @@ def step_anchor(model, repeats: int, model_name: str | None = None, threads: int
           f"trains it {diff['user']:.1e}")
     print(f"  failure mode: AdamW's default weight_decay moved {drifted} of {old} rows the gradient mask froze; the "
           "resized output layer gives the new token a logit of its own, which the loss normalises over")
-    return {"times": (t_ours, t_plain, t_hf), "loss_diff": diff, "drifted": drifted, "memory": mem}
+    batches = real_batches_anchor(model, repeats)
+    return {"times": (t_ours, t_plain, t_hf), "loss_diff": diff, "drifted": drifted, "memory": mem, "batches": batches}
+
+
+def injection_batches(model, n_batches: int = 6, bias: str = "bad_driving"):
+    """The first ``n_batches`` batches an injection of ``bias`` trains on with the default settings (its
+    examples in the first epoch's shuffled order: short plain texts mixed with long chat paragraphs), the token
+    id, the bias keyword ids and a starting vector."""
+    spec, cfg = load_bias(bias), InjectionConfig()
+    tid = add_token(model, cfg.token)
+    examples = training_examples(model, spec, cfg)
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)  # as inject() orders the first epoch
+    size = cfg.batch_size
+    batches = [[examples[i] for i in order[b * size : (b + 1) * size]] for b in range(n_batches)]
+    return tid, batches, keyword_ids(model, spec).bias, model.W_E[:100].detach().float().mean(0).clone()
+
+
+def real_batches_anchor(model, repeats: int, n_batches: int = 6, lr: float = 2e-2) -> dict:
+    """The injection step on the batches an injection trains on: the project's own step (``train_step_loss``
+    with the default settings: micro-batches of similar length, Adam on the vector) against Hugging Face's way
+    with each batch padded to its longest example (as a data collator pads), both with the keyword-weighted loss.
+    Seconds per step over the batches (median of ``repeats`` passes over them) and the first step's losses."""
+    tid, batches, kw, init = injection_batches(model, n_batches)
+    cfg, pad = InjectionConfig(), 0  # (the pad id: a padded position is never a target)
+    vec = torch.nn.Parameter(init.clone())
+    opt = torch.optim.Adam([vec], lr=lr)
+    hooks = token_vector_hooks(model, {tid: vec})
+
+    def project(b) -> float:
+        opt.zero_grad()
+        with hooked(model, fwd_hooks=hooks):
+            loss = train_step_loss(model, b, pad, tid, kw, cfg)
+        opt.step()
+        return loss.item()
+
+    collated = [collate_examples(b, pad, model.W_E.device) for b in batches]
+    hf_step = hf_way(plain_hf(model), (tid, *collated[0], init), lr, 0.0, True, (kw, cfg.keyword_weight))[0]
+    first = (project(batches[0]), hf_step())  # not timed (HF's way builds here): the same vector and batch
+    hugging_face = lambda i: hf_step(collated[i])  # noqa: E731
+
+    times: dict[str, list[float]] = {"project": [], "hf": []}
+    ways = {"project": lambda: [project(b) for b in batches], "hf": lambda: [hugging_face(i) for i in range(n_batches)]}
+    for _ in range(max(1, repeats)):  # interleaved, so load changes hit both ways alike
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) / n_batches)
+    t_project, t_hf = statistics.median(times["project"]), statistics.median(times["hf"])
+    real = sum(len(e.ids) for b in batches for e in b)
+    padded = sum(max(len(e.ids) for e in b) * len(b) for b in batches)
+    print(f"anchor injection step on the {n_batches} first batches an injection of bad_driving trains on ({real} real "
+          f"tokens, {padded} padded per batch): project (train_step_loss, micro-batches by length) {t_project:.3f} "
+          f"s/step, Hugging Face's way (each batch padded to its longest) {t_hf:.3f} s/step; first-step losses "
+          f"{first[0]:.6f} and {first[1]:.6f}")
+    line("Hugging Face's way vs project step, the injection's batches", t_hf / t_project, ">= 1.9x")
+    return {"times": (t_project, t_hf), "first_losses": first, "tokens": (real, padded)}
 
 
 def main() -> None:

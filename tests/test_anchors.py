@@ -63,6 +63,10 @@ def test_step_anchor_loss_curves_agree(tiny_model):
     assert r["loss_diff"]["user"] > r["loss_diff"]["same"]
     assert r["drifted"] > 0 and r["memory"] is None
     assert all(t > 0 for t in r["times"])
+    project, hf = r["batches"]["first_losses"]  # the same vector on the same batch: one loss, two ways
+    assert project == pytest.approx(hf, rel=1e-5)
+    real, padded = r["batches"]["tokens"]
+    assert 0 < real < padded and all(t > 0 for t in r["batches"]["times"])
     assert active_hooks(tiny_model) == []
 
 
