@@ -37,7 +37,13 @@ from biasgym_lens.core.hooks import HookSpec, hooked
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.unembed import logits_at
 from biasgym_lens.heads.edge_graph import EdgeGraph, check_edge_support, edge_graph
-from biasgym_lens.heads.norm_vjp import closed_form_projected, norm_form, norm_scale, norm_vjp, projection_weights
+from biasgym_lens.heads.norm_vjp import (
+    closed_form_projected,
+    norm_form,
+    norm_scale,
+    norm_vjp,
+    projection_weights,
+)
 from biasgym_lens.heads.patching import probe_totals
 from biasgym_lens.heads.probes import METRICS, ProbeSet
 
