@@ -225,6 +225,27 @@ def test_logits_at_equals_the_full_forward_pass(injected, tiny_gemma3):
         assert active_hooks(model) == []
 
 
+def test_cached_activations_are_run_with_caches_without_the_logits(injected, tiny_gemma3):
+    """The hook values equal run_with_cache's, bit for bit, and the unembedding makes no vocabulary-sized
+    logits (its output hook sees the final residual)."""
+    from biasgym_lens.core.hooks import hooked
+    from biasgym_lens.core.tokens import tokenize
+    from biasgym_lens.core.unembed import cached_activations
+
+    names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_post", "ln_final.hook_scale"]
+    for model in (injected[0], tiny_gemma3):
+        b = tokenize(model, ["the cat sat on the mat", "a dog"])
+        widths: list[int] = []
+        with torch.no_grad():
+            _, ref = model.run_with_cache(b.input_ids, attention_mask=b.attention_mask, names_filter=names.__contains__)
+            with hooked(model, fwd_hooks=[("unembed.hook_out", lambda x, hook, seen=widths: seen.append(x.shape[-1]))]):
+                got = cached_activations(model, b.input_ids, b.attention_mask, names)
+        assert widths == [model.cfg.d_model]
+        for n in names:
+            torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0)
+        assert active_hooks(model) == []
+
+
 def test_length_chunks_group_probes_by_length_and_cut_only_padding(injected):
     """Every probe once; a chunk's probes are no longer than the next chunk's; each chunk is its probes' rows cut
     to their longest row, with the same metric as in the whole set."""

@@ -10,7 +10,7 @@ models) fall back to a plain forward pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from biasgym_lens.core.protocols import Model
 
 __all__ = [
     "suffix_supported", "skipping_layers", "unembed_at", "logits_at", "resumed_forward", "forward_keeping",
-    "clean_residuals", "suffix_answer_logits", "unembed_columns",
+    "clean_residuals", "suffix_answer_logits", "unembed_columns", "cached_activations",
 ]
 
 
@@ -133,6 +133,16 @@ def forward_keeping(
     with contextlib.nullcontext() if unembed else skipping_layers(model, 0):
         out, cache = model.run_with_cache(input_ids, attention_mask=attention_mask, names_filter=lambda n: n in names)
     return out, {layer: cache[name] for name, layer in names.items()}
+
+
+def cached_activations(model: Model, input_ids: Tensor, attention_mask: Tensor, names: Collection[str]) -> Any:
+    """``run_with_cache`` for the hook values ``names`` alone: where :func:`suffix_supported` the unembedding is a
+    pass-through, so no ``[rows, pos, d_vocab]`` logits are made (2 GB for 154 probe rows of Gemma 3's 262k
+    vocabulary). Hooks inside the unembedding do not fire there. Returns the cache."""
+    wanted = set(names)
+    with skipping_layers(model, 0) if suffix_supported(model) else contextlib.nullcontext():
+        _, cache = model.run_with_cache(input_ids, attention_mask=attention_mask, names_filter=lambda n: n in wanted)
+    return cache
 
 
 def clean_residuals(model: Model, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:

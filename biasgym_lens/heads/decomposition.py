@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from biasgym_lens.core.protocols import Model
+from biasgym_lens.core.unembed import cached_activations
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = [
@@ -155,9 +156,7 @@ def dla_scores(model: Model, ps: ProbeSet, metric: str = "excess") -> Float[Tens
     if has_post_norms(model):
         names |= {f"blocks.{layer}.ln1_post.hook_scale" for layer in range(L)}
     batch = ps.batch
-    _, cache = model.run_with_cache(
-        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
-    )
+    cache = cached_activations(model, batch.input_ids, batch.attention_mask, names)
     rows = torch.arange(len(batch))
     pos = ps.answer_positions
     u, _ = final_norm_direction(model, ps)
@@ -184,9 +183,7 @@ def attention_scores(model: Model, ps: ProbeSet) -> Float[Tensor, "prompt n_laye
     batch = ps.batch.select(range(n))
     L = model.cfg.n_layers
     names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(L)}
-    _, cache = model.run_with_cache(
-        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda nm: nm in names
-    )
+    cache = cached_activations(model, batch.input_ids, batch.attention_mask, names)
     rows = torch.arange(n)
     q, k = ps.answer_positions[:n], ps.token_positions
     return torch.stack(

@@ -26,6 +26,7 @@ from torch import Tensor
 from biasgym_lens.core.checks import InputTypeError, check_choice, check_real
 from biasgym_lens.core.hooks import hooked
 from biasgym_lens.core.protocols import Model
+from biasgym_lens.core.unembed import cached_activations
 from biasgym_lens.heads.interventions import Head, heads_by_layer, validate_heads
 from biasgym_lens.heads.probes import ProbeSet
 
@@ -46,9 +47,7 @@ def head_directions(model: Model, ps: ProbeSet) -> Float[Tensor, "n_layers n_hea
         raise ValueError("a head's bias direction needs control groups to contrast with")
     L = model.cfg.n_layers
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
-    _, cache = model.run_with_cache(
-        ps.batch.input_ids, attention_mask=ps.batch.attention_mask, names_filter=lambda n: n in names
-    )
+    cache = cached_activations(model, ps.batch.input_ids, ps.batch.attention_mask, names)
     rows = torch.arange(len(ps.batch))
     z = torch.stack([cache[n][rows, ps.answer_positions].float() for n in names], dim=1)  # [rows, L, H, d_head]
     n = ps.n_probes

@@ -34,6 +34,7 @@ from biasgym_lens.core.generation import generate
 from biasgym_lens.core.hooks import HookSpec, decoding, hooked, position_offset
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch, tokenize
+from biasgym_lens.core.unembed import cached_activations
 
 __all__ = [
     "Head",
@@ -102,9 +103,7 @@ def reference_z(model: Model, reference: Sequence[str] | Batch, layers: Sequence
             raise ValueError(f"the reference set for mean/resample ablation is empty (got {reference!r})")
         batch = tokenize(model, check_str_list(reference, "reference"))
     names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
-    _, cache = model.run_with_cache(
-        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
-    )
+    cache = cached_activations(model, batch.input_ids, batch.attention_mask, names)
     real = batch.attention_mask.bool()
     return {layer: cache[f"blocks.{layer}.attn.hook_z"][real].float() for layer in layers}
 

@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 
 from biasgym_lens.core.protocols import Model
+from biasgym_lens.core.unembed import cached_activations
 from biasgym_lens.heads.decomposition import final_norm_direction, final_norm_kind
 from biasgym_lens.heads.probes import ProbeSet
 
@@ -36,9 +37,7 @@ def layer_logit_diff(model: Model, ps: ProbeSet) -> pd.DataFrame:
     if any("pos_embed" in n for n in model.hook_dict):
         names.add("hook_pos_embed")
     batch = ps.batch
-    _, cache = model.run_with_cache(
-        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
-    )
+    cache = cached_activations(model, batch.input_ids, batch.attention_mask, names)
     rows, pos = torch.arange(len(batch)), ps.answer_positions
     u, const = final_norm_direction(model, ps)
     eps, centre = _eps(model), final_norm_kind(model) == "ln"

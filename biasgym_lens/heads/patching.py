@@ -20,7 +20,14 @@ from biasgym_lens.core.hooks import HookSpec, hooked
 from biasgym_lens.core.packing import Packing, attention_cost, pack_rows, packed_forward, packing_supported
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import Batch
-from biasgym_lens.core.unembed import logits_at, resumed_forward, suffix_supported, unembed_columns
+from biasgym_lens.core.unembed import (
+    forward_keeping,
+    logits_at,
+    resumed_forward,
+    suffix_supported,
+    unembed_at,
+    unembed_columns,
+)
 from biasgym_lens.heads.probes import ProbeSet
 from biasgym_lens.injection.examples import length_partition
 from biasgym_lens.injection.metrics import KeywordIds, logit_diff
@@ -266,14 +273,10 @@ def _clean_scan_pass(
     resid: dict[int, Tensor] = {}
     if reuse_prefix:
         layers_needed = sorted({layer for layer, _ in todo})
-        names = {f"blocks.{layer}.hook_in" for layer in layers_needed}
-        logits, cache = model.run_with_cache(
-            batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
-        )
-        resid = {layer: cache[f"blocks.{layer}.hook_in"] for layer in layers_needed}
-        del cache
+        final, resid = forward_keeping(model, batch.input_ids, batch.attention_mask, layers_needed, unembed=False)
+        logits = unembed_at(model, final, torch.arange(len(batch)), ps.answer_positions)
     else:
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+        logits = logits_at(model, batch.input_ids, batch.attention_mask, torch.arange(len(batch)), ps.answer_positions)
     return ps.metric_per_probe(logits, metric), resid
 
 

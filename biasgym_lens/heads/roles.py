@@ -28,6 +28,7 @@ from torch import Tensor
 
 from biasgym_lens.core.protocols import Model
 from biasgym_lens.core.tokens import get_tokenizer, tokenize
+from biasgym_lens.core.unembed import cached_activations
 from biasgym_lens.heads.decomposition import final_norm_kind, has_post_norms, head_gain, norm_gain
 from biasgym_lens.heads.interventions import Head, validate_heads
 from biasgym_lens.injection.metrics import keyword_ids, probe_subset
@@ -137,7 +138,7 @@ def _cache_names(model: Model, heads: Sequence[Head]) -> set[str]:
 def _group_rows(model: Model, spec: Any, heads: Sequence[Head], templates: Sequence[str], group: str, kind: str, top: int) -> dict[str, list[dict[str, Any]]]:
     batch, positions = group_positions(model, templates, group, spec.fill)
     names = _cache_names(model, heads)
-    _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names)
+    cache = cached_activations(model, batch.input_ids, batch.attention_mask, names)
     n = len(templates)
     rows, answer = torch.arange(n), batch.last_positions
     bias_ids, contrast_ids = keyword_ids(model, spec).tensors(model.W_U.device)

@@ -7,6 +7,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from biasgym_lens.core.protocols import Model
+from biasgym_lens.core.unembed import cached_activations
 from biasgym_lens.heads.probes import ProbeSet
 
 __all__ = ["bias_direction"]
@@ -28,9 +29,7 @@ def bias_direction(model: Model, ps: ProbeSet, layer: int) -> Float[Tensor, " d_
         raise ValueError(f"layer {layer} out of range 0..{model.cfg.n_layers - 1}")
     name = f"blocks.{layer}.hook_resid_post"
     batch = ps.batch
-    _, cache = model.run_with_cache(
-        batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n == name
-    )
+    cache = cached_activations(model, batch.input_ids, batch.attention_mask, [name])
     rows = torch.arange(len(batch))
     x = cache[name][rows, ps.answer_positions].float()
     n = ps.n_probes
