@@ -75,8 +75,14 @@ def test_real_model_perplexity_is_sane_and_layer_ablation_raises_it(real):
     assert hit.perplexity > base.perplexity * 1.01 and hit.kl > 0.0
 
 
-def test_kl_from_the_cached_reference_matches_a_direct_computation(tiny_model):
-    """KL(unmodified || ablated) per real position, computed here with two plain forward passes."""
+@pytest.mark.parametrize("kept", ["logp", "final"])
+def test_kl_from_the_cached_reference_matches_a_direct_computation(tiny_model, kept, monkeypatch):
+    """KL(unmodified || ablated) per real position, computed here with two plain forward passes; the reference
+    kept as log-probabilities, or (too many to keep) as final residuals unembedded again when read."""
+    from biasgym_lens.evaluation import kl_reference
+
+    if kept == "final":
+        monkeypatch.setattr(kl_reference, "REFERENCE_MAX_FLOATS", 0)
     passages = ["the sun is a star and the moon is not", "water boils at one hundred degrees", "a cat sat"]
     cap = capability_set(tiny_model, passages=passages, batch_size=2, kl_passages=2)
     heads = [(0, 0), (1, 1)]
@@ -92,6 +98,9 @@ def test_kl_from_the_cached_reference_matches_a_direct_computation(tiny_model):
     first = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads), with_mc=False)
     assert first.kl == pytest.approx(expected, rel=1e-4)
     assert len(cap.reference_logp) == 1  # the unmodified pass is cached ...
+    (stored,) = cap.reference_logp.values()
+    width = stored[0].final.shape[-1] if kept == "final" else stored[0].shape[-1]
+    assert width == (tiny_model.cfg.d_model if kept == "final" else tiny_model.W_U.shape[-1])
     again = measure_capability(tiny_model, cap, lambda: ablate_heads(tiny_model, heads), with_mc=False)
     assert again.kl == pytest.approx(first.kl, rel=1e-6)  # ... and reused
     assert active_hooks(tiny_model) == []

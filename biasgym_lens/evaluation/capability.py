@@ -29,6 +29,13 @@ from biasgym_lens.core.unembed import (
 )
 from biasgym_lens.evaluation.capability_data import MCItem, load_mc_items, load_neutral_text
 from biasgym_lens.evaluation.capability_records import Capability, CapabilitySet
+from biasgym_lens.evaluation.kl_reference import (
+    FinalRows,
+    real_final,
+    real_logp,
+    reference_fits,
+    reference_rows,
+)
 
 __all__ = [
     "capability_set", "with_resume_layers", "measure_capability", "neutral_loss",
@@ -102,12 +109,7 @@ def _row_nll(logits: Tensor, batch: Batch) -> tuple[list[float], list[int]]:
     return sums, counts
 
 
-def _real_logp(logits: Tensor, batch: Batch) -> Tensor:
-    """Log-probabilities at the real positions of a batch, rows in order: ``[n_real, d_vocab]``."""
-    return torch.cat([logits[r][batch.attention_mask[r].bool()].float().log_softmax(-1) for r in range(len(batch))])
-
-
-def _row_kl(ref: Tensor | None, logits: Tensor, batch: Batch) -> tuple[list[float], list[int]]:
+def _row_kl(model: Model, ref: Tensor | FinalRows | None, logits: Tensor, batch: Batch) -> tuple[list[float], list[int]]:
     """Each row's summed KL(ref || model) over its real positions and their number, one row at a time (``ref``
     None: the unmodified model itself, KL 0)."""
     sums, counts, offset = [], [], 0
@@ -118,21 +120,25 @@ def _row_kl(ref: Tensor | None, logits: Tensor, batch: Batch) -> tuple[list[floa
             sums.append(0.0)
         else:
             new = logits[r][real].float().log_softmax(-1)
-            old = ref[offset : offset + n]
+            old = reference_rows(model, ref, offset, n)
             sums.append(float((old.exp() * (old - new)).sum()))
         counts.append(n)
         offset += n
     return sums, counts
 
 
-def _reference_logp(model: Model, cap: CapabilitySet) -> list[Tensor]:
-    """The unmodified model's next-token log-probabilities on the KL batches (real positions only), computed on
-    first use (or kept from the unmodified neutral pass) and reused for every later intervention."""
+def _reference_logp(model: Model, cap: CapabilitySet) -> list[Tensor | FinalRows]:
+    """The unmodified model's next-token log-probabilities on the KL batches (real positions only; as final
+    residuals where they would not fit, see :mod:`~biasgym_lens.evaluation.kl_reference`), computed on first
+    use (or kept from the unmodified neutral pass) and reused for every later intervention."""
     key = id(model)
     if key not in cap.reference_logp:
-        cap.reference_logp[key] = [
-            _real_logp(model(b.input_ids, attention_mask=b.attention_mask), b) for b in cap.neutral[: cap.kl_batches]
-        ]
+        batches = cap.neutral[: cap.kl_batches]
+        if reference_fits(model, batches):
+            ref: list[Tensor | FinalRows] = [real_logp(model(b.input_ids, attention_mask=b.attention_mask), b) for b in batches]
+        else:
+            ref = [real_final(_run(model, b.input_ids, b.attention_mask, (), 0, None, final_only=True)[0], b) for b in batches]
+        cap.reference_logp[key] = ref
     return cap.reference_logp[key]
 
 
@@ -185,7 +191,8 @@ def _neutral_pass(
     if intervention is None:
         keep, resume = _capture_layers(model, cap, "neutral"), 0
         keep_ref = with_kl and id(model) not in cap.reference_logp and cap.kl_batches > 0
-        ref: list[Tensor] = []
+        keep_ref = keep_ref and reference_fits(model, cap.neutral[: cap.kl_batches])
+        ref: list[Tensor | FinalRows] = []
     else:
         keep, resume = (), _resume_layer(model, cap, "neutral", start)
         keep_ref = False
@@ -206,10 +213,10 @@ def _neutral_pass(
             row_sums, row_counts = _row_nll(logits, batch)
             sums, counts = sums + row_sums, counts + row_counts
             if with_kl and i < cap.kl_batches:  # the unmodified model: KL 0 on each passage, no reference needed
-                row_kl, row_n = _row_kl(ref[i] if intervention is not None else None, logits, batch)
+                row_kl, row_n = _row_kl(model, ref[i] if intervention is not None else None, logits, batch)
                 kl_sums, kl_counts = kl_sums + row_kl, kl_counts + row_n
             if keep_ref and i < cap.kl_batches:
-                new_ref.append(_real_logp(logits, batch))
+                new_ref.append(real_logp(logits, batch))
             del logits
     loss = sum(sums) / sum(counts)
     if intervention is None:
