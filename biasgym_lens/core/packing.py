@@ -56,8 +56,8 @@ class Packing:
         """Packed rows."""
         return len(self.bins)
 
-    def _slots(self) -> tuple[list[int], list[int]]:
-        """Packed row and offset of each source row's first token."""
+    def slots(self) -> tuple[list[int], list[int]]:
+        """Packed row and offset of each source row's first token (the layout every other method reads)."""
         row, offset = [0] * len(self.lengths), [0] * len(self.lengths)
         for b, members in enumerate(self.bins):
             at = 0
@@ -69,28 +69,25 @@ class Packing:
     def pack(self, x: Float[Tensor, "rows pos d"]) -> Float[Tensor, "packed width d"]:
         """The source rows' tokens laid out in the packed rows (zeros after the last sequence of a row)."""
         out = x.new_zeros(self.n_rows, self.width, *x.shape[2:])
-        for b, members in enumerate(self.bins):
-            at = 0
-            for r in members:
-                n, s = self.lengths[r], self.starts[r]
-                out[b, at : at + n] = x[r, s : s + n]
-                at += n
+        for r, (b, at) in enumerate(zip(*self.slots())):
+            n, s = self.lengths[r], self.starts[r]
+            out[b, at : at + n] = x[r, s : s + n]
         return out
 
     def position_ids(self, device: Any = None) -> Int[Tensor, "packed width"]:
         """Positions restarting at 0 at each sequence; the unused tail of a row counts as one more sequence."""
         pos = torch.empty(self.n_rows, self.width, dtype=torch.long)
-        for b, members in enumerate(self.bins):
-            at = 0
-            for r in members:
-                pos[b, at : at + self.lengths[r]] = torch.arange(self.lengths[r])
-                at += self.lengths[r]
+        end = [0] * self.n_rows  # where each packed row's last sequence ends
+        for r, (b, at) in enumerate(zip(*self.slots())):
+            pos[b, at : at + self.lengths[r]] = torch.arange(self.lengths[r])
+            end[b] = max(end[b], at + self.lengths[r])
+        for b, at in enumerate(end):
             pos[b, at:] = torch.arange(self.width - at)
         return pos.to(device) if device is not None else pos
 
     def last_tokens(self) -> tuple[Int[Tensor, " rows"], Int[Tensor, " rows"]]:
         """``(packed row, position)`` of each source row's last packed token."""
-        row, offset = self._slots()
+        row, offset = self.slots()
         return torch.tensor(row), torch.tensor(offset) + torch.tensor(self.lengths) - 1
 
 
@@ -176,6 +173,6 @@ def _packs_exactly(model: Model) -> bool:
         packed = packed_forward(model, p.pack(x), 0, p.position_ids()).float()
     except (TypeError, ValueError, RuntimeError, NotImplementedError):  # a model that takes no position ids
         return False
-    got = [packed[0, :3], packed[0, 3:5]] if p.n_rows == 1 else [packed[0, :3], packed[1, :2]]
+    got = [packed[b, at : at + n] for b, at, n in zip(*p.slots(), p.lengths)]
     scale = max(float(a.abs().max()) for a in apart) + 1e-6
     return all(torch.allclose(g, a[0], rtol=0.0, atol=1e-2 * scale) for g, a in zip(got, apart))

@@ -190,8 +190,10 @@ def _neutral_pass(
     store = cap.clean.setdefault(id(model), {})
     if intervention is None:
         keep, resume = _capture_layers(model, cap, "neutral"), 0
-        keep_ref = with_kl and id(model) not in cap.reference_logp and cap.kl_batches > 0
-        keep_ref = keep_ref and reference_fits(model, cap.neutral[: cap.kl_batches])
+        keep_ref = (
+            with_kl and id(model) not in cap.reference_logp and cap.kl_batches > 0
+            and reference_fits(model, cap.neutral[: cap.kl_batches])  # else made apart, as final residuals
+        )
         ref: list[Tensor | FinalRows] = []
     else:
         keep, resume = (), _resume_layer(model, cap, "neutral", start)

@@ -14,6 +14,7 @@ from torch import Tensor
 from biasgym_lens.core.stats import bootstrap_stat
 from biasgym_lens.core.tokens import Batch
 from biasgym_lens.evaluation.capability_data import MCItem
+from biasgym_lens.evaluation.kl_reference import FinalRows
 
 __all__ = ["CapabilitySet", "Capability"]
 
@@ -34,7 +35,8 @@ class CapabilitySet:
         mc_items: The multiple-choice items.
         resume_layers: Layers whose clean input residual is cached, so that an intervention that changes only
             layer ``start`` onwards resumes there (``start=`` of :func:`measure_capability`).
-        reference_logp: Cache: model id -> the unmodified model's log-probabilities on the KL batches.
+        reference_logp: Cache: model id -> the unmodified model's log-probabilities on the KL batches, one
+            tensor per batch (or, too many to keep, a :class:`~biasgym_lens.evaluation.kl_reference.FinalRows`).
         clean: Cache: model id -> the unmodified pass's residuals (``"neutral"``, ``"mc"``: per batch, layer ->
             tensor).
     """
@@ -44,7 +46,7 @@ class CapabilitySet:
     kl_batches: int
     mc_items: tuple[MCItem, ...]
     resume_layers: tuple[int, ...] = ()
-    reference_logp: dict[int, list[Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    reference_logp: dict[int, list[Tensor | FinalRows]] = field(default_factory=dict, compare=False, repr=False)
     clean: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
 
